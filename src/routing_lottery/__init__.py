@@ -1,0 +1,3 @@
+"""Routing the Lottery: adaptive lottery tickets, one pruning mask per data context."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,185 @@
+"""Binary masks over named tensors: one ``Mask`` per ticket, a ``MaskSet`` of K tickets.
+
+A ticket is a dict ``{tensor name: bool tensor}``. RTL keeps K of them over one shared weight
+tensor, so the questions we ask are about sets of masks: how many weights each keeps, how many
+the union keeps (what RTL must store), and how much two masks overlap (Jaccard, the paper's
+diagnostic). Masks are stored as ``torch.bool``; on disk they are bit-packed (see ``pack``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+Mask = dict[str, torch.Tensor]
+"""One ticket: tensor name -> bool tensor of that tensor's shape (True = weight kept)."""
+
+
+def ones_like(params: Mapping[str, torch.Tensor]) -> Mask:
+    """The all-ones mask (nothing pruned) over ``params``."""
+    return {name: torch.ones_like(p, dtype=torch.bool) for name, p in params.items()}
+
+
+def validate_mask(mask: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor]) -> None:
+    """Raise ``ValueError`` unless ``mask`` covers exactly ``params`` with bool tensors of their shapes."""
+    missing = sorted(set(params) - set(mask))
+    extra = sorted(set(mask) - set(params))
+    if missing or extra:
+        raise ValueError(f"mask does not match the prunable tensors: missing {missing}, unexpected {extra}")
+    for name, m in mask.items():
+        if m.dtype != torch.bool:
+            raise ValueError(f"mask for {name!r} has dtype {m.dtype}; expected torch.bool")
+        if tuple(m.shape) != tuple(params[name].shape):
+            raise ValueError(
+                f"mask for {name!r} has shape {tuple(m.shape)} but the tensor has shape {tuple(params[name].shape)}"
+            )
+
+
+def count(mask: Mapping[str, torch.Tensor]) -> int:
+    """Number of kept weights."""
+    return int(sum(int(m.sum()) for m in mask.values()))
+
+
+def size(mask: Mapping[str, torch.Tensor]) -> int:
+    """Number of maskable positions."""
+    return int(sum(m.numel() for m in mask.values()))
+
+
+def sparsity(mask: Mapping[str, torch.Tensor]) -> float:
+    """Fraction of positions pruned."""
+    return 1.0 - count(mask) / size(mask)
+
+
+def is_nested(inner: Mapping[str, torch.Tensor], outer: Mapping[str, torch.Tensor]) -> bool:
+    """True when every weight kept by ``inner`` is also kept by ``outer`` (IMP's invariant)."""
+    return all(bool((inner[n] & ~outer[n]).sum() == 0) for n in inner)
+
+
+def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
+    """|a ∩ b| / |a ∪ b| of two bool tensors; 1.0 when both are empty (identical masks)."""
+    union = int((a | b).sum())
+    return 1.0 if union == 0 else int((a & b).sum()) / union
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """Bit-pack a bool tensor (any shape) into uint8, 8 positions per byte, row-major."""
+    return torch.from_numpy(np.packbits(mask.detach().cpu().numpy().reshape(-1)))
+
+
+def unpack_bits(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Inverse of ``pack_bits``: bool tensor of ``shape``."""
+    n = int(np.prod(shape)) if len(shape) else 1
+    if packed.numel() != (n + 7) // 8:
+        raise ValueError(f"packed mask has {packed.numel()} bytes; a tensor of shape {tuple(shape)} needs {(n + 7) // 8}")
+    bits = np.unpackbits(packed.cpu().numpy().astype(np.uint8), count=n)
+    return torch.from_numpy(bits.astype(bool)).reshape(tuple(shape))
+
+
+class MaskSet:
+    """K tickets over the same named tensors, one per data context.
+
+    Stored as one bool tensor of shape ``(K, *shape)`` per tensor name, so per-context
+    lookups are views and set algebra (union, overlap) is one vectorized op per layer.
+    """
+
+    def __init__(self, masks: Mapping[str, torch.Tensor], context_names: Sequence[str] | None = None) -> None:
+        if not masks:
+            raise ValueError("a MaskSet needs at least one tensor")
+        ks = {m.shape[0] if m.dim() else -1 for m in masks.values()}
+        if len(ks) != 1 or -1 in ks:
+            raise ValueError(f"every stacked mask needs the same leading context dimension; got {sorted(ks)}")
+        for name, m in masks.items():
+            if m.dtype != torch.bool:
+                raise ValueError(f"mask for {name!r} has dtype {m.dtype}; expected torch.bool")
+        self.stacked: dict[str, torch.Tensor] = dict(masks)
+        self.num_contexts = ks.pop()
+        if self.num_contexts < 1:
+            raise ValueError("a MaskSet needs at least one context")
+        names = list(context_names) if context_names is not None else [str(k) for k in range(self.num_contexts)]
+        if len(names) != self.num_contexts:
+            raise ValueError(f"{len(names)} context names for {self.num_contexts} masks")
+        self.context_names: list[str] = names
+
+    @classmethod
+    def from_tickets(cls, tickets: Sequence[Mapping[str, torch.Tensor]], context_names: Sequence[str] | None = None) -> MaskSet:
+        """Stack K per-context masks (all over the same tensors) into a MaskSet."""
+        if not tickets:
+            raise ValueError("from_tickets needs at least one ticket")
+        names = list(tickets[0])
+        for k, t in enumerate(tickets):
+            if list(t) != names:
+                raise ValueError(f"ticket {k} covers tensors {sorted(t)}, ticket 0 covers {sorted(names)}")
+        return cls({n: torch.stack([t[n] for t in tickets]) for n in names}, context_names)
+
+    # -- lookups -------------------------------------------------------------------------
+    @property
+    def tensor_names(self) -> list[str]:
+        return list(self.stacked)
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {n: tuple(m.shape[1:]) for n, m in self.stacked.items()}
+
+    def check_context(self, k: int) -> int:
+        """Return ``k`` as int, or raise a ``ValueError`` naming the valid range."""
+        k = int(k)
+        if not 0 <= k < self.num_contexts:
+            raise ValueError(f"context id {k} is outside 0..{self.num_contexts - 1}")
+        return k
+
+    def __getitem__(self, k: int) -> Mask:
+        k = self.check_context(k)
+        return {n: m[k] for n, m in self.stacked.items()}
+
+    def __len__(self) -> int:
+        return self.num_contexts
+
+    def validate(self, params: Mapping[str, torch.Tensor]) -> None:
+        """Raise ``ValueError`` unless this set covers exactly ``params`` with matching shapes."""
+        validate_mask(self[0], params)
+
+    # -- counts ----------------------------------------------------------------------------
+    def size(self) -> int:
+        """Number of maskable positions (prunable weights)."""
+        return size(self[0])
+
+    def counts(self) -> list[int]:
+        """Kept weights per context."""
+        return [count(self[k]) for k in range(self.num_contexts)]
+
+    def union(self) -> Mask:
+        """Weights kept by at least one context: what RTL must store (shared weights once)."""
+        return {n: m.any(dim=0) for n, m in self.stacked.items()}
+
+    def union_count(self) -> int:
+        return count(self.union())
+
+    # -- overlap ---------------------------------------------------------------------------
+    def jaccard_matrix(self, tensor_name: str | None = None) -> torch.Tensor:
+        """K×K Jaccard similarity, over one tensor or (``None``) over all prunable weights."""
+        names = [tensor_name] if tensor_name is not None else self.tensor_names
+        if tensor_name is not None and tensor_name not in self.stacked:
+            raise KeyError(f"no mask for tensor {tensor_name!r}")
+        flat = torch.cat([self.stacked[n].reshape(self.num_contexts, -1) for n in names], dim=1).float()
+        inter = flat @ flat.T
+        sizes = flat.sum(dim=1)
+        union = sizes[:, None] + sizes[None, :] - inter
+        return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(inter))
+
+    # -- serialization ---------------------------------------------------------------------
+    def packed(self) -> dict[str, torch.Tensor]:
+        """Per tensor, a (K, ceil(numel/8)) uint8 tensor: K bits per prunable weight on disk."""
+        return {n: torch.stack([pack_bits(m[k]) for k in range(self.num_contexts)]) for n, m in self.stacked.items()}
+
+    @classmethod
+    def from_packed(
+        cls, packed: Mapping[str, torch.Tensor], shapes: Mapping[str, Sequence[int]], context_names: Sequence[str]
+    ) -> MaskSet:
+        masks = {}
+        for n, p in packed.items():
+            if n not in shapes:
+                raise ValueError(f"packed mask {n!r} has no recorded shape")
+            masks[n] = torch.stack([unpack_bits(row, shapes[n]) for row in p])
+        return cls(masks, context_names)

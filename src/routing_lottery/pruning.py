@@ -1,0 +1,161 @@
+"""Magnitude pruning as small pure functions: weights + current mask -> new mask.
+
+Nothing here trains or rewinds; the IMP loop in ``training`` calls these. Keeping them pure makes
+the invariants (exact counts, nesting) testable on hand-made tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .masks import Mask, count, size
+
+Scope = Literal["global", "layerwise"]
+
+PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
+
+
+def prunable_names(model: nn.Module) -> list[str]:
+    """Names of the tensors a ticket masks.
+
+    A model may declare its own with a ``prunable_names()`` method (the paper's GhostNet keeps its
+    squeeze-excite convs and classifier dense); otherwise every conv and linear weight.
+    """
+    declared = getattr(model, "prunable_names", None)
+    if callable(declared):
+        names = list(declared())
+    else:
+        names = [f"{mod_name}.weight" if mod_name else "weight" for mod_name, mod in model.named_modules()
+                 if isinstance(mod, PRUNABLE_TYPES)]
+    params = dict(model.named_parameters())
+    unknown = [n for n in names if n not in params]
+    if unknown:
+        raise ValueError(f"prunable tensor names not found among the model's parameters: {unknown}")
+    if not names:
+        raise ValueError("the model has no prunable tensors (no conv or linear weights and no prunable_names())")
+    return names
+
+
+def validate_sparsity(value: float, what: str = "sparsity") -> float:
+    """Raise ``ValueError`` unless ``value`` is in [0, 1)."""
+    if not (isinstance(value, (int, float)) and 0.0 <= float(value) < 1.0):
+        raise ValueError(f"{what} must be in [0, 1); got {value!r}")
+    return float(value)
+
+
+def target_count(total: int, sparsity: float) -> int:
+    """Weights to keep so that exactly ``round(sparsity * total)`` are pruned."""
+    return total - round(validate_sparsity(sparsity) * total)
+
+
+def magnitude_prune(
+    weights: Mapping[str, torch.Tensor], mask: Mapping[str, torch.Tensor], num_to_prune: int, scope: Scope = "global"
+) -> Mask:
+    """Prune the ``num_to_prune`` lowest-magnitude surviving weights; return the new (nested) mask.
+
+    ``global`` ranks all prunable tensors together (the default: layers that matter less lose
+    more); ``layerwise`` removes the same fraction of each tensor's survivors. Ties break by
+    position so the result is deterministic.
+    """
+    alive = count(mask)
+    if not 0 <= num_to_prune <= alive:
+        raise ValueError(f"cannot prune {num_to_prune} weights: {alive} survive")
+    new_mask = {n: m.clone() for n, m in mask.items()}
+    if num_to_prune == 0:
+        return new_mask
+    if scope == "global":
+        _prune_lowest(weights, new_mask, list(mask), num_to_prune)
+    elif scope == "layerwise":
+        for name, n in _split_by_survivors(mask, num_to_prune).items():
+            _prune_lowest(weights, new_mask, [name], n)
+    else:
+        raise ValueError(f"scope must be 'global' or 'layerwise'; got {scope!r}")
+    return new_mask
+
+
+def _prune_lowest(weights: Mapping[str, torch.Tensor], mask: Mask, names: list[str], n: int) -> None:
+    if n == 0:
+        return
+    scores = torch.cat([
+        torch.where(mask[name], weights[name].detach().abs().float(), torch.tensor(math.inf)).reshape(-1)
+        for name in names
+    ])
+    order = torch.argsort(scores, stable=True)[:n]
+    flat = torch.cat([mask[name].reshape(-1) for name in names])
+    flat[order] = False
+    offset = 0
+    for name in names:
+        numel = mask[name].numel()
+        mask[name] = flat[offset:offset + numel].reshape(mask[name].shape)
+        offset += numel
+
+
+def _split_by_survivors(mask: Mapping[str, torch.Tensor], n: int) -> dict[str, int]:
+    """Share ``n`` over tensors in proportion to their survivors (largest remainder, exact total)."""
+    alive = {name: int(m.sum()) for name, m in mask.items()}
+    total = sum(alive.values())
+    exact = {name: n * a / total for name, a in alive.items()}
+    share = {name: math.floor(v) for name, v in exact.items()}
+    leftover = n - sum(share.values())
+    for name in sorted(exact, key=lambda k: (share[k] - exact[k], list(exact).index(k)))[:leftover]:
+        share[name] += 1
+    return share
+
+
+def pruning_schedule(total: int, levels: Sequence[float], step: int | float) -> list[int]:
+    """Cumulative pruned counts after each IMP round, ending exactly at the highest level.
+
+    ``step`` is a count of weights per round (the paper: 4,096) or, when a float in (0, 1), the
+    fraction of survivors pruned per round (classic IMP: 0.2). Every requested level is a round
+    boundary, so one nested extraction yields a ticket at each level.
+    """
+    if not levels:
+        raise ValueError("at least one sparsity level is needed")
+    milestones = sorted({round(validate_sparsity(s) * total) for s in levels})
+    if isinstance(step, float) and not 0 < step < 1:
+        raise ValueError(f"a fractional pruning step must be in (0, 1); got {step}")
+    if isinstance(step, int) and step < 1:
+        raise ValueError(f"a pruning step count must be >= 1; got {step}")
+    pruned, rounds = 0, []
+    for milestone in milestones:
+        while pruned < milestone:
+            amount = step if isinstance(step, int) else max(1, round(step * (total - pruned)))
+            pruned = min(pruned + amount, milestone)
+            rounds.append(pruned)
+    return rounds
+
+
+def random_mask_like(mask: Mapping[str, torch.Tensor], generator: torch.Generator) -> Mask:
+    """A random mask with the same number of kept weights in every tensor (the random-ticket control)."""
+    out = {}
+    for name, m in mask.items():
+        kept = int(m.sum())
+        flat = torch.zeros(m.numel(), dtype=torch.bool)
+        flat[torch.randperm(m.numel(), generator=generator)[:kept]] = True
+        out[name] = flat.reshape(m.shape)
+    return out
+
+
+def levels_reached(schedule: Sequence[int], total: int, levels: Sequence[float]) -> dict[float, int]:
+    """Map each requested sparsity level to the index of the round that reaches it."""
+    index = {pruned: r for r, pruned in enumerate(schedule)}
+    return {float(s): index[round(s * total)] for s in levels if round(s * total) in index}
+
+
+__all__ = [
+    "PRUNABLE_TYPES", "Scope", "prunable_names", "validate_sparsity", "target_count", "magnitude_prune",
+    "pruning_schedule", "random_mask_like", "levels_reached", "size",
+]

@@ -1,0 +1,239 @@
+"""Training loops: masked training, per-context IMP (stage 1) and joint retraining (stage 2).
+
+Task-agnostic: a ``Stream`` says what one subnetwork trains on (its epoch of batches and its
+loss). Every source of randomness is a generator seeded from the run seed and the loop's
+position, so a resumed run repeats exactly what an uninterrupted one would have done.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from .masks import Mask, MaskSet
+from .pruning import Scope, magnitude_prune
+from .routed import masked_forward
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+State = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """Optimizer for every training phase. The paper: Adam, lr 1e-4, no weight decay."""
+
+    name: Literal["adam", "sgd"] = "adam"
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # SGD only
+
+    def build(self, params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
+        if self.name == "adam":
+            return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+        if self.name == "sgd":
+            return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        raise ValueError(f"optimizer must be 'adam' or 'sgd'; got {self.name!r}")
+
+
+@dataclass(frozen=True)
+class Stream:
+    """What one subnetwork trains on: its batches (one epoch, ordered by a generator) and its loss."""
+
+    name: str
+    epoch: Callable[[torch.Generator], Sequence[Batch]]
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    num_batches: int
+
+
+class ProgressSink(Protocol):
+    """Receives training progress (the CLI draws it; the library stays silent)."""
+
+    def advance(self, steps: int, status: str) -> None: ...
+
+
+class _Silent:
+    def advance(self, steps: int, status: str) -> None:
+        pass
+
+
+SILENT: ProgressSink = _Silent()
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed from the run seed and a position (context, round, epoch, ...)."""
+    words = [p if isinstance(p, int) else int.from_bytes(p.encode()[:8].ljust(8, b"\0"), "little") for p in parts]
+    return int(np.random.SeedSequence(words).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def generator(*parts: int | str) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(*parts))
+
+
+def snapshot(model: nn.Module) -> State:
+    """A detached copy of the model's state dict (parameters and buffers)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def rewound(state: Mapping[str, torch.Tensor], mask: Mapping[str, torch.Tensor] | None) -> State:
+    """``state`` with every masked tensor multiplied by its mask: survivors rewound, pruned set to zero."""
+    out = {k: v.clone() for k, v in state.items()}
+    for name, m in (mask or {}).items():
+        out[name] = out[name] * m.to(out[name].dtype)
+    return out
+
+
+def _float_mask(mask: Mapping[str, torch.Tensor] | None, model: nn.Module) -> dict[str, torch.Tensor]:
+    params = dict(model.named_parameters())
+    return {n: m.to(device=params[n].device, dtype=params[n].dtype) for n, m in (mask or {}).items()}
+
+
+def _to_device(batch: Batch, device: torch.device) -> Batch:
+    x, y = batch
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def train(
+    model: nn.Module,
+    mask: Mapping[str, torch.Tensor] | None,
+    stream: Stream,
+    epochs: int,
+    optimizer: OptimizerConfig,
+    seed: int,
+    progress: ProgressSink = SILENT,
+    max_steps: int | None = None,
+) -> None:
+    """Train ``model`` in place as the subnetwork ``mask`` (``None``: dense) on ``stream``.
+
+    Pruned positions stay exactly zero: they get no gradient through ``w * m``, and the step is
+    re-masked afterwards so weight decay or momentum cannot revive them.
+    """
+    fmask = _float_mask(mask, model)
+    params = dict(model.named_parameters())
+    opt = optimizer.build(list(model.parameters()))
+    device = next(model.parameters()).device
+    model.train()
+    steps = 0
+    for epoch in range(epochs):
+        for batch in stream.epoch(generator(seed, epoch)):
+            x, y = _to_device(batch, device)
+            out = masked_forward(model, fmask, x) if fmask else model(x)
+            loss = stream.loss(out, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                for n, m in fmask.items():
+                    params[n].mul_(m)
+            steps += 1
+            progress.advance(1, f"{stream.name} epoch {epoch + 1}/{epochs} loss {loss.item():.3f}")
+            if max_steps is not None and steps >= max_steps:
+                return
+
+
+def extract_ticket(
+    model: nn.Module,
+    rewind_state: Mapping[str, torch.Tensor],
+    prunable: Sequence[str],
+    stream: Stream,
+    schedule: Sequence[int],
+    epochs_per_round: int,
+    optimizer: OptimizerConfig,
+    seed: int,
+    scope: Scope = "global",
+    progress: ProgressSink = SILENT,
+    resume: tuple[int, Mask] | None = None,
+    on_round: Callable[[int, Mask], None] | None = None,
+) -> list[Mask]:
+    """Stage 1: iterative magnitude pruning on one stream, rewinding survivors every round.
+
+    Round r trains ``rewind_state ⊙ mask`` for ``epochs_per_round`` epochs, then prunes the
+    lowest-magnitude survivors until ``schedule[r]`` weights are pruned in all. Masks are nested
+    by construction. ``resume=(r, mask)`` continues after finished round ``r`` (0-based) whose
+    mask was ``mask``; ``on_round(r, mask)`` is called after every round (to checkpoint it).
+
+    Returns the mask after each round this call ran (all of them unless resumed).
+    """
+    params = dict(model.named_parameters())
+    mask: Mask = {n: torch.ones_like(params[n], dtype=torch.bool) for n in prunable}
+    start = 0
+    if resume is not None:
+        start, mask = resume[0] + 1, resume[1]
+    masks: list[Mask] = []
+    pruned = schedule[start - 1] if start > 0 else 0
+    for r in range(start, len(schedule)):
+        model.load_state_dict(rewound(rewind_state, mask))
+        train(model, mask, stream, epochs_per_round, optimizer, derive_seed(seed, r), progress)
+        trained = {n: params[n].detach() for n in prunable}
+        mask = magnitude_prune(trained, mask, schedule[r] - pruned, scope)
+        pruned = schedule[r]
+        masks.append(mask)
+        if on_round is not None:
+            on_round(r, mask)
+    return masks
+
+
+def joint_retrain(
+    model: nn.Module,
+    init_state: Mapping[str, torch.Tensor],
+    masks: MaskSet,
+    streams: Sequence[Stream],
+    epochs: int,
+    optimizer: OptimizerConfig,
+    seed: int,
+    progress: ProgressSink = SILENT,
+    resume: tuple[int, Sequence[dict]] | None = None,
+    on_epoch: Callable[[int, Sequence[torch.optim.Optimizer]], None] | None = None,
+) -> None:
+    """Stage 2, the paper's Algorithm 2: subnetworks take turns updating one shared θ.
+
+    θ starts from ``init_state`` restricted to the union of the masks. Each epoch, for batch index
+    m = 1..M (M: the largest context's batch count; smaller contexts cycle their batches) and for
+    k = 1..K, subnetwork k takes one step on its own batch. Each subnetwork has its own optimizer
+    state and its step is masked: Adam's momentum from context j must not move a weight that
+    only context i uses, and positions outside every mask stay exactly zero.
+
+    ``resume=(e, optimizer_states)`` continues after finished epoch ``e`` with the model already
+    holding that epoch's weights; ``on_epoch(e, optimizers)`` is called after every epoch.
+    """
+    if len(streams) != masks.num_contexts:
+        raise ValueError(f"{len(streams)} streams for {masks.num_contexts} masks")
+    params = dict(model.named_parameters())
+    names = masks.tensor_names
+    fmasks = [_float_mask(masks[k], model) for k in range(masks.num_contexts)]
+    bmasks = [{n: m.bool() for n, m in fm.items()} for fm in fmasks]
+    optimizers = [optimizer.build(list(model.parameters())) for _ in streams]
+    start = 0
+    if resume is None:
+        model.load_state_dict(rewound(init_state, masks.union()))
+    else:
+        start = resume[0] + 1
+        for opt, state in zip(optimizers, resume[1]):
+            opt.load_state_dict(state)
+    device = next(model.parameters()).device
+    model.train()
+    for epoch in range(start, epochs):
+        batches = [list(s.epoch(generator(seed, k, epoch))) for k, s in enumerate(streams)]
+        empty = [s.name for s, b in zip(streams, batches) if not b]
+        if empty:
+            raise ValueError(f"contexts with no training batches: {empty}")
+        rounds = max(len(b) for b in batches)
+        for m in range(rounds):
+            for k, stream in enumerate(streams):
+                x, y = _to_device(batches[k][m % len(batches[k])], device)
+                loss = stream.loss(masked_forward(model, fmasks[k], x), y)
+                opt = optimizers[k]
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                before = [params[n].detach().clone() for n in names]
+                opt.step()
+                with torch.no_grad():
+                    for n, old in zip(names, before):
+                        params[n].copy_(torch.where(bmasks[k][n], params[n], old))
+            progress.advance(len(streams), f"joint epoch {epoch + 1}/{epochs} batch {m + 1}/{rounds}")
+        if on_epoch is not None:
+            on_epoch(epoch, optimizers)

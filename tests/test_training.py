@@ -1,0 +1,143 @@
+import torch
+
+from routing_lottery.masks import MaskSet, count, is_nested, size
+from routing_lottery.pruning import prunable_names, pruning_schedule
+from routing_lottery.training import OptimizerConfig, extract_ticket, joint_retrain, rewound, snapshot, train
+from toy import toy_model, toy_stream
+
+ADAM = OptimizerConfig(lr=1e-2)
+
+
+def _extract(model, theta0, context, schedule, **kw):
+    return extract_ticket(model, theta0, prunable_names(model), toy_stream(context), schedule, 2, ADAM, seed=7, **kw)
+
+
+def test_imp_hits_exact_sparsity_with_nested_masks():
+    model = toy_model()
+    theta0 = snapshot(model)
+    total = sum(p.numel() for n, p in model.named_parameters() if n.endswith("weight"))
+    schedule = pruning_schedule(total, [0.25, 0.5, 0.75], 0.3)
+    masks = _extract(model, theta0, 0, schedule)
+    assert len(masks) == len(schedule)
+    for m, pruned in zip(masks, schedule):
+        assert size(m) - count(m) == pruned
+    for inner, outer in zip(masks[1:], masks):
+        assert is_nested(inner, outer)
+
+
+def test_rewound_state_is_theta0_on_survivors_and_zero_elsewhere():
+    model = toy_model()
+    theta0 = snapshot(model)
+    mask = _extract(model, theta0, 0, [20])[-1]
+    state = rewound(theta0, mask)
+    for n, m in mask.items():
+        assert torch.equal(state[n][m], theta0[n][m])
+        assert torch.all(state[n][~m] == 0)
+    assert torch.equal(state["0.bias"], theta0["0.bias"])
+
+
+def test_masked_training_keeps_pruned_weights_exactly_zero_even_with_weight_decay():
+    model = toy_model()
+    theta0 = snapshot(model)
+    mask = _extract(model, theta0, 0, [30])[-1]
+    model.load_state_dict(rewound(theta0, mask))
+    train(model, mask, toy_stream(1), 3, OptimizerConfig(lr=1e-2, weight_decay=0.1), seed=0)
+    params = dict(model.named_parameters())
+    for n, m in mask.items():
+        assert torch.all(params[n][~m] == 0)
+
+
+def _joint_setup():
+    model = toy_model()
+    theta0 = snapshot(model)
+    tickets = [_extract(model, theta0, k, [40])[-1] for k in range(3)]
+    return model, theta0, MaskSet.from_tickets(tickets), [toy_stream(k, n=32 + 8 * k) for k in range(3)]
+
+
+def test_joint_retraining_respects_every_mask():
+    model, theta0, masks, streams = _joint_setup()
+    joint_retrain(model, theta0, masks, streams, 2, ADAM, seed=3)
+    params = dict(model.named_parameters())
+    union = masks.union()
+    for n, u in union.items():
+        assert torch.all(params[n][~u] == 0), "weights outside every mask must stay exactly zero"
+        assert not torch.equal(params[n][u], theta0[n][u]), "shared weights should have trained"
+
+
+def test_step_on_context_j_leaves_weights_only_context_i_uses():
+    """The Adam trap: after context i has built momentum on its private weights, a step taken by
+    context j must not move them. Each loss call happens right after the previous step, so the
+    loss functions can watch every single step."""
+    model, theta0, masks, streams = _joint_setup()
+    params = dict(model.named_parameters())
+    private = [{n: masks[i][n] & ~torch.stack([masks[j][n] for j in range(3) if j != i]).any(0)
+                for n in masks.tensor_names} for i in range(3)]
+    assert all(sum(int(v.sum()) for v in p.values()) > 0 for p in private)
+    last = {}
+    checked = {"steps": 0, "moved_own": 0}
+
+    def watching(k, loss):
+        def wrapped(out, y):
+            if last:
+                j = last["k"]
+                for i in range(3):
+                    for n in masks.tensor_names:
+                        changed = (params[n].detach() != last["w"][n])[private[i][n]]
+                        if i != j:
+                            assert not changed.any(), f"context {j}'s step moved weights only context {i} uses"
+                        elif changed.any():
+                            checked["moved_own"] += 1
+                checked["steps"] += 1
+            last.update(k=k, w={n: params[n].detach().clone() for n in masks.tensor_names})
+            return loss(out, y)
+        return wrapped
+
+    watched = [type(s)(s.name, s.epoch, watching(k, s.loss), s.num_batches) for k, s in enumerate(streams)]
+    joint_retrain(model, theta0, masks, watched, 2, ADAM, seed=3)
+    assert checked["steps"] > 20 and checked["moved_own"] > 0
+
+
+def test_joint_resume_gives_the_same_weights():
+    model, theta0, masks, streams = _joint_setup()
+    joint_retrain(model, theta0, masks, streams, 3, ADAM, seed=5)
+    full = snapshot(model)
+
+    model2, _, _, _ = _joint_setup()
+    saved = {}
+
+    def keep(epoch, opts):
+        if epoch == 0:
+            saved["state"] = snapshot(model2)
+            saved["opts"] = [o.state_dict() for o in opts]
+            raise KeyboardInterrupt
+
+    try:
+        joint_retrain(model2, theta0, masks, streams, 3, ADAM, seed=5, on_epoch=keep)
+    except KeyboardInterrupt:
+        pass
+    import copy
+    model2.load_state_dict(saved["state"])
+    joint_retrain(model2, theta0, masks, streams, 3, ADAM, seed=5, resume=(0, copy.deepcopy(saved["opts"])))
+    for k, v in full.items():
+        assert torch.allclose(v, model2.state_dict()[k], atol=1e-6), k
+
+
+def test_imp_resume_gives_the_same_masks():
+    model = toy_model()
+    theta0 = snapshot(model)
+    schedule = [10, 20, 30, 40]
+    uninterrupted = _extract(model, theta0, 1, schedule)
+    seen = {}
+
+    def stop_after_second(r, mask):
+        seen[r] = mask
+        if r == 1:
+            raise KeyboardInterrupt
+
+    try:
+        _extract(model, theta0, 1, schedule, on_round=stop_after_second)
+    except KeyboardInterrupt:
+        pass
+    rest = _extract(model, theta0, 1, schedule, resume=(1, seen[1]))
+    for a, b in zip(uninterrupted[2:], rest):
+        assert all(torch.equal(a[n], b[n]) for n in a)
