@@ -1,0 +1,185 @@
+"""Experiment configuration: one typed dataclass per concern, loaded from YAML, validated once.
+
+A YAML file holds the base settings plus ``scales:`` -- named overrides (``smoke``, ``full``)
+deep-merged over the base when a scale is chosen. Full scale reproduces the paper's networks and
+settings; smaller scales shrink width, epochs and subset sizes but never change the method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .pruning import validate_sparsity
+from .training import OptimizerConfig
+
+METHODS = ("dense", "single_imp", "multi_imp", "rtl", "random")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: Literal["digits", "cifar10", "cifar100"] = "digits"
+    root: str | None = None  # directory holding the official CIFAR pickles (full-scale data)
+    image_size: int = 16  # digits only: 8x8 images are upsampled so the network has room to downsample
+    train_per_class: int | None = None  # cap per class (None: all), a stratified deterministic subset
+    test_per_class: int | None = None
+    contexts: Literal["classes"] = "classes"  # one context per class
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: Literal["ghostnet"] = "ghostnet"
+    width: float = 1.0  # channel multiplier; 1.0 is the paper's network (125,832 prunable weights)
+
+
+@dataclass(frozen=True)
+class PruningConfig:
+    sparsities: tuple[float, ...] = (0.25, 0.5, 0.75)
+    step: int | float = 4096  # weights per IMP round (int, the paper: 4,096) or fraction of survivors (float)
+    scope: Literal["global", "layerwise"] = "global"
+    rewind_steps: int = 0  # 0: rewind to θ₀ (the paper); j > 0: to θ_j, after j dense steps on all data
+
+    def __post_init__(self) -> None:
+        if not self.sparsities:
+            raise ValueError("pruning.sparsities must list at least one level")
+        for s in self.sparsities:
+            validate_sparsity(s, "pruning.sparsities entry")
+        if isinstance(self.step, float) and not 0 < self.step < 1:
+            raise ValueError(f"pruning.step as a fraction must be in (0, 1); got {self.step}")
+        if isinstance(self.step, int) and self.step < 1:
+            raise ValueError(f"pruning.step as a count must be >= 1; got {self.step}")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    batch_size: int = 64
+    imp_epochs: int = 10  # per IMP round, per context (detectors); the classifier gets twice as many
+    epochs: int = 10  # final training / joint retraining (the paper: 10); the classifier gets twice as many
+    negative_ratio: float = 1.0  # negatives per positive in a detector's balanced batches
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "imp_epochs", "epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"training.{name} must be >= 1; got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = "digits"
+    task: Literal["classification"] = "classification"
+    seed: int = 0
+    device: str = "auto"  # "auto": CUDA when present, else CPU
+    methods: tuple[str, ...] = METHODS
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    def replace(self, **changes: Any) -> ExperimentConfig:
+        return build(ExperimentConfig, _deep_merge(self.to_dict(), changes))
+
+
+def load_config(path: str | Path, scale: str | None = None, overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:
+    """Read a YAML experiment file, apply a named scale and then explicit overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    return config_from_dict(raw, scale, overrides, source=str(path))
+
+
+def config_from_dict(raw: Mapping[str, Any], scale: str | None = None, overrides: Mapping[str, Any] | None = None,
+                     source: str = "config") -> ExperimentConfig:
+    raw = dict(raw)
+    scales = raw.pop("scales", {}) or {}
+    if scale is not None:
+        if scale not in scales:
+            raise ValueError(f"{source}: no scale {scale!r}; it defines {sorted(scales) or 'none'}")
+        raw = _deep_merge(raw, scales[scale])
+    if overrides:
+        raw = _deep_merge(raw, overrides)
+    try:
+        return build(ExperimentConfig, raw)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{source}: {err}") from None
+
+
+def build(cls: type, data: Mapping[str, Any], where: str = "") -> Any:
+    """Construct dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types by name."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{where or cls.__name__}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown setting(s) {[f'{where}{u}' for u in unknown]}; known: {sorted(names)}")
+    kwargs = {k: _coerce(hints[k], v, f"{where}{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, where + ".")
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{where} must be one of {list(args)}; got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        # int | float: keep the YAML type, it carries meaning (count vs fraction)
+        for arg in args:
+            if arg is not type(None) and isinstance(value, arg) and not (arg is int and isinstance(value, bool)):
+                return value
+        for arg in args:
+            if arg is not type(None):
+                try:
+                    return _coerce(arg, value, where)
+                except ValueError:
+                    continue
+        raise ValueError(f"{where}: {value!r} is not a valid {hint}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where} must be a list; got {value!r}")
+        return tuple(_coerce(args[0], v, where) for v in value)
+    if hint is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ValueError(f"{where} must be a number; got {value!r}")
+        return float(value)
+    if hint in (int, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
+        raise ValueError(f"{where} must be {hint.__name__}; got {value!r}")
+    return value
+
+
+def _deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+    return out
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj

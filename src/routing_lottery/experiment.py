@@ -1,0 +1,342 @@
+"""Run an experiment config end to end in a run directory, resuming whatever already finished.
+
+Layout of a run directory::
+
+    config.yaml                     the resolved config (a different config in the same directory is refused)
+    theta0.safetensors              the shared initialization θ₀ (and rewind.safetensors when rewinding to θ_j)
+    imp/<stream>/round_NNN.safetensors   the bit-packed mask after every IMP round
+    train/<method>_<level>.pt       joint-retraining state after the last finished epoch
+    records/<method>_<level>.json   one finished result record
+    checkpoints/rtl_<level>/        the RTL tickets: shared weights + packed masks (see ``io``)
+    results.json / .csv / .md       all records
+
+Every file is written atomically, and every loop is seeded by its position, so a killed run
+restarted on the same directory ends with the same masks as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+import yaml
+from torch import nn
+
+from .config import ExperimentConfig
+from .io import (
+    CheckpointError, atomic_torch_save, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json,
+    save_tickets, torch_load,
+)
+from .masks import Mask, MaskSet
+from .methods import account, train_single
+from .pruning import levels_reached, prunable_names, pruning_schedule, random_mask_like
+from .report import write_results
+from .routed import RoutedModel, masked_forward
+from .tasks.classification import ClassificationTask
+from .training import SILENT, ProgressSink, derive_seed, extract_ticket, generator, joint_retrain, snapshot, train
+
+Log = Callable[[str], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_task(config: ExperimentConfig) -> ClassificationTask:
+    """Load the configured data and wrap it as a classification task with one context per class."""
+    from .data.images import stratified_subset
+
+    data = config.data
+    if data.name == "digits":
+        from .data.digits import load_digits_splits
+
+        splits = load_digits_splits(seed=config.seed, image_size=data.image_size)
+    elif data.name in ("cifar10", "cifar100"):
+        from .data.cifar import load_cifar10, load_cifar100
+
+        if data.root is None:
+            raise ValueError(f"data.root must name the directory holding the {data.name} python pickles "
+                             "(pass --data DIR or set data.root in the config)")
+        splits = load_cifar10(data.root) if data.name == "cifar10" else load_cifar100(data.root)
+    else:
+        raise ValueError(f"unknown data.name {data.name!r}")
+    train_set = stratified_subset(splits.train, data.train_per_class, seed=config.seed)
+    test_set = stratified_subset(splits.test, data.test_per_class, seed=config.seed)
+    names = list(train_set.class_names)
+    return ClassificationTask(train_set, test_set, list(range(len(names))), names,
+                              batch_size=config.training.batch_size, negative_ratio=config.training.negative_ratio)
+
+
+def build_model(config: ExperimentConfig, task: ClassificationTask) -> nn.Module:
+    from .models.ghostnet import GhostNetTruncated
+
+    torch.manual_seed(derive_seed(config.seed, "init"))
+    return GhostNetTruncated(num_classes=task.num_contexts, in_channels=task.input_shape[0], width=config.model.width)
+
+
+class RunDirectory:
+    """Paths and resumable state of one run."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def claim(self, config: ExperimentConfig) -> bool:
+        """Write the config, or check it matches the one already there. True when resuming."""
+        path = self.path / "config.yaml"
+        wanted = config.to_dict()
+        if path.exists():
+            found = yaml.safe_load(path.read_text())
+            if found != wanted:
+                diff = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
+                raise ValueError(f"{self.path} holds a run of a different config (differs in {diff}); "
+                                 "choose another output directory to start a new run")
+            return True
+        atomic_write_text(path, yaml.safe_dump(wanted, sort_keys=False))
+        return False
+
+    def state_dict_file(self, name: str) -> Path:
+        return self.path / f"{name}.safetensors"
+
+    def round_file(self, stream: str, r: int) -> Path:
+        return self.path / "imp" / stream / f"round_{r:03d}.safetensors"
+
+    def record_file(self, method: str, level: float) -> Path:
+        return self.path / "records" / f"{method}_{level:.4f}.json"
+
+    def train_state_file(self, method: str, level: float) -> Path:
+        return self.path / "train" / f"{method}_{level:.4f}.pt"
+
+    # -- state dicts -----------------------------------------------------------------------
+    def save_state(self, name: str, state: dict[str, torch.Tensor]) -> None:
+        atomic_write_bytes(self.state_dict_file(name), safetensors.torch.save({k: v.contiguous() for k, v in state.items()}))
+
+    def load_state(self, name: str) -> dict[str, torch.Tensor] | None:
+        path = self.state_dict_file(name)
+        if not path.exists():
+            return None
+        try:
+            return safetensors.torch.load(path.read_bytes())
+        except Exception as err:  # safetensors raises its own error types for corrupt files
+            raise CheckpointError(f"{path} is truncated or corrupt ({err}); delete it to start this run over") from None
+
+    # -- IMP rounds ------------------------------------------------------------------------
+    def save_round(self, stream: str, r: int, mask: Mask) -> None:
+        ms = MaskSet.from_tickets([mask])
+        meta = {"shapes": json.dumps({n: list(s) for n, s in ms.shapes.items()})}
+        tensors = {n: p.contiguous() for n, p in ms.packed().items()}
+        atomic_write_bytes(self.round_file(stream, r), safetensors.torch.save(tensors, metadata=meta))
+
+    def load_round(self, stream: str, r: int) -> Mask | None:
+        path = self.round_file(stream, r)
+        if not path.exists():
+            return None
+        try:
+            with safetensors.safe_open(str(path), "pt") as f:
+                shapes = json.loads(f.metadata()["shapes"])
+                packed = {n: f.get_tensor(n) for n in f.keys()}
+        except Exception as err:
+            raise CheckpointError(f"{path} is truncated or corrupt ({err}); delete it to redo that round") from None
+        return MaskSet.from_packed(packed, shapes, ["ticket"])[0]
+
+
+class Experiment:
+    """One configured comparison: stage 1 per stream, then every method at every sparsity level."""
+
+    def __init__(self, config: ExperimentConfig, out: str | Path, progress: ProgressSink = SILENT,
+                 log: Log = lambda message: None) -> None:
+        self.config = config
+        self.run = RunDirectory(out)
+        self.progress = progress
+        self.log = log
+        self.device = resolve_device(config.device)
+        self.task = build_task(config)
+        self.model = build_model(config, self.task).to(self.device)
+        self.prunable = prunable_names(self.model)
+        params = dict(self.model.named_parameters())
+        self.total = sum(params[n].numel() for n in self.prunable)
+        self.levels = sorted(set(config.pruning.sparsities))
+        positive = [s for s in self.levels if round(s * self.total) > 0]
+        self.schedule = pruning_schedule(self.total, positive, config.pruning.step) if positive else []
+        self.level_round = levels_reached(self.schedule, self.total, positive)
+        self.classifier = self.task.classifier_stream()
+        self.detectors = [self.task.detector_stream(k) for k in range(self.task.num_contexts)]
+
+    # -- planning, for progress bars --------------------------------------------------------
+    def planned_steps(self) -> int:
+        """Training steps the whole run takes (used for the progress bar's total and ETA)."""
+        t, methods = self.config.training, self.config.methods
+        rounds = len(self.schedule)
+        detector_steps = sum(s.num_batches for s in self.detectors)
+        joint_steps = self.task.num_contexts * max(s.num_batches for s in self.detectors)
+        steps = 0
+        if "single_imp" in methods:
+            steps += rounds * 2 * t.imp_epochs * self.classifier.num_batches
+        if {"rtl", "multi_imp", "random"} & set(methods):
+            steps += rounds * t.imp_epochs * detector_steps
+        steps += self.config.pruning.rewind_steps
+        if "dense" in methods:
+            steps += 2 * t.epochs * self.classifier.num_batches
+        per_level = {"single_imp": 2 * t.epochs * self.classifier.num_batches, "multi_imp": t.epochs * detector_steps,
+                     "rtl": t.epochs * joint_steps, "random": t.epochs * joint_steps}
+        steps += len(self.levels) * sum(per_level[m] for m in methods if m in per_level)
+        return steps
+
+    # -- stage 1 ----------------------------------------------------------------------------
+    def initial_states(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """θ₀ and the rewind point (θ₀ itself, or θ_j after j dense steps on all data)."""
+        theta0 = self.run.load_state("theta0")
+        if theta0 is None:
+            theta0 = snapshot(self.model)
+            self.run.save_state("theta0", theta0)
+        theta0 = {k: v.to(self.device) for k, v in theta0.items()}
+        j = self.config.pruning.rewind_steps
+        if j == 0:
+            return theta0, theta0
+        rewind = self.run.load_state("rewind")
+        if rewind is None:
+            self.log(f"rewind point: {j} dense steps on all data")
+            self.model.load_state_dict(theta0)
+            train(self.model, None, self.classifier, 10**9, self.config.training.optimizer,
+                  derive_seed(self.config.seed, "rewind"), self.progress, max_steps=j)
+            rewind = snapshot(self.model)
+            self.run.save_state("rewind", rewind)
+        else:
+            self.progress.advance(j, "rewind point (resumed)")
+        return theta0, {k: v.to(self.device) for k, v in rewind.items()}
+
+    def extract(self, stream_id: str, stream, epochs: int, rewind: dict[str, torch.Tensor]) -> list[Mask]:
+        """All IMP rounds of one stream, loading finished rounds from disk."""
+        done: list[Mask] = []
+        for r in range(len(self.schedule)):
+            mask = self.run.load_round(stream_id, r)
+            if mask is None:
+                break
+            done.append(mask)
+        skipped = len(done) * epochs * stream.num_batches
+        if skipped:
+            self.progress.advance(skipped, f"{stream_id}: {len(done)} rounds on disk")
+        if len(done) < len(self.schedule):
+            self.log(f"IMP {stream_id}: rounds {len(done) + 1}..{len(self.schedule)}")
+            resume = (len(done) - 1, done[-1]) if done else None
+            done += extract_ticket(
+                self.model, rewind, self.prunable, stream, self.schedule, epochs, self.config.training.optimizer,
+                derive_seed(self.config.seed, "imp", stream_id), self.config.pruning.scope, self.progress,
+                resume=resume, on_round=lambda r, m: self.run.save_round(stream_id, r, m))
+        return done
+
+    def mask_at(self, rounds: Sequence[Mask], level: float) -> Mask:
+        if round(level * self.total) == 0:
+            params = dict(self.model.named_parameters())
+            return {n: torch.ones_like(params[n], dtype=torch.bool) for n in self.prunable}
+        return rounds[self.level_round[level]]
+
+    # -- stage 2 and scoring ------------------------------------------------------------------
+    def run_all(self) -> list[dict[str, Any]]:
+        self.run.claim(self.config)
+        t, methods = self.config.training, self.config.methods
+        theta0, rewind = self.initial_states()
+        single_rounds, context_rounds = [], []
+        if "single_imp" in methods:
+            single_rounds = self.extract("single", self.classifier, 2 * t.imp_epochs, rewind)
+        if {"rtl", "multi_imp", "random"} & set(methods):
+            context_rounds = [self.extract(f"context_{k:02d}", s, t.imp_epochs, rewind)
+                              for k, s in enumerate(self.detectors)]
+        records = []
+        if "dense" in methods:
+            records.append(self.finished("dense", 0.0, lambda: self.fit_classifier("dense", 0.0, None, rewind)))
+        for level in self.levels:
+            if "single_imp" in methods:
+                mask = self.mask_at(single_rounds, level)
+                records.append(self.finished("single_imp", level, lambda: self.fit_classifier("single_imp", level, mask, rewind)))
+            if context_rounds:
+                masks = MaskSet.from_tickets([self.mask_at(r, level) for r in context_rounds], self.task.context_names)
+            if "multi_imp" in methods:
+                records.append(self.finished("multi_imp", level, lambda: self.fit_multi(level, masks, rewind)))
+            if "rtl" in methods:
+                records.append(self.finished("rtl", level, lambda: self.fit_shared("rtl", level, masks, rewind)))
+            if "random" in methods:
+                randoms = MaskSet.from_tickets(
+                    [random_mask_like(masks[k], generator(self.config.seed, "random", k, str(level)))
+                     for k in range(masks.num_contexts)], self.task.context_names)
+                records.append(self.finished("random", level, lambda: self.fit_shared("random", level, randoms, rewind)))
+        write_results(self.run.path, records, self.config)
+        return records
+
+    def finished(self, method: str, level: float, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """The record of (method, level): from disk when a previous run finished it, else computed."""
+        path = self.run.record_file(method, level)
+        if path.exists():
+            self.progress.advance(self.method_steps(method), f"{method} {level:.0%} (on disk)")
+            return read_json(path)
+        self.log(f"{method} at {level:.0%} sparsity")
+        start = time.perf_counter()
+        record = {"experiment": self.config.name, "method": method, "sparsity": level, **compute(),
+                  "train_seconds": round(time.perf_counter() - start, 2)}
+        atomic_write_json(path, record)
+        return record
+
+    def method_steps(self, method: str) -> int:
+        t = self.config.training
+        if method in ("dense", "single_imp"):
+            return 2 * t.epochs * self.classifier.num_batches
+        if method == "multi_imp":
+            return t.epochs * sum(s.num_batches for s in self.detectors)
+        return t.epochs * self.task.num_contexts * max(s.num_batches for s in self.detectors)
+
+    def fit_classifier(self, method: str, level: float, mask: Mask | None, rewind) -> dict[str, Any]:
+        t = self.config.training
+        train_single(self.model, rewind, mask, self.classifier, 2 * t.epochs, t.optimizer,
+                     derive_seed(self.config.seed, method, str(level)), self.progress)
+        self.model.eval()
+        fmask = {n: m.to(self.device, torch.float32) for n, m in (mask or {}).items()}
+        logits = self.task.logits(lambda x: masked_forward(self.model, fmask, x) if fmask else self.model(x), self.device)
+        return {**self.task.score_classifier(logits), **vars(account(method, self.model, self.prunable, mask))}
+
+    def fit_multi(self, level: float, masks: MaskSet, rewind) -> dict[str, Any]:
+        t = self.config.training
+        logits = []
+        for k, stream in enumerate(self.detectors):
+            train_single(self.model, rewind, masks[k], stream, t.epochs, t.optimizer,
+                         derive_seed(self.config.seed, "multi_imp", k, str(level)), self.progress)
+            self.model.eval()
+            fmask = {n: m.to(self.device, torch.float32) for n, m in masks[k].items()}
+            logits.append(self.task.logits(lambda x: masked_forward(self.model, fmask, x), self.device)[:, k])
+        return {**self.task.score_detectors(logits), **vars(account("multi_imp", self.model, self.prunable, masks))}
+
+    def fit_shared(self, method: str, level: float, masks: MaskSet, rewind) -> dict[str, Any]:
+        t = self.config.training
+        state_file = self.run.train_state_file(method, level)
+        resume = None
+        if state_file.exists():
+            saved = torch_load(state_file)
+            self.model.load_state_dict(saved["model"])
+            resume = (saved["epoch"], saved["optimizers"])
+            self.progress.advance((saved["epoch"] + 1) * self.method_steps(method) // t.epochs,
+                                  f"{method} {level:.0%}: epoch {saved['epoch'] + 1} on disk")
+
+        def checkpoint(epoch: int, optimizers) -> None:
+            atomic_torch_save(state_file, {"epoch": epoch, "model": snapshot(self.model),
+                                           "optimizers": [o.state_dict() for o in optimizers]})
+
+        joint_retrain(self.model, rewind, masks, self.detectors, t.epochs, t.optimizer,
+                      derive_seed(self.config.seed, method, str(level)), self.progress, resume=resume, on_epoch=checkpoint)
+        routed = RoutedModel(self.model, masks).eval()
+        logits = [self.task.logits(lambda x: routed(x, k), self.device)[:, k] for k in range(masks.num_contexts)]
+        if method == "rtl":
+            save_tickets(self.run.path / "checkpoints" / f"rtl_{level:.4f}", self.model, masks,
+                         {"experiment": self.config.name, "sparsity": level})
+        state_file.unlink(missing_ok=True)
+        return {**self.task.score_detectors(logits), **vars(account(method, self.model, self.prunable, masks))}
+
+
+def run_experiment(config: ExperimentConfig, out: str | Path, progress: ProgressSink = SILENT,
+                   log: Log = lambda message: None) -> list[dict[str, Any]]:
+    """Run (or resume) ``config`` in directory ``out``; return the result records."""
+    return Experiment(config, out, progress, log).run_all()

@@ -1,0 +1,77 @@
+"""Result tables from a run's records: JSON (machine-readable), CSV, and Markdown for people."""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .io import atomic_write_json, atomic_write_text
+
+METHOD_ORDER = ("dense", "single_imp", "multi_imp", "rtl", "random")
+METHOD_LABEL = {"dense": "dense", "single_imp": "single IMP", "multi_imp": "multiple IMP", "rtl": "RTL",
+                "random": "random tickets"}
+ID_KEYS = ("experiment", "method", "sparsity")
+
+
+def sorted_records(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(records, key=lambda r: (r["sparsity"], METHOD_ORDER.index(r["method"])))
+
+
+def metric_keys(records: Sequence[dict[str, Any]]) -> list[str]:
+    """Metric columns in first-seen order, after the identifying keys and before accounting."""
+    accounting = ("parameters", "dense_parameters", "storage_bytes", "train_seconds")
+    keys: list[str] = []
+    for r in records:
+        keys += [k for k in r if k not in ID_KEYS and k not in accounting and k not in keys]
+    return keys + [k for k in accounting if any(k in r for r in records)]
+
+
+def markdown_table(records: Sequence[dict[str, Any]]) -> str:
+    rows = sorted_records(records)
+    keys = metric_keys(rows)
+    head = ["sparsity", "method", *keys]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [f"{r['sparsity']:.0%}", METHOD_LABEL.get(r["method"], r["method"])]
+        cells += [_cell(k, r.get(k)) for k in keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(key: str, value: Any) -> str:
+    if value is None:
+        return ""
+    if key in ("parameters", "dense_parameters", "storage_bytes"):
+        return f"{int(value):,}"
+    if isinstance(value, float):
+        return f"{value:.3f}" if key != "train_seconds" else f"{value:.1f}"
+    return str(value)
+
+
+def csv_text(records: Sequence[dict[str, Any]]) -> str:
+    rows = sorted_records(records)
+    buffer = _io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=[*ID_KEYS, *metric_keys(rows)], extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def write_results(run_dir: str | Path, records: Sequence[dict[str, Any]], config: Any | None = None) -> None:
+    """results.json (flat records), results.csv and results.md in ``run_dir``."""
+    run_dir = Path(run_dir)
+    rows = sorted_records(records)
+    atomic_write_json(run_dir / "results.json", rows)
+    atomic_write_text(run_dir / "results.csv", csv_text(rows))
+    title = f"# Results: {getattr(config, 'name', 'experiment')}\n\n"
+    notes = (
+        "\nMetrics are one-vs-rest per context, macro-averaged. RTL and multiple-IMP subnetworks are binary\n"
+        "detectors of their context (output k of a shared dense head); dense and single IMP are one K-way\n"
+        "classifier. `parameters` counts kept prunable weights (RTL: the union of its masks, shared weights\n"
+        "once; multiple IMP: the sum over K models); `dense_parameters` are unpruned BN/SE/head parameters;\n"
+        "`storage_bytes` = 4 bytes per stored float + 1 bit per prunable weight per mask.\n"
+    )
+    atomic_write_text(run_dir / "results.md", title + markdown_table(rows) + notes)

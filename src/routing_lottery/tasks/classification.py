@@ -1,0 +1,127 @@
+"""Image classification with one context per class (CIFAR-10, digits) or per class cluster (CIFAR-100).
+
+The paper's framing, which its Table 1 numbers fit exactly:
+
+- RTL and multiple-IMP subnetworks are **binary one-vs-rest detectors**: subnetwork k reads
+  output k of the network's K-way head as its detector logit and trains with binary
+  cross-entropy on balanced batches (its own samples plus ``negative_ratio`` times as many drawn
+  from the other contexts). The head is dense and shared; a subnetwork's loss touches only its
+  own row of it, so each detector effectively owns a 1-output head. That is our reading of the
+  "C-way head" in the paper's layer table.
+- Dense and single-IMP are **one K-way softmax classifier** trained on all data. Both are scored
+  one-vs-rest (a detector on the whole test set; the classifier from its confusion matrix) and
+  macro-averaged over contexts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+from ..data.images import ImageDataset
+from ..metrics import BinaryCounts, binary_counts, confusion_matrix, macro, one_vs_rest_from_confusion
+from ..training import Batch, Stream
+
+Predict = Callable[[torch.Tensor], torch.Tensor]
+"""A function from a batch of images to K logits."""
+
+
+@dataclass
+class ClassificationTask:
+    """Train/test images, the class -> context map, and how subnetworks see the data."""
+
+    train_set: ImageDataset
+    test_set: ImageDataset
+    context_of_class: Sequence[int]
+    context_names: Sequence[str]
+    batch_size: int = 64
+    negative_ratio: float = 1.0
+    eval_batch_size: int = 1000
+
+    def __post_init__(self) -> None:
+        num_classes = len(self.train_set.class_names)
+        if len(self.context_of_class) != num_classes:
+            raise ValueError(f"context_of_class has {len(self.context_of_class)} entries for {num_classes} classes")
+        lookup = torch.as_tensor(list(self.context_of_class), dtype=torch.long)
+        if lookup.min() < 0 or lookup.max() >= len(self.context_names):
+            raise ValueError(f"context ids must be in 0..{len(self.context_names) - 1}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {self.batch_size}")
+        if self.negative_ratio <= 0:
+            raise ValueError(f"negative_ratio must be > 0; got {self.negative_ratio}")
+        self.train_context = lookup[self.train_set.labels]
+        self.test_context = lookup[self.test_set.labels]
+        sizes = torch.bincount(self.train_context, minlength=self.num_contexts)
+        empty = [self.context_names[k] for k in range(self.num_contexts) if sizes[k] == 0]
+        if empty:
+            raise ValueError(f"contexts with no training samples: {empty}")
+        self.context_sizes = sizes.tolist()
+
+    @property
+    def num_contexts(self) -> int:
+        return len(self.context_names)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.train_set.images.shape[1:])
+
+    # -- what each subnetwork trains on -----------------------------------------------------
+    def classifier_stream(self) -> Stream:
+        """All training data, K-way cross-entropy over contexts (dense and single IMP)."""
+        images, targets = self.train_set.images, self.train_context
+        n = len(targets)
+
+        def epoch(gen: torch.Generator) -> list[Batch]:
+            order = torch.randperm(n, generator=gen)
+            return _batches(images, order, targets[order], self.batch_size)
+
+        return Stream("classifier", epoch, F.cross_entropy, -(-n // self.batch_size))
+
+    def detector_stream(self, k: int) -> Stream:
+        """Context k's samples (label 1) plus freshly drawn negatives (label 0) each epoch."""
+        if not 0 <= k < self.num_contexts:
+            raise ValueError(f"context id {k} is outside 0..{self.num_contexts - 1}")
+        positives = (self.train_context == k).nonzero(as_tuple=True)[0]
+        negatives = (self.train_context != k).nonzero(as_tuple=True)[0]
+        num_neg = min(len(negatives), max(1, round(self.negative_ratio * len(positives))))
+        n = len(positives) + num_neg
+        images = self.train_set.images
+
+        def epoch(gen: torch.Generator) -> list[Batch]:
+            drawn = negatives[torch.randperm(len(negatives), generator=gen)[:num_neg]]
+            index = torch.cat([positives, drawn])
+            target = torch.cat([torch.ones(len(positives)), torch.zeros(num_neg)])
+            order = torch.randperm(n, generator=gen)
+            return _batches(images, index[order], target[order], self.batch_size)
+
+        def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            return F.binary_cross_entropy_with_logits(logits[:, k], target)
+
+        return Stream(self.context_names[k], epoch, loss, -(-n // self.batch_size))
+
+    # -- scoring ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def logits(self, predict: Predict, device: torch.device | str = "cpu") -> torch.Tensor:
+        """K logits for every test image, computed in evaluation batches."""
+        chunks = [predict(x.to(device)).float().cpu() for x in self.test_set.images.split(self.eval_batch_size)]
+        return torch.cat(chunks)
+
+    def score_classifier(self, logits: torch.Tensor) -> dict[str, float]:
+        """One-vs-rest metrics of a K-way classifier from its confusion matrix, macro-averaged."""
+        cm = confusion_matrix(logits.argmax(dim=1), self.test_context, self.num_contexts)
+        return macro(one_vs_rest_from_confusion(cm))
+
+    def score_detectors(self, detector_logits: Sequence[torch.Tensor]) -> dict[str, float]:
+        """Macro one-vs-rest metrics of K detectors; ``detector_logits[k]`` is detector k's (N,) logits."""
+        per_context: list[BinaryCounts] = [
+            binary_counts(logit > 0, self.test_context == k) for k, logit in enumerate(detector_logits)
+        ]
+        return macro(per_context)
+
+
+def _batches(images: torch.Tensor, index: torch.Tensor, targets: torch.Tensor, batch_size: int) -> list[Batch]:
+    """Consecutive batches of ``(images[index], targets)``; ``targets[j]`` belongs to ``index[j]``."""
+    return list(zip((images[i] for i in index.split(batch_size)), targets.split(batch_size)))

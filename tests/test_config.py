@@ -1,0 +1,44 @@
+from pathlib import Path
+
+import pytest
+
+from routing_lottery.config import config_from_dict, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "src" / "routing_lottery" / "configs"
+
+
+def test_packaged_configs_load_at_every_scale():
+    for path in CONFIGS.glob("*.yaml"):
+        load_config(path)
+        for scale in ("smoke", "full"):
+            try:
+                load_config(path, scale)
+            except ValueError as err:
+                assert "no scale" in str(err)
+
+
+def test_scale_and_overrides_merge_deeply():
+    cfg = load_config(CONFIGS / "cifar10.yaml", "smoke", {"training": {"epochs": 3}})
+    assert cfg.model.width == 0.5 and cfg.training.epochs == 3
+    assert cfg.training.optimizer.lr == 0.002 and cfg.training.optimizer.name == "adam"
+    assert isinstance(cfg.pruning.step, float)
+    assert isinstance(load_config(CONFIGS / "cifar10.yaml", "full").pruning.step, int)
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"pruning": {"sparsities": [0.5, 1.0]}}, r"\[0, 1\)"),
+    ({"pruning": {"sparsities": [-0.2]}}, r"\[0, 1\)"),
+    ({"trainin": {}}, "unknown setting"),
+    ({"training": {"epochs": 0}}, "epochs must be >= 1"),
+    ({"methods": ["rtl", "magic"]}, "unknown methods"),
+    ({"data": {"name": "mnist"}}, "must be one of"),
+    ({"model": {"width": "wide"}}, "width"),
+])
+def test_bad_settings_are_named(raw, message):
+    with pytest.raises(ValueError, match=message):
+        config_from_dict(raw)
+
+
+def test_round_trip_through_dict():
+    cfg = load_config(CONFIGS / "digits.yaml")
+    assert config_from_dict(cfg.to_dict()) == cfg
