@@ -68,7 +68,7 @@ def execute(config_path: Path, out: Path, scale: Optional[str], overrides: dict[
     except (ValueError, FileNotFoundError) as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None
-    console.print(f"[bold]{config.name}[/bold]: {experiment.task.num_contexts} contexts, "
+    console.print(f"[bold]{config.name}[/bold]: {experiment.num_contexts} contexts, "
                   f"{experiment.total:,} prunable weights, sparsities {', '.join(f'{s:.0%}' for s in experiment.levels)}, "
                   f"{len(experiment.schedule)} IMP rounds, device {experiment.device} -> {out}")
     columns = [TextColumn("{task.description}", style="cyan"), BarColumn(), MofNCompleteColumn(),

@@ -33,12 +33,13 @@ from .io import (
     save_tickets, torch_load,
 )
 from .masks import Mask, MaskSet
-from .methods import account, train_single
+from .methods import Accounting, account, train_single
 from .pruning import levels_reached, prunable_names, pruning_schedule, random_mask_like
 from .report import write_results
 from .routed import RoutedModel, masked_forward
+from .tasks.base import RoutedPredict, Row, Task
 from .tasks.classification import ClassificationTask
-from .training import SILENT, ProgressSink, derive_seed, extract_ticket, generator, joint_retrain, snapshot, train
+from .training import SILENT, ProgressSink, Stream, derive_seed, extract_ticket, generator, joint_retrain, snapshot, train
 
 Log = Callable[[str], None]
 
@@ -49,8 +50,8 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_task(config: ExperimentConfig) -> ClassificationTask:
-    """Load the configured data and wrap it as a classification task with one context per class."""
+def build_task(config: ExperimentConfig) -> Task:
+    """The configured data wrapped as a classification task with one context per class."""
     from .data.images import stratified_subset
 
     data = config.data
@@ -66,19 +67,13 @@ def build_task(config: ExperimentConfig) -> ClassificationTask:
                              "(pass --data DIR or set data.root in the config)")
         splits = load_cifar10(data.root) if data.name == "cifar10" else load_cifar100(data.root)
     else:
-        raise ValueError(f"unknown data.name {data.name!r}")
+        raise ValueError(f"data.name {data.name!r} is not an image classification dataset")
     train_set = stratified_subset(splits.train, data.train_per_class, seed=config.seed)
     test_set = stratified_subset(splits.test, data.test_per_class, seed=config.seed)
     names = list(train_set.class_names)
     return ClassificationTask(train_set, test_set, list(range(len(names))), names,
-                              batch_size=config.training.batch_size, negative_ratio=config.training.negative_ratio)
-
-
-def build_model(config: ExperimentConfig, task: ClassificationTask) -> nn.Module:
-    from .models.ghostnet import GhostNetTruncated
-
-    torch.manual_seed(derive_seed(config.seed, "init"))
-    return GhostNetTruncated(num_classes=task.num_contexts, in_channels=task.input_shape[0], width=config.model.width)
+                              batch_size=config.training.batch_size, negative_ratio=config.training.negative_ratio,
+                              width=config.model.width)
 
 
 class RunDirectory:
@@ -133,7 +128,8 @@ class RunDirectory:
         tensors = {n: p.contiguous() for n, p in ms.packed().items()}
         atomic_write_bytes(self.round_file(stream, r), safetensors.torch.save(tensors, metadata=meta))
 
-    def load_round(self, stream: str, r: int) -> Mask | None:
+    def load_round(self, stream: str, r: int, order: Sequence[str] | None = None) -> Mask | None:
+        """The mask saved after round ``r``, its tensors in ``order`` (the model's) when given."""
         path = self.round_file(stream, r)
         if not path.exists():
             return None
@@ -143,59 +139,85 @@ class RunDirectory:
                 packed = {n: f.get_tensor(n) for n in f.keys()}
         except Exception as err:
             raise CheckpointError(f"{path} is truncated or corrupt ({err}); delete it to redo that round") from None
-        return MaskSet.from_packed(packed, shapes, ["ticket"])[0]
+        mask = MaskSet.from_packed(packed, shapes, ["ticket"])[0]
+        return mask if order is None else {n: mask[n] for n in order}
 
 
 class Experiment:
     """One configured comparison: stage 1 per stream, then every method at every sparsity level."""
 
     def __init__(self, config: ExperimentConfig, out: str | Path, progress: ProgressSink = SILENT,
-                 log: Log = lambda message: None) -> None:
+                 log: Log = lambda message: None, task: Task | None = None) -> None:
         self.config = config
         self.run = RunDirectory(out)
         self.progress = progress
         self.log = log
         self.device = resolve_device(config.device)
-        self.task = build_task(config)
-        self.model = build_model(config, self.task).to(self.device)
+        self.task = task if task is not None else build_task(config)
+        self.model = self.task.build_model(derive_seed(config.seed, "init")).to(self.device)
+        shared = self.task.build_shared_model(self.model)
+        self.shared_model = shared if shared is self.model else shared.to(self.device)
+        if self.shared_model is not self.model and config.pruning.rewind_steps:
+            raise ValueError("pruning.rewind_steps needs the baselines to share the RTL network; this task's differ")
         self.prunable = prunable_names(self.model)
+        self.shared_prunable = prunable_names(self.shared_model)
         params = dict(self.model.named_parameters())
         self.total = sum(params[n].numel() for n in self.prunable)
         self.levels = sorted(set(config.pruning.sparsities))
         positive = [s for s in self.levels if round(s * self.total) > 0]
         self.schedule = pruning_schedule(self.total, positive, config.pruning.step) if positive else []
         self.level_round = levels_reached(self.schedule, self.total, positive)
-        self.classifier = self.task.classifier_stream()
-        self.detectors = [self.task.detector_stream(k) for k in range(self.task.num_contexts)]
+        self.shared_positive = [s for s in self.levels if round(s * self.shared_total) > 0]
+        self.shared_schedule = (pruning_schedule(self.shared_total, self.shared_positive, config.pruning.step)
+                                if self.shared_positive else [])
+        self.shared_level_round = levels_reached(self.shared_schedule, self.shared_total, self.shared_positive)
+        self.classifier = self.task.shared_stream()
+        self.detectors = [self.task.context_stream(k) for k in range(self.num_contexts)]
+        self.factor = self.task.shared_epoch_factor
+
+    @property
+    def num_contexts(self) -> int:
+        return len(self.task.context_names)
+
+    @property
+    def shared_total(self) -> int:
+        params = dict(self.shared_model.named_parameters())
+        return sum(params[n].numel() for n in self.shared_prunable)
 
     # -- planning, for progress bars --------------------------------------------------------
     def planned_steps(self) -> int:
         """Training steps the whole run takes (used for the progress bar's total and ETA)."""
         t, methods = self.config.training, self.config.methods
-        rounds = len(self.schedule)
-        detector_steps = sum(s.num_batches for s in self.detectors)
-        joint_steps = self.task.num_contexts * max(s.num_batches for s in self.detectors)
-        steps = 0
+        steps = self.config.pruning.rewind_steps
         if "single_imp" in methods:
-            steps += rounds * 2 * t.imp_epochs * self.classifier.num_batches
+            steps += len(self.shared_schedule) * self.factor * t.imp_epochs * self.classifier.num_batches
         if {"rtl", "multi_imp", "random"} & set(methods):
-            steps += rounds * t.imp_epochs * detector_steps
-        steps += self.config.pruning.rewind_steps
+            steps += len(self.schedule) * t.imp_epochs * sum(s.num_batches for s in self.detectors)
         if "dense" in methods:
-            steps += 2 * t.epochs * self.classifier.num_batches
-        per_level = {"single_imp": 2 * t.epochs * self.classifier.num_batches, "multi_imp": t.epochs * detector_steps,
-                     "rtl": t.epochs * joint_steps, "random": t.epochs * joint_steps}
-        steps += len(self.levels) * sum(per_level[m] for m in methods if m in per_level)
-        return steps
+            steps += self.method_steps("dense")
+        return steps + len(self.levels) * sum(self.method_steps(m) for m in methods if m != "dense")
+
+    def method_steps(self, method: str) -> int:
+        """Training steps of one method at one level."""
+        epochs = self.config.training.epochs
+        if method in ("dense", "single_imp"):
+            return self.factor * epochs * self.classifier.num_batches
+        if method == "multi_imp":
+            return epochs * sum(s.num_batches for s in self.detectors)
+        return epochs * self.num_contexts * max(s.num_batches for s in self.detectors)
 
     # -- stage 1 ----------------------------------------------------------------------------
+    def initial_state(self, name: str, model: nn.Module) -> dict[str, torch.Tensor]:
+        """θ₀ of ``model``: from the run directory when there, else the model's own (and saved)."""
+        state = self.run.load_state(name)
+        if state is None:
+            state = snapshot(model)
+            self.run.save_state(name, state)
+        return {k: v.to(self.device) for k, v in state.items()}
+
     def initial_states(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """θ₀ and the rewind point (θ₀ itself, or θ_j after j dense steps on all data)."""
-        theta0 = self.run.load_state("theta0")
-        if theta0 is None:
-            theta0 = snapshot(self.model)
-            self.run.save_state("theta0", theta0)
-        theta0 = {k: v.to(self.device) for k, v in theta0.items()}
+        theta0 = self.initial_state("theta0", self.model)
         j = self.config.pruning.rewind_steps
         if j == 0:
             return theta0, theta0
@@ -211,106 +233,121 @@ class Experiment:
             self.progress.advance(j, "rewind point (resumed)")
         return theta0, {k: v.to(self.device) for k, v in rewind.items()}
 
-    def extract(self, stream_id: str, stream, epochs: int, rewind: dict[str, torch.Tensor]) -> list[Mask]:
+    def extract(self, stream_id: str, stream: Stream, epochs: int, model: nn.Module, rewind: dict[str, torch.Tensor],
+                prunable: list[str], schedule: list[int]) -> list[Mask]:
         """All IMP rounds of one stream, loading finished rounds from disk."""
         done: list[Mask] = []
-        for r in range(len(self.schedule)):
-            mask = self.run.load_round(stream_id, r)
+        for r in range(len(schedule)):
+            mask = self.run.load_round(stream_id, r, prunable)
             if mask is None:
                 break
             done.append(mask)
         skipped = len(done) * epochs * stream.num_batches
         if skipped:
             self.progress.advance(skipped, f"{stream_id}: {len(done)} rounds on disk")
-        if len(done) < len(self.schedule):
-            self.log(f"IMP {stream_id}: rounds {len(done) + 1}..{len(self.schedule)}")
+        if len(done) < len(schedule):
+            self.log(f"IMP {stream_id}: rounds {len(done) + 1}..{len(schedule)}")
             resume = (len(done) - 1, done[-1]) if done else None
             done += extract_ticket(
-                self.model, rewind, self.prunable, stream, self.schedule, epochs, self.config.training.optimizer,
+                model, rewind, prunable, stream, schedule, epochs, self.config.training.optimizer,
                 derive_seed(self.config.seed, "imp", stream_id), self.config.pruning.scope, self.progress,
                 resume=resume, on_round=lambda r, m: self.run.save_round(stream_id, r, m))
         return done
 
-    def mask_at(self, rounds: Sequence[Mask], level: float) -> Mask:
-        if round(level * self.total) == 0:
-            params = dict(self.model.named_parameters())
-            return {n: torch.ones_like(params[n], dtype=torch.bool) for n in self.prunable}
-        return rounds[self.level_round[level]]
+    def mask_at(self, rounds: Sequence[Mask], level: float, shared: bool = False) -> Mask:
+        model, total, level_round = ((self.shared_model, self.shared_total, self.shared_level_round) if shared
+                                     else (self.model, self.total, self.level_round))
+        if round(level * total) == 0:
+            params = dict(model.named_parameters())
+            return {n: torch.ones_like(params[n], dtype=torch.bool)
+                    for n in (self.shared_prunable if shared else self.prunable)}
+        return rounds[level_round[level]]
 
     # -- stage 2 and scoring ------------------------------------------------------------------
     def run_all(self) -> list[dict[str, Any]]:
         self.run.claim(self.config)
         t, methods = self.config.training, self.config.methods
         theta0, rewind = self.initial_states()
+        shared_rewind = rewind if self.shared_model is self.model else self.initial_state("theta0_shared", self.shared_model)
         single_rounds, context_rounds = [], []
         if "single_imp" in methods:
-            single_rounds = self.extract("single", self.classifier, 2 * t.imp_epochs, rewind)
+            single_rounds = self.extract("single", self.classifier, self.factor * t.imp_epochs, self.shared_model,
+                                         shared_rewind, self.shared_prunable, self.shared_schedule)
         if {"rtl", "multi_imp", "random"} & set(methods):
-            context_rounds = [self.extract(f"context_{k:02d}", s, t.imp_epochs, rewind)
-                              for k, s in enumerate(self.detectors)]
+            context_rounds = [self.extract(f"context_{k:02d}", s, t.imp_epochs, self.model, rewind, self.prunable,
+                                           self.schedule) for k, s in enumerate(self.detectors)]
         records = []
         if "dense" in methods:
-            records.append(self.finished("dense", 0.0, lambda: self.fit_classifier("dense", 0.0, None, rewind)))
+            records += self.finished("dense", 0.0, lambda: self.fit_shared_network("dense", 0.0, None, shared_rewind))
         for level in self.levels:
             if "single_imp" in methods:
-                mask = self.mask_at(single_rounds, level)
-                records.append(self.finished("single_imp", level, lambda: self.fit_classifier("single_imp", level, mask, rewind)))
+                mask = self.mask_at(single_rounds, level, shared=True)
+                records += self.finished("single_imp", level,
+                                         lambda: self.fit_shared_network("single_imp", level, mask, shared_rewind))
             if context_rounds:
                 masks = MaskSet.from_tickets([self.mask_at(r, level) for r in context_rounds], self.task.context_names)
             if "multi_imp" in methods:
-                records.append(self.finished("multi_imp", level, lambda: self.fit_multi(level, masks, rewind)))
+                records += self.finished("multi_imp", level, lambda: self.fit_multi(level, masks, rewind))
             if "rtl" in methods:
-                records.append(self.finished("rtl", level, lambda: self.fit_shared("rtl", level, masks, rewind)))
+                records += self.finished("rtl", level, lambda: self.fit_joint("rtl", level, masks, rewind))
             if "random" in methods:
                 randoms = MaskSet.from_tickets(
                     [random_mask_like(masks[k], generator(self.config.seed, "random", k, str(level)))
                      for k in range(masks.num_contexts)], self.task.context_names)
-                records.append(self.finished("random", level, lambda: self.fit_shared("random", level, randoms, rewind)))
+                records += self.finished("random", level, lambda: self.fit_joint("random", level, randoms, rewind))
         write_results(self.run.path, records, self.config)
         return records
 
-    def finished(self, method: str, level: float, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        """The record of (method, level): from disk when a previous run finished it, else computed."""
+    def finished(self, method: str, level: float, compute: Callable[[], tuple[list[Row], Accounting]]) -> list[Row]:
+        """The rows of (method, level): from disk when a previous run finished them, else computed."""
         path = self.run.record_file(method, level)
         if path.exists():
             self.progress.advance(self.method_steps(method), f"{method} {level:.0%} (on disk)")
             return read_json(path)
         self.log(f"{method} at {level:.0%} sparsity")
         start = time.perf_counter()
-        record = {"experiment": self.config.name, "method": method, "sparsity": level, **compute(),
-                  "train_seconds": round(time.perf_counter() - start, 2)}
-        atomic_write_json(path, record)
-        return record
+        rows, accounting = compute()
+        seconds = round(time.perf_counter() - start, 2)
+        records = [{"experiment": self.config.name, "method": method, "sparsity": level, **row, **vars(accounting),
+                    "train_seconds": seconds} for row in rows]
+        atomic_write_json(path, records)
+        return records
 
-    def method_steps(self, method: str) -> int:
-        t = self.config.training
-        if method in ("dense", "single_imp"):
-            return 2 * t.epochs * self.classifier.num_batches
-        if method == "multi_imp":
-            return t.epochs * sum(s.num_batches for s in self.detectors)
-        return t.epochs * self.task.num_contexts * max(s.num_batches for s in self.detectors)
-
-    def fit_classifier(self, method: str, level: float, mask: Mask | None, rewind) -> dict[str, Any]:
-        t = self.config.training
-        train_single(self.model, rewind, mask, self.classifier, 2 * t.epochs, t.optimizer,
+    def fit_shared_network(self, method: str, level: float, mask: Mask | None, rewind) -> tuple[list[Row], Accounting]:
+        """Dense (``mask=None``) or single-mask IMP: the shared network trained on all data."""
+        t, model = self.config.training, self.shared_model
+        train_single(model, rewind, mask, self.classifier, self.factor * t.epochs, t.optimizer,
                      derive_seed(self.config.seed, method, str(level)), self.progress)
-        self.model.eval()
+        model.eval()
         fmask = {n: m.to(self.device, torch.float32) for n, m in (mask or {}).items()}
-        logits = self.task.logits(lambda x: masked_forward(self.model, fmask, x) if fmask else self.model(x), self.device)
-        return {**self.task.score_classifier(logits), **vars(account(method, self.model, self.prunable, mask))}
+        with torch.no_grad():
+            rows = self.task.score_shared(
+                lambda x: masked_forward(model, fmask, x.to(self.device)) if fmask else model(x.to(self.device)))
+        return rows, account(method, model, self.shared_prunable, mask)
 
-    def fit_multi(self, level: float, masks: MaskSet, rewind) -> dict[str, Any]:
+    def fit_multi(self, level: float, masks: MaskSet, rewind) -> tuple[list[Row], Accounting]:
+        """K independent networks, network k trained on context k only; each input goes to its context's."""
         t = self.config.training
-        logits = []
+        states = []
         for k, stream in enumerate(self.detectors):
             train_single(self.model, rewind, masks[k], stream, t.epochs, t.optimizer,
                          derive_seed(self.config.seed, "multi_imp", k, str(level)), self.progress)
-            self.model.eval()
-            fmask = {n: m.to(self.device, torch.float32) for n, m in masks[k].items()}
-            logits.append(self.task.logits(lambda x: masked_forward(self.model, fmask, x), self.device)[:, k])
-        return {**self.task.score_detectors(logits), **vars(account("multi_imp", self.model, self.prunable, masks))}
+            states.append(snapshot(self.model))
+        self.model.eval()
+        current: list[int] = [-1]
 
-    def fit_shared(self, method: str, level: float, masks: MaskSet, rewind) -> dict[str, Any]:
+        def predict(k: int, x: torch.Tensor) -> torch.Tensor:
+            if current[0] != k:  # the scorer asks context by context: swap networks only when k changes
+                self.model.load_state_dict(states[k])
+                current[0] = k
+            return self.model(x.to(self.device))
+
+        with torch.no_grad():
+            rows = self.task.score_routed(predict)
+        return rows, account("multi_imp", self.model, self.prunable, masks)
+
+    def fit_joint(self, method: str, level: float, masks: MaskSet, rewind) -> tuple[list[Row], Accounting]:
+        """RTL (or the random-ticket control): K masks over one θ, retrained jointly (Algorithm 2)."""
         t = self.config.training
         state_file = self.run.train_state_file(method, level)
         resume = None
@@ -328,12 +365,14 @@ class Experiment:
         joint_retrain(self.model, rewind, masks, self.detectors, t.epochs, t.optimizer,
                       derive_seed(self.config.seed, method, str(level)), self.progress, resume=resume, on_epoch=checkpoint)
         routed = RoutedModel(self.model, masks).eval()
-        logits = [self.task.logits(lambda x: routed(x, k), self.device)[:, k] for k in range(masks.num_contexts)]
+        predict: RoutedPredict = lambda k, x: routed(x.to(self.device), k)
+        with torch.no_grad():
+            rows = self.task.score_routed(predict)
         if method == "rtl":
             save_tickets(self.run.path / "checkpoints" / f"rtl_{level:.4f}", self.model, masks,
-                         {"experiment": self.config.name, "sparsity": level})
+                         {"experiment": self.config.name, "sparsity": level, "contexts": list(masks.context_names)})
         state_file.unlink(missing_ok=True)
-        return {**self.task.score_detectors(logits), **vars(account(method, self.model, self.prunable, masks))}
+        return rows, account(method, self.model, self.prunable, masks)
 
 
 def run_experiment(config: ExperimentConfig, out: str | Path, progress: ProgressSink = SILENT,

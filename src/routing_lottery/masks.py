@@ -104,12 +104,12 @@ class MaskSet:
 
     @classmethod
     def from_tickets(cls, tickets: Sequence[Mapping[str, torch.Tensor]], context_names: Sequence[str] | None = None) -> MaskSet:
-        """Stack K per-context masks (all over the same tensors) into a MaskSet."""
+        """Stack K per-context masks (all over the same tensors, in ticket 0's order) into a MaskSet."""
         if not tickets:
             raise ValueError("from_tickets needs at least one ticket")
         names = list(tickets[0])
         for k, t in enumerate(tickets):
-            if list(t) != names:
+            if set(t) != set(names):
                 raise ValueError(f"ticket {k} covers tensors {sorted(t)}, ticket 0 covers {sorted(names)}")
         return cls({n: torch.stack([t[n] for t in tickets]) for n in names}, context_names)
 

@@ -15,18 +15,18 @@ The paper's framing, which its Table 1 numbers fit exactly:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
 
+from torch import nn
+
 from ..data.images import ImageDataset
 from ..metrics import BinaryCounts, binary_counts, confusion_matrix, macro, one_vs_rest_from_confusion
 from ..training import Batch, Stream
-
-Predict = Callable[[torch.Tensor], torch.Tensor]
-"""A function from a batch of images to K logits."""
+from .base import RoutedPredict, Row, SharedPredict
 
 
 @dataclass
@@ -40,6 +40,8 @@ class ClassificationTask:
     batch_size: int = 64
     negative_ratio: float = 1.0
     eval_batch_size: int = 1000
+    width: float = 1.0  # GhostNet channel multiplier
+    shared_epoch_factor = 2  # a detector epoch shows each sample ~twice: the classifier trains twice as long
 
     def __post_init__(self) -> None:
         num_classes = len(self.train_set.class_names)
@@ -67,6 +69,28 @@ class ClassificationTask:
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.train_set.images.shape[1:])
+
+    # -- the Task contract (tasks.base) ------------------------------------------------------
+    def build_model(self, seed: int) -> nn.Module:
+        from ..models.ghostnet import GhostNetTruncated
+
+        torch.manual_seed(seed)
+        return GhostNetTruncated(num_classes=self.num_contexts, in_channels=self.input_shape[0], width=self.width)
+
+    def build_shared_model(self, model: nn.Module) -> nn.Module:
+        return model  # the classifier baselines use the same network (and θ₀) as the detectors
+
+    def context_stream(self, k: int) -> Stream:
+        return self.detector_stream(k)
+
+    def shared_stream(self) -> Stream:
+        return self.classifier_stream()
+
+    def score_shared(self, predict: SharedPredict) -> list[Row]:
+        return [self.score_classifier(self.logits(predict))]
+
+    def score_routed(self, predict: RoutedPredict) -> list[Row]:
+        return [self.score_detectors([self.logits(lambda x: predict(k, x))[:, k] for k in range(self.num_contexts)])]
 
     # -- what each subnetwork trains on -----------------------------------------------------
     def classifier_stream(self) -> Stream:
@@ -104,9 +128,9 @@ class ClassificationTask:
 
     # -- scoring ----------------------------------------------------------------------------
     @torch.no_grad()
-    def logits(self, predict: Predict, device: torch.device | str = "cpu") -> torch.Tensor:
-        """K logits for every test image, computed in evaluation batches."""
-        chunks = [predict(x.to(device)).float().cpu() for x in self.test_set.images.split(self.eval_batch_size)]
+    def logits(self, predict: SharedPredict) -> torch.Tensor:
+        """K logits for every test image, computed in evaluation batches (``predict`` moves them to its device)."""
+        chunks = [predict(x).float().cpu() for x in self.test_set.images.split(self.eval_batch_size)]
         return torch.cat(chunks)
 
     def score_classifier(self, logits: torch.Tensor) -> dict[str, float]:

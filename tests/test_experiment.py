@@ -1,0 +1,129 @@
+"""The experiment runner and the command line on a tiny digits config: records, resume, errors."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from routing_lottery.cli import app, packaged_config
+from routing_lottery.config import load_config
+from routing_lottery.experiment import Experiment, RunDirectory, build_task
+from routing_lottery.io import CheckpointError, load_tickets
+from routing_lottery.masks import sparsity
+
+TINY = {"data": {"train_per_class": 12, "test_per_class": 6, "image_size": 8},
+        "model": {"width": 0.25}, "pruning": {"sparsities": [0.3, 0.6], "step": 0.4},  # rounds to 30 %, 58 %, 60 %
+        "training": {"imp_epochs": 1, "epochs": 1, "batch_size": 32}}
+
+
+def tiny_config(**changes):
+    return load_config(packaged_config("digits"), "smoke", {**TINY, **changes})
+
+
+class Interrupt(Exception):
+    pass
+
+
+class KillAfter:
+    """A progress sink that stops the run after ``steps`` training steps, like a kill would."""
+
+    def __init__(self, steps):
+        self.left = steps
+
+    def advance(self, steps, status):
+        self.left -= steps
+        if self.left <= 0:
+            raise Interrupt(status)
+
+
+def test_detector_stream_is_balanced_and_uses_its_own_logit():
+    task = build_task(tiny_config())
+    stream = task.detector_stream(3)
+    batches = stream.epoch(torch.Generator().manual_seed(0))
+    targets = torch.cat([t for _, t in batches])
+    assert targets.sum() == 12 and (targets == 0).sum() == 12
+    logits = torch.zeros(4, 10)
+    logits[:, 3] = 10.0
+    assert stream.loss(logits, torch.ones(4)) < 1e-3 < stream.loss(logits, torch.zeros(4))
+    with pytest.raises(ValueError, match="outside 0..9"):
+        task.detector_stream(10)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One uninterrupted run of every method, shared by the tests that read or reproduce it."""
+    path = tmp_path_factory.mktemp("straight")
+    return path, Experiment(tiny_config(), path).run_all()
+
+
+def test_run_writes_every_method_and_level(finished_run, tmp_path):
+    config = tiny_config()
+    run_path, records = finished_run
+    keys = {(r["method"], r["sparsity"]) for r in records}
+    assert keys == {("dense", 0.0)} | {(m, s) for m in ("single_imp", "multi_imp", "rtl", "random") for s in (0.3, 0.6)}
+    for r in records:
+        assert {"experiment", "balanced_accuracy", "precision", "recall", "parameters", "storage_bytes"} <= r.keys()
+        assert 0 <= r["balanced_accuracy"] <= 1
+    by = {(r["method"], r["sparsity"]): r for r in records}
+    total = by[("dense", 0.0)]["parameters"]
+    assert by[("single_imp", 0.3)]["parameters"] == round(0.7 * total)
+    assert by[("multi_imp", 0.6)]["parameters"] == 10 * round(0.4 * total)
+    assert round(0.4 * total) <= by[("rtl", 0.6)]["parameters"] <= 10 * round(0.4 * total)
+    assert json.loads((run_path / "results.json").read_text()) == sorted(
+        records, key=lambda r: (r["sparsity"], ["dense", "single_imp", "multi_imp", "rtl", "random"].index(r["method"])))
+    assert (run_path / "results.md").read_text().count("| RTL |") == 2
+    # the RTL checkpoint loads back into a fresh model with masks at the target sparsity
+    experiment = Experiment(config, tmp_path / "other")
+    masks, meta = load_tickets(run_path / "checkpoints" / "rtl_0.6000", experiment.model)
+    assert meta["sparsity"] == 0.6 and masks.num_contexts == 10
+    assert all(abs(sparsity(masks[k]) - 0.6) < 1e-4 for k in range(10))
+    params = dict(experiment.model.named_parameters())
+    union = masks.union()
+    assert all(torch.all(params[n][~union[n]] == 0) for n in masks.tensor_names)
+
+
+@pytest.mark.parametrize("kill_after", [3, 85])  # inside stage 1 (IMP), inside stage 2 (RTL joint retraining at 30 %)
+def test_a_killed_run_resumes_to_the_same_result(finished_run, tmp_path, kill_after):
+    config = tiny_config()
+    run_path, reference = finished_run
+    with pytest.raises(Interrupt):
+        Experiment(config, tmp_path / "killed", progress=KillAfter(kill_after)).run_all()
+    resumed = Experiment(config, tmp_path / "killed").run_all()
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "train_seconds"} for r in rs]
+    assert strip(resumed) == strip(reference)
+    straight, killed = RunDirectory(run_path), RunDirectory(tmp_path / "killed")
+    for stream in ("single", "context_00", "context_09"):
+        a, b = straight.load_round(stream, 1), killed.load_round(stream, 1)
+        assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_a_different_config_in_the_same_directory_is_refused(tmp_path):
+    Experiment(tiny_config(methods=["dense"]), tmp_path).run_all()
+    with pytest.raises(ValueError, match="different config"):
+        Experiment(tiny_config(methods=["dense"], seed=1), tmp_path).run_all()
+
+
+def test_a_corrupt_round_file_names_itself(tmp_path):
+    config = tiny_config(methods=["single_imp"])
+    Experiment(config, tmp_path).run_all()
+    path = tmp_path / "imp" / "single" / "round_000.safetensors"
+    path.write_bytes(path.read_bytes()[:20])
+    with pytest.raises(CheckpointError, match="round_000"):
+        Experiment(config, tmp_path).run_all()
+
+
+def test_cli_run_prints_the_table_and_reports_bad_input(tmp_path):
+    runner = CliRunner()
+    config = tmp_path / "tiny.yaml"
+    config.write_text(json.dumps({**json.loads(json.dumps(TINY)), "name": "tiny", "methods": ["dense"]}))
+    result = runner.invoke(app, ["run", str(config), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert "dense" in result.output and (tmp_path / "run" / "results.csv").exists()
+    report = runner.invoke(app, ["report", str(tmp_path / "run")])
+    assert report.exit_code == 0 and "dense" in report.output
+
+    missing = runner.invoke(app, ["run", "cifar10", "--out", str(tmp_path / "c"), "--data", str(tmp_path)])
+    assert missing.exit_code == 2 and "cs.toronto.edu" in missing.output
+    bad = runner.invoke(app, ["run", str(config), "--out", str(tmp_path / "b"), "--set", "pruning.sparsities=[1.5]"])
+    assert bad.exit_code == 2 and "[0, 1)" in bad.output
