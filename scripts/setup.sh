@@ -27,5 +27,13 @@ if ! "$py" -c "import torch" 2>/dev/null; then
     pip_install torch --index-url https://download.pytorch.org/whl/cpu
   fi
 fi
+# WordNet 3.0 for the semantic diagnostics, read offline from Debian's packages.
+if [ ! -f /usr/share/wordnet/data.noun ] && command -v apt-get >/dev/null; then
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo -n"
+  echo "setup: WordNet 3.0 (Debian wordnet-base, wordnet-sense-index)"
+  { $sudo apt-get install -y -qq wordnet-base wordnet-sense-index >/dev/null 2>&1 \
+    || { $sudo apt-get update -qq >/dev/null 2>&1 && $sudo apt-get install -y -qq wordnet-base wordnet-sense-index >/dev/null 2>&1; }; } \
+    || echo "setup: could not install WordNet; semantic diagnostics will say how to install it"
+fi
 if [ "$extras" = "test" ]; then pip_install -e ".[test]"; else pip_install -e .; fi
 echo "setup: done ($("$py" -c 'import torch; print("torch", torch.__version__)'))"
