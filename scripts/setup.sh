@@ -35,5 +35,5 @@ if [ ! -f /usr/share/wordnet/data.noun ] && command -v apt-get >/dev/null; then
     || { $sudo apt-get update -qq >/dev/null 2>&1 && $sudo apt-get install -y -qq wordnet-base wordnet-sense-index >/dev/null 2>&1; }; } \
     || echo "setup: could not install WordNet; semantic diagnostics will say how to install it"
 fi
-if [ "$extras" = "test" ]; then pip_install -e ".[test]"; else pip_install -e .; fi
+if [ "$extras" = "test" ]; then pip_install -e ".[contexts,test]"; else pip_install -e ".[contexts]"; fi
 echo "setup: done ($("$py" -c 'import torch; print("torch", torch.__version__)'))"
