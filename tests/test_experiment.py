@@ -124,6 +124,42 @@ def test_cli_run_prints_the_table_and_reports_bad_input(tmp_path):
     assert report.exit_code == 0 and "dense" in report.output
 
     missing = runner.invoke(app, ["run", "cifar10", "--out", str(tmp_path / "c"), "--data", str(tmp_path)])
-    assert missing.exit_code == 2 and "cs.toronto.edu" in missing.output
+    assert missing.exit_code == 2 and "cs.toronto.edu" in "".join(missing.output.split())
     bad = runner.invoke(app, ["run", str(config), "--out", str(tmp_path / "b"), "--set", "pruning.sparsities=[1.5]"])
     assert bad.exit_code == 2 and "[0, 1)" in bad.output
+
+
+def test_diagnose_writes_matrices_figures_and_report(finished_run):
+    run_path, _ = finished_run
+    result = CliRunner().invoke(app, ["diagnose", str(run_path), "--no-layer-heatmaps"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((run_path / "diagnostics" / "summary.json").read_text())
+    assert summary["levels"] == [0.3, 0.6]
+    assert "not applicable" in summary["verdict"]  # two levels are too few for the collapse rule
+    level_dir = run_path / "diagnostics" / "rtl_0.6000"
+    assert (level_dir / "jaccard_all.png").stat().st_size > 1000
+    matrix = [line.split(",") for line in (level_dir / "jaccard_all.csv").read_text().splitlines()]
+    assert len(matrix) == 11 and matrix[0][1:] == list(summary["context_names"])  # header + one row per context
+    assert all(float(matrix[i][i]) == 1.0 for i in range(1, 11))
+    report = (run_path / "report.md").read_text()
+    assert "| RTL |" in report and "rtl_0.6000/jaccard_all.png" in report
+    # digits are all equally similar in WordNet (or WordNet is absent): the report says why, not a number
+    assert "Not measured:" in report
+
+
+def test_diagnose_on_a_run_without_tickets_is_a_clear_error(tmp_path):
+    result = CliRunner().invoke(app, ["diagnose", str(tmp_path)])
+    assert result.exit_code == 2 and "no RTL checkpoints" in " ".join(result.output.split())
+
+
+def test_sweep_warns_from_masks_before_evaluating(tmp_path):
+    out = tmp_path / "sweep"
+    result = CliRunner().invoke(app, ["sweep", "digits", "--scale", "smoke", "--out", str(out), "--levels",
+                                      "0.2,0.36,0.49,0.59,0.67,0.74", "--set", "pruning.step=0.2",
+                                      "--set", "data.train_per_class=12", "--set", "data.test_per_class=6"])
+    assert result.exit_code == 0, result.output
+    assert result.output.index("similarity score by sparsity") < result.output.index("rtl at 20% sparsity")
+    summary = json.loads((out / "diagnostics" / "summary.json").read_text())
+    assert summary["levels"] == [0.2, 0.36, 0.49, 0.59, 0.67, 0.74]
+    assert len(summary["metric"]["values"]) == 6 and summary["collapse"]["rule"]
+    assert (out / "diagnostics" / "collapse_sweep.png").stat().st_size > 1000

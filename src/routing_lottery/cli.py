@@ -15,6 +15,7 @@ from rich.table import Table
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Routing the Lottery: one shared weight tensor, one pruning mask per data context.")
 console = Console()
+console.width = max(console.width, 120)  # tables stay readable in logs and narrow terminals
 
 
 class RichProgress:
@@ -30,6 +31,7 @@ class RichProgress:
 
 def packaged_config(name: str) -> Path:
     return Path(str(resources.files("routing_lottery") / "configs" / f"{name}.yaml"))
+
 
 
 def resolve_config(config: str) -> Path:
@@ -58,42 +60,48 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def execute(config_path: Path, out: Path, scale: Optional[str], overrides: dict[str, Any]) -> None:
+def execute(config_path: Path, out: Path, scale: Optional[str], overrides: dict[str, Any],
+            before: Optional[Any] = None) -> None:
+    """Run a config with a progress bar and print its table; ``before(experiment)`` runs after stage 1."""
     from .config import load_config
-    from .experiment import Experiment
+    from .experiment import make_runner
 
     try:
         config = load_config(config_path, scale, overrides)
-        experiment = Experiment(config, out)
+        experiment = make_runner(config, out)
     except (ValueError, FileNotFoundError) as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None
-    console.print(f"[bold]{config.name}[/bold]: {experiment.num_contexts} contexts, "
-                  f"{experiment.total:,} prunable weights, sparsities {', '.join(f'{s:.0%}' for s in experiment.levels)}, "
-                  f"{len(experiment.schedule)} IMP rounds, device {experiment.device} -> {out}")
+    console.print(f"[bold]{config.name}[/bold]: {experiment.description} -> {out}")
     columns = [TextColumn("{task.description}", style="cyan"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
     with Progress(*columns, console=console, transient=False) as bar:
         experiment.progress = RichProgress(bar, experiment.planned_steps())
         experiment.log = lambda message: bar.console.print(f"  {message}")
         try:
+            if before is not None:
+                before(experiment)
             records = experiment.run_all()
         except (ValueError, FileNotFoundError) as err:
             console.print(f"[red]error:[/red] {err}")
             raise typer.Exit(2) from None
     print_table(records, title=f"{config.name} (written to {out})")
+    if getattr(experiment, "summary", ""):
+        console.print(experiment.summary)
 
 
 def print_table(records: list[dict[str, Any]], title: str) -> None:
-    from .report import METHOD_LABEL, _cell, metric_keys, sorted_records
+    from .report import METHOD_LABEL, format_cell, metric_keys, sorted_records
 
     rows = sorted_records(records)
-    keys = metric_keys(rows)
+    if any(r.get("image") == "mean" for r in rows):  # INR: the mean over images (per image in results.csv)
+        rows = [r for r in rows if r.get("image") == "mean"]
+    keys = [k for k in metric_keys(rows) if not k.startswith("psnr_region_")]
     table = Table(title=title)
     for h in ["sparsity", "method", *keys]:
         table.add_column(h, justify="right" if h not in ("method",) else "left")
     for r in rows:
-        table.add_row(f"{r['sparsity']:.0%}", METHOD_LABEL.get(r["method"], r["method"]), *[_cell(k, r.get(k)) for k in keys])
+        table.add_row(f"{r['sparsity']:.0%}", METHOD_LABEL.get(r["method"], r["method"]), *[format_cell(k, r.get(k)) for k in keys])
     console.print(table)
 
 
@@ -121,6 +129,84 @@ def run(
     if data is not None:
         overrides.setdefault("data", {})["root"] = str(data)
     execute(path, out or Path("runs") / path.stem, scale, overrides)
+
+
+def sweep_levels(text: str) -> list[float]:
+    try:
+        levels = sorted({float(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise typer.BadParameter(f"--levels expects comma-separated fractions, got {text!r}") from None
+    return levels
+
+
+DEFAULT_SWEEP = ",".join(f"{1 - 0.8 ** i:.4f}" for i in range(1, 15))  # 20 % of survivors per level, up to 95.6 %
+
+
+@app.command()
+def sweep(
+    config: str = typer.Argument(..., help="A YAML config file, or a packaged config name."),
+    out: Optional[Path] = typer.Option(None, help="Run directory (default runs/<config name>-sweep); re-running resumes."),
+    scale: Optional[str] = typer.Option(None, help="smoke or full (as the config defines)."),
+    data: Optional[Path] = typer.Option(None, help="Directory holding the dataset files (sets data.root)."),
+    levels: str = typer.Option(DEFAULT_SWEEP, help="Comma-separated sparsity levels."),
+    threshold: float = typer.Option(3.0, help="Collapse rule: robust residuals off the trend that raise the warning."),
+    set_: list[str] = typer.Option([], "--set", help="Override a setting, e.g. --set training.epochs=4."),
+) -> None:
+    """RTL at increasing sparsity: warn of subnetwork collapse from the masks alone, then measure the metric."""
+    from .diagnose import DiagnoseSettings, diagnose_run, mask_collapse_warning
+    from .diagnostics.collapse import CollapseSettings
+
+    path = resolve_config(config)
+    overrides = parse_overrides(set_)
+    if data is not None:
+        overrides.setdefault("data", {})["root"] = str(data)
+    overrides["methods"] = ["rtl"]
+    overrides.setdefault("pruning", {})["sparsities"] = sweep_levels(levels)
+    out = out or Path("runs") / f"{path.stem}-sweep"
+    settings = DiagnoseSettings(collapse=CollapseSettings(threshold=threshold), layer_heatmaps=False)
+
+    def before_evaluation(experiment: Any) -> None:
+        masks = experiment.context_masks(experiment.extract_all()[1])
+        warning, scores = mask_collapse_warning(masks, settings.collapse)
+        curve = ", ".join(f"{lv:.0%} {sc:.3f}" for lv, sc in zip(masks, scores))
+        console.print(f"  similarity score by sparsity (masks only): {curve}")
+        console.print(f"  [bold yellow]{warning.message()}[/bold yellow]" if warning.fired else f"  {warning.message()}")
+
+    execute(path, out, scale, overrides, before=before_evaluation)
+    summary = diagnose_run(out, settings, log=lambda m: console.print(f"  {m}"))
+    console.print(f"[bold]{summary['verdict']}[/bold]\nreport: {out / 'report.md'}")
+
+
+@app.command()
+def diagnose(
+    run_dir: Path = typer.Argument(..., help="A finished run directory with RTL checkpoints."),
+    threshold: float = typer.Option(3.0, help="Collapse rule: robust residuals off the trend that raise the warning."),
+    measure: str = typer.Option("path", help="WordNet similarity: path (the paper) or wup (Wu-Palmer)."),
+    layer_heatmaps: bool = typer.Option(True, help="A heatmap per layer and level (else all-weights only)."),
+) -> None:
+    """Mask similarity, collapse warning and semantic alignment of a run's RTL masks, with figures and report.md."""
+    from .diagnose import DiagnoseSettings, diagnose_run
+    from .diagnostics.collapse import CollapseSettings
+    from .io import CheckpointError
+
+    if measure not in ("path", "wup"):
+        raise typer.BadParameter("--measure must be path or wup")
+    settings = DiagnoseSettings(collapse=CollapseSettings(threshold=threshold), measure=measure,
+                                layer_heatmaps=layer_heatmaps)
+    try:
+        summary = diagnose_run(run_dir, settings, log=lambda m: console.print(f"  {m}"))
+    except (FileNotFoundError, CheckpointError, ValueError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
+    table = Table(title=f"mask similarity ({run_dir})")
+    for h in ("sparsity", "mean score", "shallow", "middle", "deep"):
+        table.add_column(h, justify="right")
+    for key, entry in summary["per_level"].items():
+        g = entry["group_mean"]
+        table.add_row(f"{float(key):.0%}", f"{entry['mean_score']:.3f}",
+                      *[f"{g[k]:.3f}" if k in g else "" for k in ("shallow", "middle", "deep")])
+    console.print(table)
+    console.print(f"[bold]{summary['verdict']}[/bold]\nreport: {run_dir / 'report.md'}")
 
 
 @app.command()

@@ -25,18 +25,21 @@ METHODS = ("dense", "single_imp", "multi_imp", "rtl", "random")
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: Literal["digits", "cifar10", "cifar100"] = "digits"
-    root: str | None = None  # directory holding the official CIFAR pickles (full-scale data)
-    image_size: int = 16  # digits only: 8x8 images are upsampled so the network has room to downsample
+    name: Literal["digits", "cifar10", "cifar100", "skimage", "ade20k", "speech"] = "digits"
+    root: str | None = None  # directory holding the full-scale files (CIFAR pickles, ADE20K folder, speech/noise)
+    image_size: int = 16  # digits: 8x8 images upsampled to this; INR: the images' short side
     train_per_class: int | None = None  # cap per class (None: all), a stratified deterministic subset
     test_per_class: int | None = None
     contexts: Literal["classes"] = "classes"  # one context per class
+    images: tuple[str, ...] = ()  # INR: embedded image names (empty: all ten) -- ignored for ADE20K
+    limit: int = 10  # INR on ADE20K: the first `limit` images of the folder
+    regions: int = 8  # INR on the embedded images: unsupervised regions per image
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: Literal["ghostnet"] = "ghostnet"
-    width: float = 1.0  # channel multiplier; 1.0 is the paper's network (125,832 prunable weights)
+    name: Literal["ghostnet", "coordinate_mlp", "unet"] = "ghostnet"
+    width: float = 1.0  # GhostNet channel multiplier; 1.0 is the paper's network (125,832 prunable weights)
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,7 @@ class PruningConfig:
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    batch_size: int = 64
+    batch_size: int | None = 64  # None: full batch (INR, as the paper)
     imp_epochs: int = 10  # per IMP round, per context (detectors); the classifier gets twice as many
     epochs: int = 10  # final training / joint retraining (the paper: 10); the classifier gets twice as many
     negative_ratio: float = 1.0  # negatives per positive in a detector's balanced batches
@@ -67,14 +70,14 @@ class TrainingConfig:
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "imp_epochs", "epochs"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"training.{name} must be >= 1; got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
 class ExperimentConfig:
     name: str = "digits"
-    task: Literal["classification"] = "classification"
+    task: Literal["classification", "inr", "speech"] = "classification"
     seed: int = 0
     device: str = "auto"  # "auto": CUDA when present, else CPU
     methods: tuple[str, ...] = METHODS

@@ -68,6 +68,8 @@ def build_task(config: ExperimentConfig) -> Task:
         splits = load_cifar10(data.root) if data.name == "cifar10" else load_cifar100(data.root)
     else:
         raise ValueError(f"data.name {data.name!r} is not an image classification dataset")
+    if config.training.batch_size is None:
+        raise ValueError("training.batch_size must be a number for classification")
     train_set = stratified_subset(splits.train, data.train_per_class, seed=config.seed)
     test_set = stratified_subset(splits.test, data.test_per_class, seed=config.seed)
     names = list(train_set.class_names)
@@ -154,6 +156,8 @@ class Experiment:
         self.log = log
         self.device = resolve_device(config.device)
         self.task = task if task is not None else build_task(config)
+        if hasattr(self.task, "output_dir"):
+            self.task.output_dir = self.run.path / "outputs"
         self.model = self.task.build_model(derive_seed(config.seed, "init")).to(self.device)
         shared = self.task.build_shared_model(self.model)
         self.shared_model = shared if shared is self.model else shared.to(self.device)
@@ -174,10 +178,16 @@ class Experiment:
         self.classifier = self.task.shared_stream()
         self.detectors = [self.task.context_stream(k) for k in range(self.num_contexts)]
         self.factor = self.task.shared_epoch_factor
+        self._initial: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None
 
     @property
     def num_contexts(self) -> int:
         return len(self.task.context_names)
+
+    @property
+    def description(self) -> str:
+        return (f"{self.num_contexts} contexts, {self.total:,} prunable weights, sparsities "
+                f"{', '.join(f'{s:.0%}' for s in self.levels)}, {len(self.schedule)} IMP rounds, device {self.device}")
 
     @property
     def shared_total(self) -> int:
@@ -217,6 +227,11 @@ class Experiment:
 
     def initial_states(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """θ₀ and the rewind point (θ₀ itself, or θ_j after j dense steps on all data)."""
+        if self._initial is None:
+            self._initial = self._make_initial_states()
+        return self._initial
+
+    def _make_initial_states(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         theta0 = self.initial_state("theta0", self.model)
         j = self.config.pruning.rewind_steps
         if j == 0:
@@ -264,18 +279,35 @@ class Experiment:
         return rounds[level_round[level]]
 
     # -- stage 2 and scoring ------------------------------------------------------------------
-    def run_all(self) -> list[dict[str, Any]]:
+    def extract_all(self) -> tuple[list[Mask], list[list[Mask]]]:
+        """Stage 1: the single-mask IMP rounds and every context's IMP rounds (from disk where finished)."""
         self.run.claim(self.config)
         t, methods = self.config.training, self.config.methods
-        theta0, rewind = self.initial_states()
-        shared_rewind = rewind if self.shared_model is self.model else self.initial_state("theta0_shared", self.shared_model)
-        single_rounds, context_rounds = [], []
+        _, rewind = self.initial_states()
+        single_rounds: list[Mask] = []
+        context_rounds: list[list[Mask]] = []
         if "single_imp" in methods:
             single_rounds = self.extract("single", self.classifier, self.factor * t.imp_epochs, self.shared_model,
-                                         shared_rewind, self.shared_prunable, self.shared_schedule)
+                                         self.shared_initial_state(rewind), self.shared_prunable, self.shared_schedule)
         if {"rtl", "multi_imp", "random"} & set(methods):
             context_rounds = [self.extract(f"context_{k:02d}", s, t.imp_epochs, self.model, rewind, self.prunable,
                                            self.schedule) for k, s in enumerate(self.detectors)]
+        return single_rounds, context_rounds
+
+    def context_masks(self, context_rounds: list[list[Mask]]) -> dict[float, MaskSet]:
+        """The K tickets at every configured sparsity level."""
+        return {level: MaskSet.from_tickets([self.mask_at(r, level) for r in context_rounds], self.task.context_names)
+                for level in self.levels}
+
+    def shared_initial_state(self, rewind: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return rewind if self.shared_model is self.model else self.initial_state("theta0_shared", self.shared_model)
+
+    def run_all(self) -> list[dict[str, Any]]:
+        single_rounds, context_rounds = self.extract_all()
+        methods = self.config.methods
+        _, rewind = self.initial_states()
+        shared_rewind = self.shared_initial_state(rewind)
+        level_masks = self.context_masks(context_rounds) if context_rounds else {}
         records = []
         if "dense" in methods:
             records += self.finished("dense", 0.0, lambda: self.fit_shared_network("dense", 0.0, None, shared_rewind))
@@ -284,8 +316,7 @@ class Experiment:
                 mask = self.mask_at(single_rounds, level, shared=True)
                 records += self.finished("single_imp", level,
                                          lambda: self.fit_shared_network("single_imp", level, mask, shared_rewind))
-            if context_rounds:
-                masks = MaskSet.from_tickets([self.mask_at(r, level) for r in context_rounds], self.task.context_names)
+            masks = level_masks.get(level)
             if "multi_imp" in methods:
                 records += self.finished("multi_imp", level, lambda: self.fit_multi(level, masks, rewind))
             if "rtl" in methods:
@@ -296,6 +327,8 @@ class Experiment:
                      for k in range(masks.num_contexts)], self.task.context_names)
                 records += self.finished("random", level, lambda: self.fit_joint("random", level, randoms, rewind))
         write_results(self.run.path, records, self.config)
+        if hasattr(self.task, "write_figures"):
+            self.task.write_figures()
         return records
 
     def finished(self, method: str, level: float, compute: Callable[[], tuple[list[Row], Accounting]]) -> list[Row]:
@@ -322,7 +355,8 @@ class Experiment:
         fmask = {n: m.to(self.device, torch.float32) for n, m in (mask or {}).items()}
         with torch.no_grad():
             rows = self.task.score_shared(
-                lambda x: masked_forward(model, fmask, x.to(self.device)) if fmask else model(x.to(self.device)))
+                lambda x: masked_forward(model, fmask, x.to(self.device)) if fmask else model(x.to(self.device)),
+                f"{method}_{level:.4f}")
         return rows, account(method, model, self.shared_prunable, mask)
 
     def fit_multi(self, level: float, masks: MaskSet, rewind) -> tuple[list[Row], Accounting]:
@@ -343,7 +377,7 @@ class Experiment:
             return self.model(x.to(self.device))
 
         with torch.no_grad():
-            rows = self.task.score_routed(predict)
+            rows = self.task.score_routed(predict, f"multi_imp_{level:.4f}")
         return rows, account("multi_imp", self.model, self.prunable, masks)
 
     def fit_joint(self, method: str, level: float, masks: MaskSet, rewind) -> tuple[list[Row], Accounting]:
@@ -367,15 +401,115 @@ class Experiment:
         routed = RoutedModel(self.model, masks).eval()
         predict: RoutedPredict = lambda k, x: routed(x.to(self.device), k)
         with torch.no_grad():
-            rows = self.task.score_routed(predict)
+            rows = self.task.score_routed(predict, f"{method}_{level:.4f}")
         if method == "rtl":
             save_tickets(self.run.path / "checkpoints" / f"rtl_{level:.4f}", self.model, masks,
-                         {"experiment": self.config.name, "sparsity": level, "contexts": list(masks.context_names)})
+                         {"experiment": self.config.name, "sparsity": level,
+                          "context_members": getattr(self.task, "context_members", None)})
         state_file.unlink(missing_ok=True)
         return rows, account(method, self.model, self.prunable, masks)
+
+
+def build_inr_tasks(config: ExperimentConfig) -> list[Any]:
+    """One INR task per image: the embedded photographs with unsupervised regions, or an ADE20K folder."""
+    from .data.regions import EMBEDDED_IMAGES, load_ade20k_folder, load_embedded_images
+    from .tasks.inr import InrTask
+
+    data = config.data
+    if data.name == "skimage":
+        images = load_embedded_images(data.image_size, data.regions, names=data.images or EMBEDDED_IMAGES)
+    elif data.name == "ade20k":
+        if data.root is None:
+            raise ValueError("data.root must name a folder of ADE20K images and label maps (pass --data DIR)")
+        images = load_ade20k_folder(data.root, size=data.image_size, limit=data.limit)
+    else:
+        raise ValueError(f"data.name {data.name!r} is not an INR image source (skimage, ade20k)")
+    return [InrTask(image, batch_size=config.training.batch_size) for image in images]
+
+
+class ImageSetExperiment:
+    """INR: one independent experiment per image (own θ₀, regions and masks), then the mean over images.
+
+    Each image runs in ``images/<name>/`` exactly like a single experiment (and resumes the same
+    way); the top-level ``results.json`` holds every image's records plus ``image: "mean"`` rows,
+    the mean of per-image PSNRs (how the paper computes its headline).
+    """
+
+    def __init__(self, config: ExperimentConfig, out: str | Path, progress: ProgressSink = SILENT,
+                 log: Log = lambda message: None, tasks: Sequence[Task] | None = None) -> None:
+        self.config = config
+        self.run = RunDirectory(out)
+        tasks = list(tasks) if tasks is not None else build_inr_tasks(config)
+        self.parts = [Experiment(config, self.run.path / "images" / t.image.name, progress, log, task=t) for t in tasks]
+        self.progress, self.log = progress, log
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name in ("progress", "log") and "parts" in self.__dict__:
+            for part in self.parts:
+                setattr(part, name, value)
+
+    @property
+    def description(self) -> str:
+        first = self.parts[0]
+        return (f"{len(self.parts)} images, {', '.join(str(p.num_contexts) for p in self.parts)} regions, "
+                f"{first.total:,} prunable weights, {len(first.schedule)} IMP rounds, device {first.device}")
+
+    @property
+    def levels(self) -> list[float]:
+        return self.parts[0].levels
+
+    def planned_steps(self) -> int:
+        return sum(p.planned_steps() for p in self.parts)
+
+    def run_all(self) -> list[dict[str, Any]]:
+        self.run.claim(self.config)
+        records: list[dict[str, Any]] = []
+        for part in self.parts:
+            self.log(f"image {part.task.image.name}")
+            records += part.run_all()
+        records += mean_over_images(records)
+        self.summary = rtl_wins(records)
+        write_results(self.run.path, records, self.config, summary=self.summary,
+                      columns=["image", "psnr", "parameters", "storage_bytes"])
+        return records
+
+
+def mean_over_images(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One ``image: "mean"`` row per (method, sparsity): the mean of per-image PSNRs and parameters."""
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault((r["method"], r["sparsity"]), []).append(r)
+    rows = []
+    for (method, level), rs in groups.items():
+        rows.append({"experiment": rs[0]["experiment"], "method": method, "sparsity": level, "image": "mean",
+                     "psnr": sum(r["psnr"] for r in rs) / len(rs), "images": len(rs),
+                     "parameters": round(sum(r["parameters"] for r in rs) / len(rs)),
+                     "storage_bytes": round(sum(r["storage_bytes"] for r in rs) / len(rs))})
+    return rows
+
+
+def rtl_wins(records: Sequence[dict[str, Any]]) -> str:
+    """On how many images RTL's PSNR beat the single mask's, at each sparsity."""
+    psnr = {(r["method"], r["sparsity"], r["image"]): r["psnr"] for r in records if r.get("image") != "mean"}
+    lines = []
+    for level in sorted({lv for m, lv, _ in psnr if m == "rtl"}):
+        images = [i for m, lv, i in psnr if m == "rtl" and lv == level and ("single_imp", lv, i) in psnr]
+        wins = sum(psnr[("rtl", level, i)] > psnr[("single_imp", level, i)] for i in images)
+        if images:
+            lines.append(f"At {level:.0%} sparsity RTL beat the single mask on {wins} of {len(images)} images.")
+    return "\n".join(lines)
+
+
+def make_runner(config: ExperimentConfig, out: str | Path, progress: ProgressSink = SILENT,
+                log: Log = lambda message: None) -> Experiment | ImageSetExperiment:
+    """The runner of ``config``'s task (INR runs one experiment per image)."""
+    if config.task == "inr":
+        return ImageSetExperiment(config, out, progress, log)
+    return Experiment(config, out, progress, log)
 
 
 def run_experiment(config: ExperimentConfig, out: str | Path, progress: ProgressSink = SILENT,
                    log: Log = lambda message: None) -> list[dict[str, Any]]:
     """Run (or resume) ``config`` in directory ``out``; return the result records."""
-    return Experiment(config, out, progress, log).run_all()
+    return make_runner(config, out, progress, log).run_all()

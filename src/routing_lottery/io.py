@@ -268,25 +268,9 @@ def _read_index(directory: Path) -> dict[str, Any]:
             "weights_sha256": weights_sha256, "metadata": metadata}
 
 
-def load_tickets(directory: str | Path, model: nn.Module) -> tuple[MaskSet, dict[str, Any]]:
-    """Load a checkpoint written by ``save_tickets`` into ``model``; return its masks and metadata.
-
-    The shared weights are restored at the union positions; every position outside the union
-    becomes exactly 0 (it was never stored, and no ticket uses it). Every problem -- missing
-    files, a bad index, a truncated or corrupt weights file, a checkpoint written for another
-    architecture -- raises ``CheckpointError`` naming the file, before the model is touched.
-    """
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise CheckpointError(f"ticket checkpoint {directory} is missing (no such directory)")
-    index = _read_index(directory)
+def _read_weights(directory: Path, index: dict[str, Any]) -> tuple[dict[str, torch.Tensor], MaskSet]:
+    """The checkpoint's tensors (hash-checked against the index) and its masks."""
     index_path = directory / INDEX_FILE
-
-    actual = _signature(model)
-    if _fingerprint(actual) != index["fingerprint"]:
-        diffs = "; ".join(_signature_diff(index["state"], actual))
-        raise CheckpointError(f"{index_path}: checkpoint was written for a different model ({diffs})")
-
     weights_path = directory / WEIGHTS_FILE
     if not weights_path.is_file():
         raise CheckpointError(f"{weights_path} is missing: {directory} is not a complete ticket checkpoint")
@@ -313,6 +297,40 @@ def load_tickets(directory: str | Path, model: nn.Module) -> tuple[MaskSet, dict
     except ValueError as err:
         raise CheckpointError(f"{weights_path} is corrupt: bad packed masks ({err})") from None
 
+    return tensors, masks
+
+
+def load_masks(directory: str | Path) -> tuple[MaskSet, dict[str, Any]]:
+    """Only the masks and metadata of a ticket checkpoint (no model needed): what diagnostics read."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"ticket checkpoint {directory} is missing (no such directory)")
+    index = _read_index(directory)
+    _, masks = _read_weights(directory, index)
+    return masks, dict(index["metadata"])
+
+
+def load_tickets(directory: str | Path, model: nn.Module) -> tuple[MaskSet, dict[str, Any]]:
+    """Load a checkpoint written by ``save_tickets`` into ``model``; return its masks and metadata.
+
+    The shared weights are restored at the union positions; every position outside the union
+    becomes exactly 0 (it was never stored, and no ticket uses it). Every problem -- missing
+    files, a bad index, a truncated or corrupt weights file, a checkpoint written for another
+    architecture -- raises ``CheckpointError`` naming the file, before the model is touched.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"ticket checkpoint {directory} is missing (no such directory)")
+    index = _read_index(directory)
+    index_path = directory / INDEX_FILE
+
+    actual = _signature(model)
+    if _fingerprint(actual) != index["fingerprint"]:
+        diffs = "; ".join(_signature_diff(index["state"], actual))
+        raise CheckpointError(f"{index_path}: checkpoint was written for a different model ({diffs})")
+
+    tensors, masks = _read_weights(directory, index)
+    weights_path = directory / WEIGHTS_FILE
     state: dict[str, torch.Tensor] = {}
     for name, union in masks.union().items():
         values = tensors[f"values/{name}"]
@@ -324,7 +342,7 @@ def load_tickets(directory: str | Path, model: nn.Module) -> tuple[MaskSet, dict
         weight[union] = values
         state[name] = weight
     for key in index["state"]:
-        if key not in shapes:
+        if key not in masks.stacked:
             state[key] = tensors[f"state/{key}"]
     model.load_state_dict(state, strict=True)
     return masks, dict(index["metadata"])

@@ -17,6 +17,7 @@ ID_KEYS = ("experiment", "method", "sparsity")
 
 
 def sorted_records(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """By sparsity, then method, keeping the order of sub-groups (images, environments) within them."""
     return sorted(records, key=lambda r: (r["sparsity"], METHOD_ORDER.index(r["method"])))
 
 
@@ -29,19 +30,20 @@ def metric_keys(records: Sequence[dict[str, Any]]) -> list[str]:
     return keys + [k for k in accounting if any(k in r for r in records)]
 
 
-def markdown_table(records: Sequence[dict[str, Any]]) -> str:
+def markdown_table(records: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """A Markdown table of ``records``; ``columns`` restricts (and orders) the metric columns."""
     rows = sorted_records(records)
-    keys = metric_keys(rows)
+    keys = [k for k in (columns or metric_keys(rows)) if any(k in r for r in rows)]
     head = ["sparsity", "method", *keys]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [f"{r['sparsity']:.0%}", METHOD_LABEL.get(r["method"], r["method"])]
-        cells += [_cell(k, r.get(k)) for k in keys]
+        cells += [format_cell(k, r.get(k)) for k in keys]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _cell(key: str, value: Any) -> str:
+def format_cell(key: str, value: Any) -> str:
     if value is None:
         return ""
     if key in ("parameters", "dense_parameters", "storage_bytes"):
@@ -60,8 +62,9 @@ def csv_text(records: Sequence[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-def write_results(run_dir: str | Path, records: Sequence[dict[str, Any]], config: Any | None = None) -> None:
-    """results.json (flat records), results.csv and results.md in ``run_dir``."""
+def write_results(run_dir: str | Path, records: Sequence[dict[str, Any]], config: Any | None = None,
+                  summary: str = "", columns: Sequence[str] | None = None) -> None:
+    """results.json (flat records), results.csv and results.md (``summary`` under the table) in ``run_dir``."""
     run_dir = Path(run_dir)
     rows = sorted_records(records)
     atomic_write_json(run_dir / "results.json", rows)
@@ -74,4 +77,8 @@ def write_results(run_dir: str | Path, records: Sequence[dict[str, Any]], config
         "once; multiple IMP: the sum over K models); `dense_parameters` are unpruned BN/SE/head parameters;\n"
         "`storage_bytes` = 4 bytes per stored float + 1 bit per prunable weight per mask.\n"
     )
-    atomic_write_text(run_dir / "results.md", title + markdown_table(rows) + notes)
+    if getattr(config, "task", "classification") != "classification":
+        notes = ("\n`parameters` counts kept prunable weights (RTL: the union of its masks; multiple IMP: the sum over "
+                 "K models); `storage_bytes` = 4 bytes per stored float + 1 bit per prunable weight per mask.\n")
+    body = markdown_table(rows, columns) + (f"\n{summary}\n" if summary else "")
+    atomic_write_text(run_dir / "results.md", title + body + notes)

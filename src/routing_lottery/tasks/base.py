@@ -43,16 +43,24 @@ class Task(Protocol):
     def build_shared_model(self, model: nn.Module) -> nn.Module:
         """The dense / single-mask network; ``model`` itself unless the baseline differs (INR)."""
 
-    def score_shared(self, predict: SharedPredict) -> list[Row]:
-        """Rows of metrics for the dense / single-mask network (one row, or one per sub-group)."""
+    def score_shared(self, predict: SharedPredict, label: str) -> list[Row]:
+        """Rows of metrics for the dense / single-mask network (one row, or one per sub-group).
 
-    def score_routed(self, predict: RoutedPredict) -> list[Row]:
+        ``label`` names the method and level (``"single_imp_0.5000"``); tasks that keep example
+        outputs for figures file them under it.
+        """
+
+    def score_routed(self, predict: RoutedPredict, label: str) -> list[Row]:
         """Rows of metrics when every test input is handled by its own context's subnetwork."""
 
 
-class WritesExamples(Protocol):
-    """Optional: tasks whose outputs people would rather look at (reconstructions, spectrograms)."""
+class WritesFigures(Protocol):
+    """Optional: tasks whose outputs people would rather look at (reconstructions, spectrograms).
 
-    def example_outputs(self, predict: SharedPredict | RoutedPredict, routed: bool) -> dict[str, torch.Tensor]: ...
+    The runner sets ``output_dir`` (inside the run directory) before scoring; the task saves example
+    outputs there while scoring (so a resumed run still has them) and draws ``write_figures`` at the end.
+    """
 
-    def write_examples(self, path: Path, outputs: dict[str, dict[str, torch.Tensor]]) -> Path: ...
+    output_dir: Path | None
+
+    def write_figures(self) -> list[Path]: ...

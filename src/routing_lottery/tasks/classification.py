@@ -86,10 +86,10 @@ class ClassificationTask:
     def shared_stream(self) -> Stream:
         return self.classifier_stream()
 
-    def score_shared(self, predict: SharedPredict) -> list[Row]:
+    def score_shared(self, predict: SharedPredict, label: str = "") -> list[Row]:
         return [self.score_classifier(self.logits(predict))]
 
-    def score_routed(self, predict: RoutedPredict) -> list[Row]:
+    def score_routed(self, predict: RoutedPredict, label: str = "") -> list[Row]:
         return [self.score_detectors([self.logits(lambda x: predict(k, x))[:, k] for k in range(self.num_contexts)])]
 
     # -- what each subnetwork trains on -----------------------------------------------------
