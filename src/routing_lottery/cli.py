@@ -210,6 +210,50 @@ def diagnose(
 
 
 @app.command()
+def partition(
+    names: str = typer.Option("cifar100", help="cifar100, cifar10, digits, or a text file with one class name per line."),
+    out: Path = typer.Option(Path("runs/partition"), help="Directory for partition.json."),
+    clusters: Optional[int] = typer.Option(8, help="Target cluster count (the paper: 8); 0 lets HDBSCAN decide."),
+    seed: int = typer.Option(0, help="Seed of UMAP (same names + seed: same clusters)."),
+    reference: Optional[str] = typer.Option(None, help="Print a shipped partition instead: paper or superclasses."),
+    template: Optional[str] = typer.Option(None, help='Prompt around each name, e.g. "a photo of a {}".'),
+) -> None:
+    """Group class names into contexts: offline text embeddings, UMAP, HDBSCAN; scored against the paper."""
+    from .contexts.clustering import format_partition, partition_names, reference_partition, reference_scores
+    from .contexts.encoders import EncoderUnavailable
+    from .contexts.names import name_set
+    from .data.digits import DIGIT_NAMES
+
+    try:
+        if reference is not None:
+            result = reference_partition(reference)
+        else:
+            if names == "digits":
+                class_names = list(DIGIT_NAMES)
+            elif Path(names).is_file():
+                class_names = [line.strip() for line in Path(names).read_text().splitlines() if line.strip()]
+            else:
+                class_names = list(name_set(names))
+            with console.status(f"embedding and clustering {len(class_names)} names"):
+                result = partition_names(class_names, target=clusters or None, seed=seed, template=template)
+    except (EncoderUnavailable, ValueError, KeyError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
+    console.print(format_partition(result))
+    search = result.settings.get("search", {})
+    if result.settings:
+        used = {k: v for k, v in result.settings.items() if k != "search"}
+        console.print(f"settings: {used}")
+    if search:
+        console.print(f"search: {search.get('outcome', '')} ({search.get('exact_hits', '?')} of "
+                      f"{search.get('tried', '?')} settings gave the target)")
+    for key, value in reference_scores(result).items():
+        console.print(f"adjusted Rand index vs {key}: {value:.3f}")
+    path = result.save(out / "partition.json")
+    console.print(f"written: {path}")
+
+
+@app.command()
 def report(run_dir: Path = typer.Argument(..., help="A run directory.")) -> None:
     """Print the results table of a finished run."""
     from .io import read_json

@@ -30,7 +30,10 @@ class DataConfig:
     image_size: int = 16  # digits: 8x8 images upsampled to this; INR: the images' short side
     train_per_class: int | None = None  # cap per class (None: all), a stratified deterministic subset
     test_per_class: int | None = None
-    contexts: Literal["classes"] = "classes"  # one context per class
+    # contexts: one per class; the paper's 8 CIFAR-100 clusters; the 20 CIFAR-100 superclasses;
+    # clusters of the class names (offline text encoder + UMAP + HDBSCAN); or a partition.json path
+    contexts: str = "classes"
+    clusters: int | None = None  # "clusters": the target cluster count (None: whatever HDBSCAN finds)
     images: tuple[str, ...] = ()  # INR: embedded image names (empty: all ten) -- ignored for ADE20K
     limit: int = 10  # INR on ADE20K: the first `limit` images of the folder
     regions: int = 8  # INR on the embedded images: unsupervised regions per image

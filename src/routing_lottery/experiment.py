@@ -72,10 +72,42 @@ def build_task(config: ExperimentConfig) -> Task:
         raise ValueError("training.batch_size must be a number for classification")
     train_set = stratified_subset(splits.train, data.train_per_class, seed=config.seed)
     test_set = stratified_subset(splits.test, data.test_per_class, seed=config.seed)
-    names = list(train_set.class_names)
-    return ClassificationTask(train_set, test_set, list(range(len(names))), names,
+    context_of_class, context_names, partition = class_contexts(config, list(train_set.class_names))
+    return ClassificationTask(train_set, test_set, context_of_class, context_names,
                               batch_size=config.training.batch_size, negative_ratio=config.training.negative_ratio,
-                              width=config.model.width)
+                              width=config.model.width, partition=partition,
+                              context_members=None if partition is None else [list(c) for c in partition.clusters()])
+
+
+def class_contexts(config: ExperimentConfig, class_names: list[str]) -> tuple[list[int], list[str], Any]:
+    """Class -> context map, context names and (for groups of classes) the ``Partition`` they come from.
+
+    ``data.contexts``: ``classes`` (one per class), ``paper`` / ``superclasses`` (CIFAR-100's
+    published partitions), ``clusters`` (class names clustered offline; the partition is saved as
+    ``partition.json`` in the run directory when run through the CLI), or a partition.json path.
+    """
+    how = config.data.contexts
+    if how == "classes":
+        return list(range(len(class_names))), class_names, None
+    from .contexts.clustering import Partition, partition_names, reference_partition
+
+    if how in ("paper", "superclasses"):
+        partition = reference_partition(how)
+    elif how == "clusters":
+        partition = partition_names(class_names, target=config.data.clusters, seed=config.seed)
+    elif how.endswith(".json"):
+        partition = Partition.load(how)
+    else:
+        raise ValueError(f"data.contexts must be classes, paper, superclasses, clusters or a partition.json path; "
+                         f"got {how!r}")
+    missing = [n for n in class_names if n not in partition.names]
+    if missing:
+        raise ValueError(f"the {how!r} partition does not cover the classes {missing[:5]}")
+    context_of_class = list(partition.contexts_for(class_names))
+    clusters = partition.clusters()
+    names = list(partition.titles) or [f"cluster {k} ({', '.join(c[:2])}{', ...' if len(c) > 2 else ''})"
+                                       for k, c in enumerate(clusters)]
+    return context_of_class, names, partition
 
 
 class RunDirectory:
@@ -294,6 +326,19 @@ class Experiment:
                                            self.schedule) for k, s in enumerate(self.detectors)]
         return single_rounds, context_rounds
 
+    def save_partition(self) -> None:
+        """When contexts group classes: ``partition.json`` and its agreement with the shipped references."""
+        partition = getattr(self.task, "partition", None)
+        if partition is None:
+            return
+        from .contexts.clustering import format_partition, reference_scores
+
+        partition.save(self.run.path / "partition.json")
+        scores = reference_scores(partition)
+        text = format_partition(partition) + "".join(f"\nadjusted Rand index vs {k}: {v:.3f}" for k, v in scores.items())
+        atomic_write_text(self.run.path / "partition.txt", text + "\n")
+        self.log("contexts:\n" + text)
+
     def context_masks(self, context_rounds: list[list[Mask]]) -> dict[float, MaskSet]:
         """The K tickets at every configured sparsity level."""
         return {level: MaskSet.from_tickets([self.mask_at(r, level) for r in context_rounds], self.task.context_names)
@@ -304,6 +349,7 @@ class Experiment:
 
     def run_all(self) -> list[dict[str, Any]]:
         single_rounds, context_rounds = self.extract_all()
+        self.save_partition()
         methods = self.config.methods
         _, rewind = self.initial_states()
         shared_rewind = self.shared_initial_state(rewind)

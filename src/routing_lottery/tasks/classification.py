@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.nn import functional as F
@@ -41,6 +42,8 @@ class ClassificationTask:
     negative_ratio: float = 1.0
     eval_batch_size: int = 1000
     width: float = 1.0  # GhostNet channel multiplier
+    context_members: list[list[str]] | None = None  # class names of each context when contexts group classes
+    partition: Any = None  # the contexts.Partition the grouping came from, saved beside the results
     shared_epoch_factor = 2  # a detector epoch shows each sample ~twice: the classifier trains twice as long
 
     def __post_init__(self) -> None:
