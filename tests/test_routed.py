@@ -53,3 +53,21 @@ def test_unknown_context_and_bad_shapes_are_errors():
         RoutedModel(model, bad)
     with pytest.raises(ValueError, match="does not have"):
         RoutedModel(model, MaskSet({"nope.weight": torch.ones(2, 3, dtype=torch.bool)}))
+
+
+def test_batched_evaluation_routing_matches_per_context_forwards():
+    """Evaluation mode runs all contexts in one vmapped call; it must equal running each group alone."""
+    from routing_lottery.models.ghostnet import GhostNetTruncated
+    from routing_lottery.pruning import prunable_names
+
+    torch.manual_seed(0)
+    net = GhostNetTruncated(num_classes=4, in_channels=1, width=0.25).eval()
+    params = dict(net.named_parameters())
+    masks = MaskSet.from_tickets([{n: torch.rand_like(params[n]) > 0.5 for n in prunable_names(net)} for _ in range(4)])
+    routed = RoutedModel(net, masks).eval()
+    x = torch.randn(40, 1, 16, 16)
+    context = torch.arange(40) % 4
+    with torch.no_grad():
+        mixed = routed(x, context)
+        for k in range(4):
+            assert torch.allclose(mixed[context == k], routed(x[context == k], k), atol=1e-5)
