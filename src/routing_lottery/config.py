@@ -40,6 +40,26 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class SpeechConfig:
+    """Speech enhancement data: mixtures of clean speech and environment noise (see ``data.speech``)."""
+
+    noise_root: str | None = None  # TAU Urban Acoustic Scenes 2020 folder; clean speech from data.root
+    sample_rate: int = 16000
+    clip_seconds: float = 10.0
+    train_per_environment: int = 500
+    validation_per_environment: int = 50
+    test_per_environment: int = 100
+    snr_db: tuple[float, ...] = (-5.0, 5.0)  # mixtures' SNR, uniform in [low, high]
+    n_fft: int = 1024  # STFT window (the paper: 1024 at 16 kHz)
+    hop_length: int = 256
+    examples_per_environment: int = 1  # test clips drawn as spectrograms
+
+    def __post_init__(self) -> None:
+        if len(self.snr_db) != 2:
+            raise ValueError(f"speech.snr_db must be [low, high]; got {list(self.snr_db)}")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: Literal["ghostnet", "coordinate_mlp", "unet"] = "ghostnet"
     width: float = 1.0  # GhostNet channel multiplier; 1.0 is the paper's network (125,832 prunable weights)
@@ -88,6 +108,8 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    speech: SpeechConfig | None = None  # task: speech only
+    threads: int | None = None  # torch CPU threads (None: torch's default); small models run faster on 1
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]

@@ -27,7 +27,7 @@ import torch
 import yaml
 from torch import nn
 
-from .config import ExperimentConfig
+from .config import ExperimentConfig, SpeechConfig
 from .io import (
     CheckpointError, atomic_torch_save, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json,
     save_tickets, torch_load,
@@ -51,7 +51,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_task(config: ExperimentConfig) -> Task:
-    """The configured data wrapped as a classification task with one context per class."""
+    """The configured data wrapped as the config's task (classification or speech; INR: ``build_inr_tasks``)."""
+    if config.task == "speech":
+        return build_speech_task(config)
+    if config.task != "classification":
+        raise ValueError(f"task {config.task!r} runs through make_runner")
     from .data.images import stratified_subset
 
     data = config.data
@@ -456,6 +460,30 @@ class Experiment:
         return rows, account(method, self.model, self.prunable, masks)
 
 
+def build_speech_task(config: ExperimentConfig) -> Task:
+    """Speech enhancement: synthetic speech in generated noise (default), or DNS speech + TAU noise folders."""
+    from .data.speech import FolderSpeechConfig, SpeechMixConfig, folder_speech_dataset, synthetic_speech_dataset
+    from .tasks.speech import SpeechTask
+
+    speech = config.speech or SpeechConfig()
+    mix = SpeechMixConfig(sample_rate=speech.sample_rate, clip_seconds=speech.clip_seconds,
+                          train_per_environment=speech.train_per_environment,
+                          validation_per_environment=speech.validation_per_environment,
+                          test_per_environment=speech.test_per_environment,
+                          snr_db=(float(speech.snr_db[0]), float(speech.snr_db[1])), seed=config.seed)
+    if config.data.root is None:
+        data = synthetic_speech_dataset(mix)
+    else:
+        if speech.noise_root is None:
+            raise ValueError("speech.noise_root must name the TAU Urban Acoustic Scenes 2020 folder "
+                             "(clean speech comes from data.root)")
+        data = folder_speech_dataset(FolderSpeechConfig(config.data.root, speech.noise_root, mix))
+    if config.training.batch_size is None:
+        raise ValueError("training.batch_size must be a number for speech")
+    return SpeechTask(data, batch_size=config.training.batch_size, n_fft=speech.n_fft, hop_length=speech.hop_length,
+                      examples_per_environment=speech.examples_per_environment)
+
+
 def build_inr_tasks(config: ExperimentConfig) -> list[Any]:
     """One INR task per image: the embedded photographs with unsupervised regions, or an ADE20K folder."""
     from .data.regions import EMBEDDED_IMAGES, load_ade20k_folder, load_embedded_images
@@ -550,6 +578,8 @@ def rtl_wins(records: Sequence[dict[str, Any]]) -> str:
 def make_runner(config: ExperimentConfig, out: str | Path, progress: ProgressSink = SILENT,
                 log: Log = lambda message: None) -> Experiment | ImageSetExperiment:
     """The runner of ``config``'s task (INR runs one experiment per image)."""
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     if config.task == "inr":
         return ImageSetExperiment(config, out, progress, log)
     return Experiment(config, out, progress, log)

@@ -1,0 +1,292 @@
+"""Speech enhancement with one context (one ticket) per acoustic environment.
+
+The paper's speech experiment: a U-Net denoises speech whose noise comes from three scene
+groups (indoor, outdoor, transportation); each group is a context, and at inference each clip is
+routed by its *known* environment. Methods differ only in which streams they train on:
+
+- dense and single-mask IMP: :meth:`SpeechTask.all_stream`, every environment's training clips;
+- multiple IMP and RTL: :meth:`SpeechTask.environment_stream` ``(k)``, environment k's clips.
+
+Every stream trains with the weighted-SDR loss of Choi et al. 2019 (``audio.weighted_sdr_loss``).
+That loss needs the noisy input as well as the clean target (its second term compares the true
+noise ``noisy - clean`` with the estimated noise ``noisy - enhanced``), so a batch is
+``(noisy, targets)`` with ``targets = stack([noisy, clean], dim=1)`` of shape ``(B, 2, T)``.
+
+Scoring is SI-SNRi (dB) on the test split: per environment, and overall as the mean over all
+test clips (environments have equal clip counts by construction, so the two averages agree).
+
+``SpeechTask`` implements the runner's ``tasks.base.Task`` contract (``context_stream``,
+``shared_stream``, ``build_model``, ``score_shared``, ``score_routed``) and the optional
+``WritesFigures`` one (spectrogram PNGs of a few test clips, noisy / each method / clean).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..audio import save_spectrograms, si_snr, si_snr_improvement, weighted_sdr_loss
+from ..data.speech import SpeechDataset, SpeechSplit
+from ..io import atomic_write_bytes
+from ..models.unet import MaskActivation, SpeechUNet
+from ..training import Batch, Stream
+from .base import RoutedPredict, Row, SharedPredict
+
+PredictEnvironment = RoutedPredict
+"""``(environment id, noisy (B, T)) -> enhanced (B, T)``: a method's routed enhancer.
+
+Dense and single IMP ignore the id; multiple IMP picks model k; RTL runs ticket k
+(``lambda k, x: routed.subnetwork(x, k)``). It must be in evaluation mode (BatchNorm statistics).
+"""
+
+
+def speech_loss(enhanced: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Weighted-SDR loss with ``targets = stack([noisy, clean], dim=1)`` (the streams' target layout)."""
+    if targets.dim() != 3 or targets.shape[1] != 2:
+        raise ValueError(f"targets must be (B, 2, T) = stack([noisy, clean], 1); got shape {tuple(targets.shape)}")
+    return weighted_sdr_loss(enhanced, targets[:, 0], targets[:, 1])
+
+
+@dataclass
+class SpeechTask:
+    """The speech data, its environments as contexts, and how subnetworks see and are scored on it."""
+
+    data: SpeechDataset
+    batch_size: int = 8
+    eval_batch_size: int = 16
+    n_fft: int = 1024  # STFT size and window (the paper: 1024 at 16 kHz)
+    hop_length: int = 256  # STFT hop (the paper: 256)
+    mask_activation: MaskActivation = "bounded_tanh"
+    examples_per_environment: int = 1  # test clips per environment drawn as spectrograms
+    output_dir: Path | None = None  # set by the runner: example enhancements are kept there for the figures
+    # An environment's epoch shows each of its clips once, and so does an epoch of all data: the
+    # shared stream needs no more epochs than the context streams for the same exposure per clip.
+    shared_epoch_factor = 1
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ValueError(f"batch sizes must be >= 1; got {self.batch_size}, {self.eval_batch_size}")
+        if self.examples_per_environment < 0:
+            raise ValueError(f"examples_per_environment must be >= 0; got {self.examples_per_environment}")
+        counts = torch.bincount(self.data.train.environment, minlength=self.num_contexts)
+        empty = [self.context_names[k] for k in range(self.num_contexts) if counts[k] == 0]
+        if empty:
+            raise ValueError(f"environments with no training clips: {empty}")
+        self.context_sizes = counts.tolist()
+
+    @property
+    def context_names(self) -> tuple[str, ...]:
+        return self.data.environment_names
+
+    @property
+    def num_contexts(self) -> int:
+        return len(self.data.environment_names)
+
+    @property
+    def sample_rate(self) -> int:
+        return self.data.sample_rate
+
+    # -- the Task contract (tasks.base) ------------------------------------------------------
+    def build_model(self, seed: int) -> nn.Module:
+        """The paper's U-Net (37,368 prunable weights), initialized from ``seed``."""
+        torch.manual_seed(seed)
+        return SpeechUNet(self.n_fft, self.hop_length, self.mask_activation)
+
+    def build_shared_model(self, model: nn.Module) -> nn.Module:
+        return model  # dense and single IMP use the same network and θ₀ as the tickets
+
+    def context_stream(self, k: int) -> Stream:
+        return self.environment_stream(k)
+
+    def shared_stream(self) -> Stream:
+        return self.all_stream()
+
+    def score_shared(self, predict: SharedPredict, label: str = "") -> list[Row]:
+        return self._score(lambda k, noisy: predict(noisy), label)
+
+    def score_routed(self, predict: RoutedPredict, label: str = "") -> list[Row]:
+        return self._score(predict, label)
+
+    def _score(self, predict: RoutedPredict, label: str) -> list[Row]:
+        enhanced = self.enhance(predict)
+        if self.output_dir is not None and label:
+            self._keep_examples(label, enhanced)
+        return environment_rows(enhanced, self.data.test)
+
+    # -- example spectrograms (tasks.base.WritesFigures) ------------------------------------------
+    def example_rows(self) -> dict[str, int]:
+        """The test clips drawn as spectrograms: ``<environment>_<i>`` -> row, the first few of each."""
+        test = self.data.test
+        return {f"{name}_{i}": row for k, name in enumerate(self.context_names)
+                for i, row in enumerate(test.indices(k)[: self.examples_per_environment].tolist())}
+
+    def _keep_examples(self, label: str, enhanced: torch.Tensor) -> None:
+        """Save the example clips' enhanced waveforms as ``<output_dir>/<label>.npz`` (atomically).
+
+        Kept while scoring, so a resumed run that skips a finished method still has its examples.
+        """
+        arrays = {key: enhanced[row].numpy() for key, row in self.example_rows().items()}
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        assert self.output_dir is not None
+        atomic_write_bytes(Path(self.output_dir) / f"{label}.npz", buffer.getvalue())
+
+    def write_figures(self) -> list[Path]:
+        """``spectrograms/<environment>_<i>_<level>.png`` beside ``output_dir``: one per example clip and level.
+
+        Each shows the noisy clip, every method's enhancement at that sparsity (dense in every
+        level's figure, as the reference) and the clean clip, titled with SI-SNR / SI-SNRi.
+        """
+        if self.output_dir is None or not Path(self.output_dir).is_dir():
+            return []
+        kept = _read_kept(Path(self.output_dir))
+        if not kept:
+            return []
+        levels = sorted({level for _, level in kept if level > 0}) or [0.0]
+        test, written = self.data.test, []
+        for level in levels:
+            chosen = [(m, lv) for m, lv in kept if lv == level or lv == 0.0]
+            for key, row in self.example_rows().items():
+                enhanced = {f"{m} {lv:.0%}": torch.from_numpy(kept[(m, lv)][key]) for m, lv in chosen
+                            if key in kept[(m, lv)]}
+                path = Path(self.output_dir).parent / "spectrograms" / f"{key}_{level:.0%}.png".replace("%", "pct")
+                self._write_clip(path, test.noisy[row], test.clean[row], enhanced)
+                written.append(path)
+        return written
+
+    def _write_clip(self, path: Path, noisy: torch.Tensor, clean: torch.Tensor,
+                    enhanced: Mapping[str, torch.Tensor]) -> None:
+        panels = {f"noisy ({float(si_snr(noisy, clean)):.1f} dB SI-SNR)": noisy}
+        for method, waveform in enhanced.items():
+            panels[f"{method} ({float(si_snr_improvement(waveform, noisy, clean)):+.1f} dB SI-SNRi)"] = waveform
+        panels["clean"] = clean
+        save_spectrograms(path, panels, self.sample_rate)
+
+    # -- what each subnetwork trains on ------------------------------------------------------
+    def environment_stream(self, k: int, batch_size: int | None = None) -> Stream:
+        """Environment k's training mixtures, reshuffled every epoch (multiple IMP, RTL)."""
+        self._check_environment(k)
+        return self._stream(self.context_names[k], self.data.train.indices(k), batch_size)
+
+    def all_stream(self, batch_size: int | None = None) -> Stream:
+        """Every training mixture, all environments shuffled together (dense, single-mask IMP)."""
+        return self._stream("all", torch.arange(len(self.data.train)), batch_size)
+
+    def _stream(self, name: str, index: torch.Tensor, batch_size: int | None) -> Stream:
+        size = batch_size or self.batch_size
+        if size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {size}")
+        train = self.data.train
+
+        def epoch(gen: torch.Generator) -> list[Batch]:
+            order = index[torch.randperm(len(index), generator=gen)]
+            return [(train.noisy[part], torch.stack([train.noisy[part], train.clean[part]], dim=1))
+                    for part in order.split(size)]
+
+        return Stream(name, epoch, speech_loss, -(-len(index) // size))
+
+    def _check_environment(self, k: int) -> None:
+        if not 0 <= k < self.num_contexts:
+            raise ValueError(f"environment id {k} is outside 0..{self.num_contexts - 1}")
+
+    # -- scoring ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def enhance(self, predict_env: PredictEnvironment, split: str = "test",
+                device: torch.device | str = "cpu") -> torch.Tensor:
+        """Enhanced waveforms ``(N, T)`` for every clip of ``split``, each routed by its environment."""
+        clips = self.data.split(split)
+        out = torch.empty_like(clips.noisy)
+        for k in range(self.num_contexts):
+            rows = clips.indices(k)
+            for part in rows.split(self.eval_batch_size):
+                enhanced = predict_env(k, clips.noisy[part].to(device)).float().cpu()
+                if enhanced.shape != (len(part), clips.noisy.shape[1]):
+                    raise ValueError(f"predict_env returned shape {tuple(enhanced.shape)} for input "
+                                     f"{(len(part), clips.noisy.shape[1])}")
+                out[part] = enhanced
+        return out
+
+    def evaluate(self, predict_env: PredictEnvironment, split: str = "test",
+                 device: torch.device | str = "cpu") -> dict[str, float]:
+        """SI-SNRi (dB): ``si_snri`` over all clips, ``si_snri_<environment>`` per environment.
+
+        Also ``si_snr_input`` and ``si_snr_enhanced`` (means over all clips), so a report can
+        show the starting point beside the improvement.
+        """
+        clips = self.data.split(split)
+        enhanced = self.enhance(predict_env, split, device)
+        return score_enhancement(enhanced, clips)
+
+    def spectrogram_examples(self, directory: str | Path, methods: Mapping[str, PredictEnvironment],
+                             per_environment: int = 1, device: torch.device | str = "cpu") -> list[Path]:
+        """PNG spectrograms of the first ``per_environment`` test clips of every environment.
+
+        One file per clip, ``spectrogram_<environment>_<i>.png``, with panels noisy, one per
+        method (enhanced, titled with its SI-SNRi), and clean. Returns the paths written.
+        """
+        if per_environment < 1:
+            raise ValueError(f"per_environment must be >= 1; got {per_environment}")
+        test = self.data.test
+        written = []
+        for k, name in enumerate(self.context_names):
+            for i, row in enumerate(test.indices(k)[:per_environment].tolist()):
+                with torch.no_grad():
+                    enhanced = {method: predict(k, test.noisy[row].unsqueeze(0).to(device)).float().cpu()[0]
+                                for method, predict in methods.items()}
+                path = Path(directory) / f"spectrogram_{name}_{i}.png"
+                self._write_clip(path, test.noisy[row], test.clean[row], enhanced)
+                written.append(path)
+        return written
+
+
+def score_enhancement(enhanced: torch.Tensor, clips: SpeechSplit) -> dict[str, float]:
+    """SI-SNRi of ``enhanced`` against ``clips`` overall and per environment (see ``SpeechTask.evaluate``)."""
+    if enhanced.shape != clips.noisy.shape:
+        raise ValueError(f"enhanced shape {tuple(enhanced.shape)} != clips shape {tuple(clips.noisy.shape)}")
+    before, after = si_snr(clips.noisy, clips.clean), si_snr(enhanced, clips.clean)
+    gain = after - before
+    scores = {"si_snri": float(gain.mean()), "si_snr_input": float(before.mean()), "si_snr_enhanced": float(after.mean())}
+    for k, name in enumerate(clips.environment_names):
+        rows = clips.indices(k)
+        if len(rows):
+            scores[f"si_snri_{name}"] = float(gain[rows].mean())
+    return scores
+
+
+def environment_rows(enhanced: torch.Tensor, clips: SpeechSplit) -> list[Row]:
+    """Result rows: ``environment: "all"`` (every clip), then one per environment, each with ``si_snri`` (dB)."""
+    if enhanced.shape != clips.noisy.shape:
+        raise ValueError(f"enhanced shape {tuple(enhanced.shape)} != clips shape {tuple(clips.noisy.shape)}")
+    before, after = si_snr(clips.noisy, clips.clean), si_snr(enhanced, clips.clean)
+    groups = [("all", torch.arange(len(before)))]
+    groups += [(name, clips.indices(k)) for k, name in enumerate(clips.environment_names) if len(clips.indices(k))]
+    return [{"environment": name, "si_snri": float((after[rows] - before[rows]).mean()),
+             "si_snr_input": float(before[rows].mean()), "si_snr_enhanced": float(after[rows].mean()),
+             "clips": len(rows)} for name, rows in groups]
+
+
+__all__ = ["SpeechTask", "PredictEnvironment", "speech_loss", "score_enhancement", "environment_rows"]
+
+
+METHOD_ORDER = ("dense", "single_imp", "multi_imp", "rtl", "random")
+
+
+def _read_kept(directory: Path) -> dict[tuple[str, float], dict[str, np.ndarray]]:
+    """The saved example enhancements, keyed (method, level) from ``<method>_<level>.npz``, in method order."""
+    kept = {}
+    for path in directory.glob("*.npz"):
+        method, _, level = path.stem.rpartition("_")
+        try:
+            key = (method, float(level))
+        except ValueError:
+            continue  # not a file this task wrote
+        with np.load(path, allow_pickle=False) as z:
+            kept[key] = {name: z[name] for name in z.files}
+    rank = {m: i for i, m in enumerate(METHOD_ORDER)}
+    return dict(sorted(kept.items(), key=lambda item: (rank.get(item[0][0], len(rank)), item[0][0], item[0][1])))
