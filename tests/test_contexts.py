@@ -24,7 +24,6 @@ from routing_lottery.contexts import (
     CIFAR100_SUPERCLASSES,
     PAPER_CIFAR100_CLUSTERS,
     EncoderUnavailable,
-    HdbscanSettings,
     Partition,
     SearchGrid,
     UmapSettings,

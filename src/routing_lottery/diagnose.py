@@ -15,7 +15,6 @@ directory (``checkpoints/rtl_<level>/``) and writes, under ``run_dir/diagnostics
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ import numpy as np
 from .diagnostics.collapse import CollapseSettings, CollapseWarning, detect_collapse, metric_drop_level
 from .diagnostics.semantic import MantelResult, WordNetUnavailable, layer_alignment, semantic_similarity_matrix
 from .diagnostics.similarity import ALL_WEIGHTS, SimilarityReport, depth_groups, similarity_report
-from .io import CheckpointError, atomic_write_json, atomic_write_text, load_masks, read_json
+from .io import atomic_write_json, atomic_write_text, load_masks, read_json
 from .masks import MaskSet
 from .report import markdown_table
 

@@ -157,5 +157,5 @@ def levels_reached(schedule: Sequence[int], total: int, levels: Sequence[float])
 
 __all__ = [
     "PRUNABLE_TYPES", "Scope", "prunable_names", "validate_sparsity", "target_count", "magnitude_prune",
-    "pruning_schedule", "random_mask_like", "levels_reached", "size",
+    "pruning_schedule", "random_mask_like", "levels_reached",
 ]
