@@ -158,6 +158,10 @@ def test_metric_drop_level():
     assert metric_drop_level(levels, [0.78, 0.80, 0.79, 0.785, 0.79], tolerance=0.02) is None
     # lower is better (a loss): a rise is the drop
     assert metric_drop_level(levels, [1.0, 0.9, 0.95, 1.3, 2.0], tolerance=0.1, higher_is_better=False) == 0.8
+    # a dip that recovers is a drop only when not asked for a sustained one
+    dip = [0.80, 0.70, 0.81, 0.60, 0.50]
+    assert metric_drop_level(levels, dip, tolerance=0.02) == 0.4
+    assert metric_drop_level(levels, dip, tolerance=0.02, sustained=True) == 0.8
 
 
 # -- Mantel ----------------------------------------------------------------------------------------

@@ -141,3 +141,11 @@ def test_imp_resume_gives_the_same_masks():
     rest = _extract(model, theta0, 1, schedule, resume=(1, seen[1]))
     for a, b in zip(uninterrupted[2:], rest):
         assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_derived_seeds_differ_for_names_sharing_a_prefix():
+    from routing_lottery.training import derive_seed
+
+    seeds = {derive_seed(0, "imp", f"context_{k:02d}") for k in range(10)}
+    assert len(seeds) == 10
+    assert derive_seed(0, "rtl", "0.25") != derive_seed(0, "rtl", "0.2500001")

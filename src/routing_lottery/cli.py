@@ -69,7 +69,7 @@ def execute(config_path: Path, out: Path, scale: Optional[str], overrides: dict[
     try:
         config = load_config(config_path, scale, overrides)
         experiment = make_runner(config, out)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None
     console.print(f"[bold]{config.name}[/bold]: {experiment.description} -> {out}")
@@ -82,7 +82,7 @@ def execute(config_path: Path, out: Path, scale: Optional[str], overrides: dict[
             if before is not None:
                 before(experiment)
             records = experiment.run_all()
-        except (ValueError, FileNotFoundError) as err:
+        except (ValueError, FileNotFoundError, RuntimeError) as err:
             console.print(f"[red]error:[/red] {err}")
             raise typer.Exit(2) from None
     print_table(records, title=f"{config.name} (written to {out})")
@@ -166,6 +166,9 @@ def sweep(
     settings = DiagnoseSettings(collapse=CollapseSettings(threshold=threshold), layer_heatmaps=False)
 
     def before_evaluation(experiment: Any) -> None:
+        if not hasattr(experiment, "context_masks"):
+            raise ValueError("rtl sweep runs one experiment's tickets; an INR run fits one network per image: "
+                             "run it with `rtl run` at the sweep's levels, then `rtl diagnose` it")
         masks = experiment.context_masks(experiment.extract_all()[1])
         warning, scores = mask_collapse_warning(masks, settings.collapse)
         curve = ", ".join(f"{lv:.0%} {sc:.3f}" for lv, sc in zip(masks, scores))
@@ -193,11 +196,18 @@ def diagnose(
         raise typer.BadParameter("--measure must be path or wup")
     settings = DiagnoseSettings(collapse=CollapseSettings(threshold=threshold), measure=measure,
                                 layer_heatmaps=layer_heatmaps)
-    try:
-        summary = diagnose_run(run_dir, settings, log=lambda m: console.print(f"  {m}"))
-    except (FileNotFoundError, CheckpointError, ValueError) as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(2) from None
+    images = sorted(p for p in (run_dir / "images").glob("*") if p.is_dir())
+    for part in images or [run_dir]:  # an INR run holds one experiment per image
+        try:
+            summary = diagnose_run(part, settings, log=lambda m: console.print(f"  {m}"))
+        except (FileNotFoundError, CheckpointError, ValueError) as err:
+            console.print(f"[red]error:[/red] {err}")
+            raise typer.Exit(2) from None
+        print_similarity(part, summary)
+
+
+def print_similarity(run_dir: Path, summary: dict[str, Any]) -> None:
+    """The similarity score by level and depth group, then the collapse verdict."""
     table = Table(title=f"mask similarity ({run_dir})")
     for h in ("sparsity", "mean score", "shallow", "middle", "deep"):
         table.add_column(h, justify="right")

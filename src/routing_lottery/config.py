@@ -77,6 +77,8 @@ class PruningConfig:
             raise ValueError("pruning.sparsities must list at least one level")
         for s in self.sparsities:
             validate_sparsity(s, "pruning.sparsities entry")
+            if round(s, 4) != s:  # levels name files (records/rtl_0.2500.json): four decimals must identify them
+                raise ValueError(f"pruning.sparsities entries need at most 4 decimals; got {s}")
         if isinstance(self.step, float) and not 0 < self.step < 1:
             raise ValueError(f"pruning.step as a fraction must be in (0, 1); got {self.step}")
         if isinstance(self.step, int) and self.step < 1:

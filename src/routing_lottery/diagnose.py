@@ -76,8 +76,10 @@ def primary_metric(records: Sequence[dict[str, Any]]) -> str | None:
 def rtl_metric_by_level(records: Sequence[dict[str, Any]], metric: str) -> dict[float, float]:
     """The RTL metric per level (the row without a sub-group, or the mean over sub-group rows)."""
     by_level: dict[float, list[float]] = {}
+    image_set = any(r.get("image") == "mean" for r in records)  # a run over images: use the mean rows
     for r in records:
-        if r["method"] == "rtl" and metric in r and r.get("environment", "all") == "all" and r.get("image", "mean") == "mean":
+        if (r["method"] == "rtl" and metric in r and r.get("environment", "all") == "all"
+                and (not image_set or r.get("image") == "mean")):
             by_level.setdefault(float(r["sparsity"]), []).append(float(r[metric]))
     return {level: float(np.mean(v)) for level, v in sorted(by_level.items())}
 
@@ -154,7 +156,7 @@ def diagnose_run(run_dir: str | Path, settings: DiagnoseSettings | None = None, 
         if all(lv in by_level for lv in levels):
             metric_values = [by_level[lv] for lv in levels]
             tolerance = settings.drop_tolerance if settings.drop_tolerance is not None else METRICS[metric]
-            drop = metric_drop_level(levels, metric_values, tolerance)
+            drop = metric_drop_level(levels, metric_values, tolerance, sustained=True)
             summary["metric"] = {"name": metric, "values": metric_values, "tolerance": tolerance, "drop_level": drop}
     summary["verdict"] = collapse_verdict(warning, drop, metric, len(levels))
     log(summary["verdict"])

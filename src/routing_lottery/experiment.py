@@ -215,6 +215,7 @@ class Experiment:
         self.detectors = [self.task.context_stream(k) for k in range(self.num_contexts)]
         self.factor = self.task.shared_epoch_factor
         self._initial: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None
+        self._rounds: tuple[list[Mask], list[list[Mask]]] | None = None
 
     @property
     def num_contexts(self) -> int:
@@ -317,6 +318,11 @@ class Experiment:
     # -- stage 2 and scoring ------------------------------------------------------------------
     def extract_all(self) -> tuple[list[Mask], list[list[Mask]]]:
         """Stage 1: the single-mask IMP rounds and every context's IMP rounds (from disk where finished)."""
+        if self._rounds is None:
+            self._rounds = self._extract_all()
+        return self._rounds
+
+    def _extract_all(self) -> tuple[list[Mask], list[list[Mask]]]:
         self.run.claim(self.config)
         t, methods = self.config.training, self.config.methods
         _, rewind = self.initial_states()
@@ -335,9 +341,16 @@ class Experiment:
         partition = getattr(self.task, "partition", None)
         if partition is None:
             return
-        from .contexts.clustering import format_partition, reference_scores
+        from .contexts.clustering import Partition, format_partition, reference_scores
 
-        partition.save(self.run.path / "partition.json")
+        path = self.run.path / "partition.json"
+        if path.exists():
+            started = Partition.load(path)
+            if (started.names, started.assignment) != (partition.names, partition.assignment):
+                raise ValueError(f"the class contexts differ from {path}, which this run started with "
+                                 "(clustering on another machine or library version?); use data.contexts: "
+                                 f"{path} to resume with the original contexts")
+        partition.save(path)
         scores = reference_scores(partition)
         text = format_partition(partition) + "".join(f"\nadjusted Rand index vs {k}: {v:.3f}" for k, v in scores.items())
         atomic_write_text(self.run.path / "partition.txt", text + "\n")
@@ -472,6 +485,9 @@ def build_speech_task(config: ExperimentConfig) -> Task:
                           test_per_environment=speech.test_per_environment,
                           snr_db=(float(speech.snr_db[0]), float(speech.snr_db[1])), seed=config.seed)
     if config.data.root is None:
+        if speech.noise_root is not None:
+            raise ValueError("speech.noise_root is set but data.root (the clean speech folder) is not; "
+                             "pass --data DNS_DIR, or drop noise_root for the synthetic default")
         data = synthetic_speech_dataset(mix)
     else:
         if speech.noise_root is None:

@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .masks import Mask, count, size
+from .masks import Mask, count
 
 Scope = Literal["global", "layerwise"]
 

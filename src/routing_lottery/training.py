@@ -7,6 +7,8 @@ position, so a resumed run repeats exactly what an uninterrupted one would have 
 
 from __future__ import annotations
 
+import hashlib
+
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -66,7 +68,9 @@ SILENT: ProgressSink = _Silent()
 
 def derive_seed(*parts: int | str) -> int:
     """A 63-bit seed from the run seed and a position (context, round, epoch, ...)."""
-    words = [p if isinstance(p, int) else int.from_bytes(p.encode()[:8].ljust(8, b"\0"), "little") for p in parts]
+    # Strings are hashed whole: "context_00" and "context_01" must give different seeds.
+    words = [p if isinstance(p, int) else int.from_bytes(hashlib.sha256(p.encode()).digest()[:8], "little")
+             for p in parts]
     return int(np.random.SeedSequence(words).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
 
 

@@ -204,13 +204,15 @@ def detect_collapse(
 
 
 def metric_drop_level(
-    levels: Sequence[float], metric: Sequence[float], tolerance: float, higher_is_better: bool = True
+    levels: Sequence[float], metric: Sequence[float], tolerance: float, higher_is_better: bool = True,
+    sustained: bool = False,
 ) -> float | None:
     """First level where the metric is worse than its best earlier value by more than ``tolerance``.
 
     This is where performance "actually drops"; comparing it with the collapse warning's level
     gives the warning's lead. ``tolerance`` is in the metric's own units (e.g. 0.02 balanced
-    accuracy, 0.5 dB PSNR).
+    accuracy, 0.5 dB PSNR). With ``sustained``, the metric must also stay that far below for every
+    later level: one noisy dip that recovers is not a drop.
 
     Example
     -------
@@ -225,6 +227,7 @@ def metric_drop_level(
         raise ValueError(f"tolerance must be a non-negative number; got {tolerance!r}")
     signed = m if higher_is_better else -m
     for i in range(1, len(lv)):
-        if signed[i] < signed[:i].max() - tolerance:
+        floor = signed[:i].max() - tolerance
+        if signed[i] < floor and (not sustained or bool(np.all(signed[i:] < floor))):
             return float(lv[i])
     return None

@@ -9,9 +9,8 @@ soon as its function returns. Files land through a temporary file in the same di
 
 from __future__ import annotations
 
+import io as _io
 import math
-import os
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import PercentFormatter
 
+from ..io import atomic_write_bytes
 from .semantic import MantelResult
 from .similarity import ALL_WEIGHTS, SimilarityReport, depth_groups
 
@@ -31,18 +31,12 @@ ANNOTATE_MAX_K = 12  # above this, numbers in heatmap cells become unreadable
 
 
 def save_png(fig: Figure, path: str | Path) -> Path:
-    """Write ``fig`` to ``path`` as PNG via a temp file in the same directory and ``os.replace``."""
+    """Write ``fig`` to ``path`` as PNG, atomically (``io.atomic_write_bytes``): a killed run leaves no half file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        FigureCanvasAgg(fig)
-        fig.savefig(tmp_name, format="png", dpi=DPI, bbox_inches="tight")
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    FigureCanvasAgg(fig)
+    buffer = _io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
+    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 
