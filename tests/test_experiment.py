@@ -163,3 +163,34 @@ def test_sweep_warns_from_masks_before_evaluating(tmp_path):
     assert summary["levels"] == [0.2, 0.36, 0.49, 0.59, 0.67, 0.74]
     assert len(summary["metric"]["values"]) == 6 and summary["collapse"]["rule"]
     assert (out / "diagnostics" / "collapse_sweep.png").stat().st_size > 1000
+
+
+def test_diagnose_aligns_masks_with_wordnet_for_named_contexts(tmp_path):
+    """CIFAR-10 names are not equidistant in WordNet: every level gets a Mantel test and the sweep figures."""
+    from routing_lottery.contexts.names import CIFAR10_CLASSES
+    from routing_lottery.diagnose import DiagnoseSettings, diagnose_run
+    from routing_lottery.diagnostics.semantic import wordnet_available
+    from routing_lottery.io import save_tickets
+    from routing_lottery.masks import MaskSet
+
+    if not wordnet_available():
+        pytest.skip("WordNet 3.0 is not installed (apt-get install wordnet-base wordnet-sense-index)")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32), torch.nn.Linear(32, 10))
+    params = dict(net.named_parameters())
+    names = [n for n in params if n.endswith("weight")]
+    levels = [0.2, 0.4, 0.6, 0.8]
+    records = []
+    for level in levels:
+        tickets = [{n: torch.rand_like(params[n]) > level for n in names} for _ in range(10)]
+        save_tickets(tmp_path / "checkpoints" / f"rtl_{level:.4f}", net, MaskSet.from_tickets(tickets, CIFAR10_CLASSES),
+                     {"sparsity": level})
+        records.append({"experiment": "t", "method": "rtl", "sparsity": level, "balanced_accuracy": 0.9 - level / 2})
+    (tmp_path / "results.json").write_text(json.dumps(records))
+    summary = diagnose_run(tmp_path, DiagnoseSettings(permutations=99, layer_heatmaps=False))
+    assert summary["semantic_note"] == ""
+    for entry in summary["per_level"].values():
+        assert -1 <= entry["alignment_all"]["rho"] <= 1 and 0 < entry["alignment_all"]["p_value"] <= 1
+    assert (tmp_path / "diagnostics" / "alignment_vs_sparsity.png").stat().st_size > 1000
+    assert summary["metric"]["drop_level"] == 0.4  # 0.9 - level/2 falls by 0.1 per level, for good
+    assert "Semantic alignment" in (tmp_path / "report.md").read_text()
