@@ -55,11 +55,13 @@ def rtl_checkpoints(run_dir: Path) -> dict[float, Path]:
     return dict(sorted(found.items()))
 
 
-def load_level_masks(run_dir: Path) -> dict[float, MaskSet]:
+def load_level_masks(run_dir: Path) -> tuple[dict[float, MaskSet], dict[str, Any]]:
+    """The RTL masks of every level, and the metadata of the first level's checkpoint."""
     checkpoints = rtl_checkpoints(run_dir)
     if not checkpoints:
         raise FileNotFoundError(f"{run_dir} holds no RTL checkpoints (checkpoints/rtl_*): run it with method rtl first")
-    return {level: load_masks(path)[0] for level, path in checkpoints.items()}
+    loaded = {level: load_masks(path) for level, path in checkpoints.items()}
+    return {level: masks for level, (masks, _) in loaded.items()}, next(iter(loaded.values()))[1]
 
 
 def mask_collapse_warning(masks: dict[float, MaskSet], settings: CollapseSettings) -> tuple[CollapseWarning, list[float]]:
@@ -108,12 +110,11 @@ def diagnose_run(run_dir: str | Path, settings: DiagnoseSettings | None = None, 
     settings = settings or DiagnoseSettings()
     run_dir = Path(run_dir)
     out = run_dir / "diagnostics"
-    masks = load_level_masks(run_dir)
+    masks, metadata = load_level_masks(run_dir)
     levels = list(masks)
     first = masks[levels[0]]
     if first.num_contexts < 2:
         raise ValueError("diagnostics compare masks of different contexts; this run has a single context")
-    metadata = load_masks(rtl_checkpoints(run_dir)[levels[0]])[1]
     semantic, semantic_note = _semantic(first.context_names, metadata.get("context_members"), settings.measure, log)
 
     summary: dict[str, Any] = {"levels": levels, "context_names": first.context_names, "per_level": {}}

@@ -32,7 +32,7 @@ from .io import (
     CheckpointError, atomic_torch_save, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json,
     save_tickets, torch_load,
 )
-from .masks import Mask, MaskSet
+from .masks import Mask, MaskSet, ones_like
 from .methods import Accounting, account, train_single
 from .pruning import levels_reached, prunable_names, pruning_schedule, random_mask_like
 from .report import write_results
@@ -311,8 +311,7 @@ class Experiment:
                                      else (self.model, self.total, self.level_round))
         if round(level * total) == 0:
             params = dict(model.named_parameters())
-            return {n: torch.ones_like(params[n], dtype=torch.bool)
-                    for n in (self.shared_prunable if shared else self.prunable)}
+            return ones_like({n: params[n] for n in (self.shared_prunable if shared else self.prunable)})
         return rounds[level_round[level]]
 
     # -- stage 2 and scoring ------------------------------------------------------------------
