@@ -308,3 +308,4 @@ def test_cifar100_config_runs_on_embedded_data_with_clustered_contexts(tmp_path)
     records = runner.run_all()
     assert {r["method"] for r in records} == {"single_imp", "rtl"}
     assert Partition.load(tmp_path / "partition.json").n_clusters == 3
+    assert "Contexts (members" in (tmp_path / "results.md").read_text()

@@ -335,11 +335,13 @@ class Experiment:
                                            self.schedule) for k, s in enumerate(self.detectors)]
         return single_rounds, context_rounds
 
-    def save_partition(self) -> None:
-        """When contexts group classes: ``partition.json`` and its agreement with the shipped references."""
+    def save_partition(self) -> str:
+        """When contexts group classes: ``partition.json``/``.txt`` and its agreement with the shipped references.
+
+        Returns the text for the results' report ("" when contexts are single classes)."""
         partition = getattr(self.task, "partition", None)
         if partition is None:
-            return
+            return ""
         from .contexts.clustering import Partition, format_partition, reference_scores
 
         path = self.run.path / "partition.json"
@@ -354,6 +356,7 @@ class Experiment:
         text = format_partition(partition) + "".join(f"\nadjusted Rand index vs {k}: {v:.3f}" for k, v in scores.items())
         atomic_write_text(self.run.path / "partition.txt", text + "\n")
         self.log("contexts:\n" + text)
+        return f"Contexts (members; * = HDBSCAN noise reassigned to the nearest cluster centroid):\n\n```\n{text}\n```"
 
     def context_masks(self, context_rounds: list[list[Mask]]) -> dict[float, MaskSet]:
         """The K tickets at every configured sparsity level."""
@@ -365,7 +368,7 @@ class Experiment:
 
     def run_all(self) -> list[dict[str, Any]]:
         single_rounds, context_rounds = self.extract_all()
-        self.save_partition()
+        contexts_note = self.save_partition()
         methods = self.config.methods
         _, rewind = self.initial_states()
         shared_rewind = self.shared_initial_state(rewind)
@@ -388,7 +391,7 @@ class Experiment:
                     [random_mask_like(masks[k], generator(self.config.seed, "random", k, str(level)))
                      for k in range(masks.num_contexts)], self.task.context_names)
                 records += self.finished("random", level, lambda: self.fit_joint("random", level, randoms, rewind))
-        write_results(self.run.path, records, self.config)
+        write_results(self.run.path, records, self.config, summary=contexts_note)
         if hasattr(self.task, "write_figures"):
             self.task.write_figures()
         return records
