@@ -124,11 +124,16 @@ def run(
     set_: list[str] = typer.Option([], "--set", help="Override a setting, e.g. --set training.epochs=4."),
 ) -> None:
     """Run (or resume) any experiment config."""
-    path = resolve_config(config)
-    overrides = parse_overrides(set_)
+    path, overrides = config_and_overrides(config, data, set_)
+    execute(path, out or Path("runs") / path.stem, scale, overrides)
+
+
+def config_and_overrides(config: str, data: Optional[Path], pairs: list[str]) -> tuple[Path, dict[str, Any]]:
+    """The config file a command names, and its ``--set`` overrides with ``--data`` as ``data.root``."""
+    overrides = parse_overrides(pairs)
     if data is not None:
         overrides.setdefault("data", {})["root"] = str(data)
-    execute(path, out or Path("runs") / path.stem, scale, overrides)
+    return resolve_config(config), overrides
 
 
 def sweep_levels(text: str) -> list[float]:
@@ -156,10 +161,7 @@ def sweep(
     from .diagnose import DiagnoseSettings, diagnose_run, mask_collapse_warning
     from .diagnostics.collapse import CollapseSettings
 
-    path = resolve_config(config)
-    overrides = parse_overrides(set_)
-    if data is not None:
-        overrides.setdefault("data", {})["root"] = str(data)
+    path, overrides = config_and_overrides(config, data, set_)
     overrides["methods"] = ["rtl"]
     overrides.setdefault("pruning", {})["sparsities"] = sweep_levels(levels)
     out = out or Path("runs") / f"{path.stem}-sweep"

@@ -533,13 +533,28 @@ class ImageSetExperiment:
         self.run = RunDirectory(out)
         tasks = list(tasks) if tasks is not None else build_inr_tasks(config)
         self.parts = [Experiment(config, self.run.path / "images" / t.image.name, progress, log, task=t) for t in tasks]
-        self.progress, self.log = progress, log
+        self._progress, self._log = progress, log
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        super().__setattr__(name, value)
-        if name in ("progress", "log") and "parts" in self.__dict__:
-            for part in self.parts:
-                setattr(part, name, value)
+    # The CLI attaches its progress bar and log after construction; every image's run shares them.
+    @property
+    def progress(self) -> ProgressSink:
+        return self._progress
+
+    @progress.setter
+    def progress(self, sink: ProgressSink) -> None:
+        self._progress = sink
+        for part in self.parts:
+            part.progress = sink
+
+    @property
+    def log(self) -> Log:
+        return self._log
+
+    @log.setter
+    def log(self, log: Log) -> None:
+        self._log = log
+        for part in self.parts:
+            part.log = log
 
     @property
     def description(self) -> str:
