@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 
 from routing_lottery.config import config_from_dict, load_config
+from routing_lottery.data.speech import SpeechMixConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "src" / "routing_lottery" / "configs"
 
@@ -33,6 +34,9 @@ def test_scale_and_overrides_merge_deeply():
     ({"methods": ["rtl", "magic"]}, "unknown methods"),
     ({"data": {"name": "mnist"}}, "must be one of"),
     ({"model": {"width": "wide"}}, "width"),
+    ({"speech": {"snr_db": [5.0, -5.0]}}, r"config: speech: snr_db must be \(low, high\)"),
+    ({"speech": {"snr_db": [0.0, 1.0, 2.0]}}, r"config: speech: snr_db must be \(low, high\)"),
+    ({"speech": {"train_per_environment": 0}}, "config: speech: train_per_environment must be >= 1"),
 ])
 def test_bad_settings_are_named(raw, message):
     with pytest.raises(ValueError, match=message):
@@ -42,3 +46,10 @@ def test_bad_settings_are_named(raw, message):
 def test_round_trip_through_dict():
     cfg = load_config(CONFIGS / "digits.yaml")
     assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_speech_section_is_the_mixture_settings_plus_the_network_front_end():
+    cfg = load_config(CONFIGS / "speech.yaml", "smoke", {"seed": 7, "speech": {"seed": 3}})
+    assert isinstance(cfg.speech, SpeechMixConfig)
+    assert (cfg.speech.clip_seconds, cfg.speech.train_per_environment, cfg.speech.n_fft) == (1.0, 24, 1024)
+    assert cfg.speech.seed == 3 and cfg.seed == 7  # the data's seed is its own: other run seeds, same mixtures

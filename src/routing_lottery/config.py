@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
+from .data.speech import SpeechMixConfig
 from .pruning import validate_sparsity
 from .training import OptimizerConfig
 
@@ -40,23 +41,16 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class SpeechConfig:
-    """Speech enhancement data: mixtures of clean speech and environment noise (see ``data.speech``)."""
+class SpeechConfig(SpeechMixConfig):
+    """Speech enhancement: the mixture settings (``data.speech.SpeechMixConfig``: sample rate, clip
+    length, clips per environment and split, SNR range, level, and ``seed``, which fixes the
+    mixtures apart from the run's seed so that runs with different seeds see the same data), plus
+    where the real noise lives and the STFT of the U-Net."""
 
     noise_root: str | None = None  # TAU Urban Acoustic Scenes 2020 folder; clean speech from data.root
-    sample_rate: int = 16000
-    clip_seconds: float = 10.0
-    train_per_environment: int = 500
-    validation_per_environment: int = 50
-    test_per_environment: int = 100
-    snr_db: tuple[float, ...] = (-5.0, 5.0)  # mixtures' SNR, uniform in [low, high]
     n_fft: int = 1024  # STFT window (the paper: 1024 at 16 kHz)
     hop_length: int = 256
     examples_per_environment: int = 1  # test clips drawn as spectrograms
-
-    def __post_init__(self) -> None:
-        if len(self.snr_db) != 2:
-            raise ValueError(f"speech.snr_db must be [low, high]; got {list(self.snr_db)}")
 
 
 @dataclass(frozen=True)
@@ -162,7 +156,10 @@ def build(cls: type, data: Mapping[str, Any], where: str = "") -> Any:
     if unknown:
         raise ValueError(f"unknown setting(s) {[f'{where}{u}' for u in unknown]}; known: {sorted(names)}")
     kwargs = {k: _coerce(hints[k], v, f"{where}{k}") for k, v in data.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as err:  # a section's own validation: say which section
+        raise ValueError(f"{where.rstrip('.')}: {err}" if where else str(err)) from None
 
 
 def _coerce(hint: Any, value: Any, where: str) -> Any:
@@ -180,12 +177,14 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         for arg in args:
             if arg is not type(None) and isinstance(value, arg) and not (arg is int and isinstance(value, bool)):
                 return value
-        for arg in args:
-            if arg is not type(None):
-                try:
-                    return _coerce(arg, value, where)
-                except ValueError:
-                    continue
+        candidates = [arg for arg in args if arg is not type(None)]
+        if len(candidates) == 1:  # X | None: X's own error names the problem
+            return _coerce(candidates[0], value, where)
+        for arg in candidates:
+            try:
+                return _coerce(arg, value, where)
+            except ValueError:
+                continue
         raise ValueError(f"{where}: {value!r} is not a valid {hint}")
     if origin is tuple:
         if not isinstance(value, (list, tuple)):

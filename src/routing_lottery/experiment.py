@@ -16,6 +16,7 @@ restarted on the same directory ends with the same masks as an uninterrupted one
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -481,11 +482,7 @@ def build_speech_task(config: ExperimentConfig) -> Task:
     from .tasks.speech import SpeechTask
 
     speech = config.speech or SpeechConfig()
-    mix = SpeechMixConfig(sample_rate=speech.sample_rate, clip_seconds=speech.clip_seconds,
-                          train_per_environment=speech.train_per_environment,
-                          validation_per_environment=speech.validation_per_environment,
-                          test_per_environment=speech.test_per_environment,
-                          snr_db=(float(speech.snr_db[0]), float(speech.snr_db[1])), seed=config.seed)
+    mix = SpeechMixConfig(**{f.name: getattr(speech, f.name) for f in dataclasses.fields(SpeechMixConfig)})
     if config.data.root is None:
         if speech.noise_root is not None:
             raise ValueError("speech.noise_root is set but data.root (the clean speech folder) is not; "

@@ -177,8 +177,7 @@ class SpeechMixConfig:
         for name in ("train_per_environment", "validation_per_environment", "test_per_environment"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
-        lo, hi = self.snr_db
-        if not lo <= hi:
+        if len(self.snr_db) != 2 or not self.snr_db[0] <= self.snr_db[1]:
             raise ValueError(f"snr_db must be (low, high) with low <= high; got {self.snr_db}")
         if not self.level_db < 0:
             raise ValueError(f"level_db must be below 0 dBFS; got {self.level_db}")

@@ -212,52 +212,6 @@ class SpeechTask:
                 out[part] = enhanced
         return out
 
-    def evaluate(self, predict_env: PredictEnvironment, split: str = "test",
-                 device: torch.device | str = "cpu") -> dict[str, float]:
-        """SI-SNRi (dB): ``si_snri`` over all clips, ``si_snri_<environment>`` per environment.
-
-        Also ``si_snr_input`` and ``si_snr_enhanced`` (means over all clips), so a report can
-        show the starting point beside the improvement.
-        """
-        clips = self.data.split(split)
-        enhanced = self.enhance(predict_env, split, device)
-        return score_enhancement(enhanced, clips)
-
-    def spectrogram_examples(self, directory: str | Path, methods: Mapping[str, PredictEnvironment],
-                             per_environment: int = 1, device: torch.device | str = "cpu") -> list[Path]:
-        """PNG spectrograms of the first ``per_environment`` test clips of every environment.
-
-        One file per clip, ``spectrogram_<environment>_<i>.png``, with panels noisy, one per
-        method (enhanced, titled with its SI-SNRi), and clean. Returns the paths written.
-        """
-        if per_environment < 1:
-            raise ValueError(f"per_environment must be >= 1; got {per_environment}")
-        test = self.data.test
-        written = []
-        for k, name in enumerate(self.context_names):
-            for i, row in enumerate(test.indices(k)[:per_environment].tolist()):
-                with torch.no_grad():
-                    enhanced = {method: predict(k, test.noisy[row].unsqueeze(0).to(device)).float().cpu()[0]
-                                for method, predict in methods.items()}
-                path = Path(directory) / f"spectrogram_{name}_{i}.png"
-                self._write_clip(path, test.noisy[row], test.clean[row], enhanced)
-                written.append(path)
-        return written
-
-
-def score_enhancement(enhanced: torch.Tensor, clips: SpeechSplit) -> dict[str, float]:
-    """SI-SNRi of ``enhanced`` against ``clips`` overall and per environment (see ``SpeechTask.evaluate``)."""
-    if enhanced.shape != clips.noisy.shape:
-        raise ValueError(f"enhanced shape {tuple(enhanced.shape)} != clips shape {tuple(clips.noisy.shape)}")
-    before, after = si_snr(clips.noisy, clips.clean), si_snr(enhanced, clips.clean)
-    gain = after - before
-    scores = {"si_snri": float(gain.mean()), "si_snr_input": float(before.mean()), "si_snr_enhanced": float(after.mean())}
-    for k, name in enumerate(clips.environment_names):
-        rows = clips.indices(k)
-        if len(rows):
-            scores[f"si_snri_{name}"] = float(gain[rows].mean())
-    return scores
-
 
 def environment_rows(enhanced: torch.Tensor, clips: SpeechSplit) -> list[Row]:
     """Result rows: ``environment: "all"`` (every clip), then one per environment, each with ``si_snri`` (dB)."""
@@ -269,9 +223,6 @@ def environment_rows(enhanced: torch.Tensor, clips: SpeechSplit) -> list[Row]:
     return [{"environment": name, "si_snri": float((after[rows] - before[rows]).mean()),
              "si_snr_input": float(before[rows].mean()), "si_snr_enhanced": float(after[rows].mean()),
              "clips": len(rows)} for name, rows in groups]
-
-
-__all__ = ["SpeechTask", "PredictEnvironment", "speech_loss", "score_enhancement", "environment_rows"]
 
 
 METHOD_ORDER = ("dense", "single_imp", "multi_imp", "rtl", "random")
@@ -290,3 +241,6 @@ def _read_kept(directory: Path) -> dict[tuple[str, float], dict[str, np.ndarray]
             kept[key] = {name: z[name] for name in z.files}
     rank = {m: i for i, m in enumerate(METHOD_ORDER)}
     return dict(sorted(kept.items(), key=lambda item: (rank.get(item[0][0], len(rank)), item[0][0], item[0][1])))
+
+
+__all__ = ["SpeechTask", "PredictEnvironment", "speech_loss", "environment_rows"]
