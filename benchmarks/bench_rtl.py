@@ -5,8 +5,8 @@ Run ``python benchmarks/bench_rtl.py`` (about 3 minutes on 2 CPU cores) or ``--q
 its target, and nothing is hard-coded: all numbers come from this run.
 
 1. **Masked training step / dense step.** GhostNetTruncated (width 0.5, 1 input channel, 16x16,
-   batch 64, 10 outputs): one Adam step through ``masked_forward`` with a ~50 %-sparse mask,
-   followed by the post-step re-mask ``training.train`` does, against one plain dense step of an
+   batch 64, 10 outputs): one ``training.masked_step`` (Adam) with a ~50 %-sparse mask --
+   the step ``training.train`` takes, re-mask included -- against one plain dense step of an
    identical model on the same batch. Target <= 1.2x.
 2. **Routed inference / dense inference.** ``RoutedModel(model, masks).eval()`` under
    ``torch.no_grad()`` on 1,000 images whose context ids are drawn at random from all K = 10,
@@ -58,6 +58,7 @@ import yaml
 from routing_lottery.io import INDEX_FILE, WEIGHTS_FILE, save_tickets
 from routing_lottery.masks import MaskSet
 from routing_lottery.models.ghostnet import GhostNetTruncated
+from routing_lottery import training
 from routing_lottery.pruning import prunable_names
 from routing_lottery.routed import RoutedModel, masked_forward
 
@@ -138,13 +139,7 @@ def bench_train_step(quick: bool) -> None:
         opt_dense.step()
 
     def masked_step() -> None:  # what training.train does per batch when given a mask
-        loss = F.cross_entropy(masked_forward(masked_model, fmask, x), y)
-        opt_masked.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_masked.step()
-        with torch.no_grad():
-            for n, m in fmask.items():
-                params[n].mul_(m)
+        training.masked_step(masked_model, params, fmask, opt_masked, F.cross_entropy, x, y)
 
     rounds, inner, warmup = (12, 2, 4) if quick else (40, 3, 8)
     t = interleaved({"masked": masked_step, "dense": dense_step}, rounds, inner, warmup)

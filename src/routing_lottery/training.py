@@ -124,19 +124,29 @@ def train(
     steps = 0
     for epoch in range(epochs):
         for batch in stream.epoch(generator(seed, epoch)):
-            x, y = _to_device(batch, device)
-            out = masked_forward(model, fmask, x) if fmask else model(x)
-            loss = stream.loss(out, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                for n, m in fmask.items():
-                    params[n].mul_(m)
+            loss = masked_step(model, params, fmask, opt, stream.loss, *_to_device(batch, device))
             steps += 1
             progress.advance(1, f"{stream.name} epoch {epoch + 1}/{epochs} loss {loss.item():.3f}")
             if max_steps is not None and steps >= max_steps:
                 return
+
+
+def masked_step(model: nn.Module, params: Mapping[str, torch.Tensor], fmask: Mapping[str, torch.Tensor],
+                opt: torch.optim.Optimizer, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """One optimizer step of the subnetwork ``fmask`` (float masks; empty: dense); returns the loss.
+
+    The step is re-masked afterwards: ``w * m`` already keeps gradient off pruned positions, but
+    weight decay or momentum would still move them.
+    """
+    loss = loss_fn(masked_forward(model, fmask, x) if fmask else model(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        for n, m in fmask.items():
+            params[n].mul_(m)
+    return loss
 
 
 def extract_ticket(
