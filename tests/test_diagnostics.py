@@ -280,6 +280,12 @@ def test_every_figure_writes_a_png(tmp_path):
                                              metric_name="balanced accuracy", warning_level=levels[6],
                                              drop_level=levels[8]))
     paths.append(figures.plot_collapse_sweep(levels, scores.mean(axis=1), tmp_path / "sweep_mean.png"))
+    paths.append(figures.plot_collapse_sweep(levels, scores, tmp_path / "sweep_headline.png", names,
+                                             metric=np.linspace(30, 25, 10), metric_name="psnr",
+                                             metric_per_context=metric * 40))
+    with pytest.raises(ValueError, match="metric_per_context must have shape"):
+        figures.plot_collapse_sweep(levels, scores, tmp_path / "bad.png", metric=metric[:, 0],
+                                    metric_per_context=metric[:5])
 
     layers = [f"layer{i}" for i in range(6)]
     semantic_matrix = _random_similarity(4, 9)
@@ -290,7 +296,21 @@ def test_every_figure_writes_a_png(tmp_path):
                                        semantic_matrix, n_permutations=24) for j in range(3)]
     paths.append(figures.plot_alignment_vs_sparsity(levels[:3], sweep_alignment, tmp_path / "groups.png"))
 
-    assert len(paths) == 1 + 4 + 2 + 2
+    assert len(paths) == 1 + 4 + 3 + 2
     for path in paths:
         assert path.exists() and _is_png(path), path
     assert not list(tmp_path.rglob(".*.png"))  # no temp files left behind
+
+
+def test_context_metric_by_level_reads_keys_or_environment_rows():
+    from routing_lottery.diagnose import rtl_context_metric_by_level
+
+    names = ("indoor", "outdoor")
+    keyed = [{"method": "rtl", "sparsity": 0.5, "psnr": 30.0, "psnr_context_0": 29.0, "psnr_context_1": 33.0},
+             {"method": "single_imp", "sparsity": 0.5, "psnr": 1.0, "psnr_context_0": 1.0, "psnr_context_1": 1.0},
+             {"method": "rtl", "sparsity": 0.75, "psnr": 28.0, "psnr_context_0": 27.0}]  # incomplete: left out
+    assert rtl_context_metric_by_level(keyed, "psnr", names) == {0.5: [29.0, 33.0]}
+    rows = [{"method": "rtl", "sparsity": 0.5, "environment": env, "si_snri": v}
+            for env, v in (("all", 2.0), ("outdoor", 3.0), ("indoor", 1.0))]
+    rows.append({"method": "rtl", "sparsity": 0.75, "environment": "indoor", "si_snri": 0.5})  # outdoor missing
+    assert rtl_context_metric_by_level(rows, "si_snri", names) == {0.5: [1.0, 3.0]}

@@ -65,6 +65,8 @@ def test_run_writes_every_method_and_level(finished_run, tmp_path):
     for r in records:
         assert {"experiment", "balanced_accuracy", "precision", "recall", "parameters", "storage_bytes"} <= r.keys()
         assert 0 <= r["balanced_accuracy"] <= 1
+        per_context = [r[f"balanced_accuracy_context_{k}"] for k in range(10)]  # each subnetwork on its own context
+        assert r["balanced_accuracy"] == pytest.approx(sum(per_context) / 10)
     by = {(r["method"], r["sparsity"]): r for r in records}
     total = by[("dense", 0.0)]["parameters"]
     assert by[("single_imp", 0.3)]["parameters"] == round(0.7 * total)
@@ -73,6 +75,8 @@ def test_run_writes_every_method_and_level(finished_run, tmp_path):
     assert json.loads((run_path / "results.json").read_text()) == sorted(
         records, key=lambda r: (r["sparsity"], ["dense", "single_imp", "multi_imp", "rtl", "random"].index(r["method"])))
     assert (run_path / "results.md").read_text().count("| RTL |") == 2
+    assert "_context_" not in (run_path / "results.md").read_text()  # per-context breakdowns: JSON and CSV only
+    assert "balanced_accuracy_context_9" in (run_path / "results.csv").read_text().splitlines()[0]
     # the RTL checkpoint loads back into a fresh model with masks at the target sparsity
     experiment = Experiment(config, tmp_path / "other")
     masks, meta = load_tickets(run_path / "checkpoints" / "rtl_0.6000", experiment.model)
@@ -162,6 +166,10 @@ def test_sweep_warns_from_masks_before_evaluating(tmp_path):
     summary = json.loads((out / "diagnostics" / "summary.json").read_text())
     assert summary["levels"] == [0.2, 0.36, 0.49, 0.59, 0.67, 0.74]
     assert len(summary["metric"]["values"]) == 6 and summary["collapse"]["rule"]
+    per_context = summary["metric"]["per_context"]  # each detector's curve, drawn beside the macro mean
+    assert list(per_context) == summary["context_names"] and all(len(v) == 6 for v in per_context.values())
+    mean_curve = [sum(v[i] for v in per_context.values()) / 10 for i in range(6)]
+    assert mean_curve == pytest.approx(summary["metric"]["values"])
     assert (out / "diagnostics" / "collapse_sweep.png").stat().st_size > 1000
 
 

@@ -317,6 +317,6 @@ def test_inr_config_runs_per_image_and_averages(tmp_path):
     means = {(r["method"], r["sparsity"]): r["psnr"] for r in records if r["image"] == "mean"}
     rtl = [r["psnr"] for r in per_image if r["method"] == "rtl" and r["sparsity"] == 0.5]
     assert means[("rtl", 0.5)] == pytest.approx(sum(rtl) / 2)
-    assert all(math.isfinite(r["psnr"]) and "psnr_region_2" in r for r in per_image)
+    assert all(math.isfinite(r["psnr"]) and "psnr_context_2" in r for r in per_image)
     assert "of 2 images" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "images" / "coffee" / "reconstructions.png").stat().st_size > 1000

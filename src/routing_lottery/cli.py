@@ -96,7 +96,7 @@ def print_table(records: list[dict[str, Any]], title: str) -> None:
     rows = sorted_records(records)
     if any(r.get("image") == "mean" for r in rows):  # INR: the mean over images (per image in results.csv)
         rows = [r for r in rows if r.get("image") == "mean"]
-    keys = [k for k in metric_keys(rows) if not k.startswith("psnr_region_")]
+    keys = metric_keys(rows)
     table = Table(title=title)
     for h in ["sparsity", "method", *keys]:
         table.add_column(h, justify="right" if h not in ("method",) else "left")

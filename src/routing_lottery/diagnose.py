@@ -15,6 +15,7 @@ directory (``checkpoints/rtl_<level>/``) and writes, under ``run_dir/diagnostics
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from .diagnostics.semantic import MantelResult, WordNetUnavailable, layer_alignm
 from .diagnostics.similarity import ALL_WEIGHTS, SimilarityReport, depth_groups, similarity_report
 from .io import atomic_write_json, atomic_write_text, load_masks, read_json
 from .masks import MaskSet
-from .report import markdown_table
+from .report import markdown_table, per_context_values
 
 METRICS = {"balanced_accuracy": 0.02, "psnr": 0.5, "si_snri": 0.5}
 """The primary metric of each experiment and the fall (in its own units) that counts as a drop."""
@@ -84,6 +85,24 @@ def rtl_metric_by_level(records: Sequence[dict[str, Any]], metric: str) -> dict[
                 and (not image_set or r.get("image") == "mean")):
             by_level.setdefault(float(r["sparsity"]), []).append(float(r[metric]))
     return {level: float(np.mean(v)) for level, v in sorted(by_level.items())}
+
+
+def rtl_context_metric_by_level(records: Sequence[dict[str, Any]], metric: str,
+                                context_names: Sequence[str]) -> dict[float, list[float]]:
+    """Each RTL subnetwork's metric on its own context, per level: ``<metric>_context_k`` keys of
+    the level's row, or (speech) the rows whose ``environment`` is the context's name."""
+    by_level: dict[float, list[float]] = {}
+    for r in records:
+        if r["method"] != "rtl" or r.get("image") == "mean":
+            continue
+        level = float(r["sparsity"])
+        values = per_context_values(r, metric, len(context_names))
+        if values is not None:
+            by_level[level] = values
+        elif r.get("environment") in context_names and metric in r:
+            by_level.setdefault(level, [math.nan] * len(context_names))[
+                list(context_names).index(r["environment"])] = float(r[metric])
+    return {level: v for level, v in sorted(by_level.items()) if not any(math.isnan(x) for x in v)}
 
 
 def _semantic(context_names: Sequence[str], members: Sequence[Sequence[str]] | None, measure: str,
@@ -151,7 +170,7 @@ def diagnose_run(run_dir: str | Path, settings: DiagnoseSettings | None = None, 
     records = read_json(run_dir / "results.json") if (run_dir / "results.json").exists() else []
     metric = primary_metric(records)
     drop = None
-    metric_values = None
+    metric_values = per_context = None
     if metric:
         by_level = rtl_metric_by_level(records, metric)
         if all(lv in by_level for lv in levels):
@@ -159,12 +178,17 @@ def diagnose_run(run_dir: str | Path, settings: DiagnoseSettings | None = None, 
             tolerance = settings.drop_tolerance if settings.drop_tolerance is not None else METRICS[metric]
             drop = metric_drop_level(levels, metric_values, tolerance, sustained=True)
             summary["metric"] = {"name": metric, "values": metric_values, "tolerance": tolerance, "drop_level": drop}
+            by_context = rtl_context_metric_by_level(records, metric, first.context_names)
+            if all(lv in by_context for lv in levels):
+                per_context = [by_context[lv] for lv in levels]
+                summary["metric"]["per_context"] = dict(zip(first.context_names, map(list, zip(*per_context))))
     summary["verdict"] = collapse_verdict(warning, drop, metric, len(levels))
     log(summary["verdict"])
     if len(levels) >= 2:
         scores = np.stack([reports[lv].scores for lv in levels])
         png = figures.plot_collapse_sweep(levels, scores, out / "collapse_sweep.png", first.context_names,
                                           metric=metric_values, metric_name=(metric or "").replace("_", " "),
+                                          metric_per_context=per_context,
                                           warning_level=warning.level, drop_level=drop,
                                           title="RTL masks: similarity score and task metric vs sparsity")
         figures_made["sweep"].append(str(png.relative_to(run_dir)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io as _io
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,26 @@ METHOD_ORDER = ("dense", "single_imp", "multi_imp", "rtl", "random")
 METHOD_LABEL = {"dense": "dense", "single_imp": "single IMP", "multi_imp": "multiple IMP", "rtl": "RTL",
                 "random": "random tickets"}
 ID_KEYS = ("experiment", "method", "sparsity")
+_PER_CONTEXT = re.compile(r"^(?P<metric>.+)_context_(?P<k>\d+)$")
+
+
+def per_context_key(metric: str, k: int) -> str:
+    """The record key of ``metric`` measured on context ``k`` alone (``balanced_accuracy_context_3``).
+
+    Records carry these beside the headline metric so that a sweep can draw each subnetwork's
+    curve; JSON and CSV keep them, the people-facing tables leave them out.
+    """
+    return f"{metric}_context_{k}"
+
+
+def per_context_values(record: dict[str, Any], metric: str, num_contexts: int) -> list[float] | None:
+    """``[record[metric_context_0], ...]``, or None when the record lacks any of them."""
+    keys = [per_context_key(metric, k) for k in range(num_contexts)]
+    return [float(record[k]) for k in keys] if all(k in record for k in keys) else None
+
+
+def is_per_context_key(key: str) -> bool:
+    return _PER_CONTEXT.match(key) is not None
 
 
 def sorted_records(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -21,12 +42,16 @@ def sorted_records(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(records, key=lambda r: (r["sparsity"], METHOD_ORDER.index(r["method"])))
 
 
-def metric_keys(records: Sequence[dict[str, Any]]) -> list[str]:
-    """Metric columns in first-seen order, after the identifying keys and before accounting."""
+def metric_keys(records: Sequence[dict[str, Any]], per_context: bool = False) -> list[str]:
+    """Metric columns in first-seen order, after the identifying keys and before accounting.
+
+    Per-context breakdowns (``per_context_key``) only with ``per_context=True`` (the CSV).
+    """
     accounting = ("parameters", "dense_parameters", "storage_bytes", "train_seconds")
     keys: list[str] = []
     for r in records:
-        keys += [k for k in r if k not in ID_KEYS and k not in accounting and k not in keys]
+        keys += [k for k in r if k not in ID_KEYS and k not in accounting and k not in keys
+                 and (per_context or not is_per_context_key(k))]
     return keys + [k for k in accounting if any(k in r for r in records)]
 
 
@@ -56,7 +81,7 @@ def format_cell(key: str, value: Any) -> str:
 def csv_text(records: Sequence[dict[str, Any]]) -> str:
     rows = sorted_records(records)
     buffer = _io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=[*ID_KEYS, *metric_keys(rows)], extrasaction="ignore")
+    writer = csv.DictWriter(buffer, fieldnames=[*ID_KEYS, *metric_keys(rows, per_context=True)], extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()

@@ -116,6 +116,7 @@ def plot_collapse_sweep(
     context_names: Sequence[str] | None = None,
     metric: Any | None = None,
     metric_name: str = "task metric",
+    metric_per_context: Any | None = None,
     warning_level: float | None = None,
     drop_level: float | None = None,
     title: str = "Similarity score and task metric vs sparsity",
@@ -128,6 +129,9 @@ def plot_collapse_sweep(
     scores : (L,) mean score, or (L, K) per subnetwork; per-subnetwork curves are thin and coloured
         by context, the mean over subnetworks thick black.
     metric : optional (L,) or (L, K) task metric, drawn the same way on a twin axis.
+    metric_per_context : optional (L, K) metric of each subnetwork on its own context, drawn thin
+        and coloured beside a (L,) headline ``metric`` (which need not be their mean: an image's
+        PSNR is not the mean of its regions' PSNRs).
     warning_level, drop_level : vertical markers for the collapse warning (red) and the level
         where the metric actually drops (grey), so the warning's lead is visible at a glance.
     """
@@ -150,10 +154,11 @@ def plot_collapse_sweep(
     ax.grid(alpha=0.3)
     if metric is not None:
         m = _per_level(metric, len(x), "metric")
+        thin = m if metric_per_context is None else _per_level(metric_per_context, len(x), "metric_per_context")
         twin = ax.twinx()
-        if m.shape[1] > 1:
-            for j in range(m.shape[1]):
-                twin.plot(x, m[:, j], color=colors[j % len(colors)], lw=1, ls="--", alpha=0.6)
+        if thin.shape[1] > 1:
+            for j in range(thin.shape[1]):
+                twin.plot(x, thin[:, j], color=colors[j % len(colors)], lw=1, ls="--", alpha=0.6)
         twin.plot(x, m.mean(axis=1), color="black", lw=2.8, ls="--", marker="s", ms=4)
         twin.set_ylabel(metric_name)
         handles.append(Line2D([], [], color="black", lw=2.8, ls="--", marker="s", ms=4, label=f"{metric_name} (mean)"))

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..data.images import ImageDataset
 from ..metrics import BinaryCounts, binary_counts, confusion_matrix, macro, one_vs_rest_from_confusion
+from ..report import per_context_key
 from ..training import Batch, Stream
 from .base import RoutedPredict, Row, SharedPredict
 
@@ -139,14 +140,21 @@ class ClassificationTask:
     def score_classifier(self, logits: torch.Tensor) -> dict[str, float]:
         """One-vs-rest metrics of a K-way classifier from its confusion matrix, macro-averaged."""
         cm = confusion_matrix(logits.argmax(dim=1), self.test_context, self.num_contexts)
-        return macro(one_vs_rest_from_confusion(cm))
+        return _with_per_context(one_vs_rest_from_confusion(cm))
 
     def score_detectors(self, detector_logits: Sequence[torch.Tensor]) -> dict[str, float]:
         """Macro one-vs-rest metrics of K detectors; ``detector_logits[k]`` is detector k's (N,) logits."""
         per_context: list[BinaryCounts] = [
             binary_counts(logit > 0, self.test_context == k) for k, logit in enumerate(detector_logits)
         ]
-        return macro(per_context)
+        return _with_per_context(per_context)
+
+
+def _with_per_context(per_context: list[BinaryCounts]) -> dict[str, float]:
+    """The macro averages plus each context's balanced accuracy (``balanced_accuracy_context_k``)."""
+    row = macro(per_context)
+    row.update({per_context_key("balanced_accuracy", k): c.balanced_accuracy for k, c in enumerate(per_context)})
+    return row
 
 
 def _batches(images: torch.Tensor, index: torch.Tensor, targets: torch.Tensor, batch_size: int) -> list[Batch]:

@@ -37,6 +37,7 @@ from torch import nn
 from ..data.regions import RegionImage
 from ..models.inr import CoordinateMLP, RegionEmbeddingMLP
 from ..io import atomic_write_bytes
+from ..report import per_context_key
 from ..training import Batch, Stream
 
 __all__ = ["InrTask", "PredictRegion", "pixel_grid", "psnr", "save_grid"]
@@ -169,7 +170,7 @@ class InrTask:
             np.save(buffer, reconstruction.numpy())
             atomic_write_bytes(self.output_dir / f"{label}.npy", buffer.getvalue())
         row: dict = {"image": self.image.name, "psnr": self.psnr(reconstruction)}
-        row.update({f"psnr_region_{k}": v for k, v in enumerate(self.region_psnr(reconstruction))})
+        row.update({per_context_key("psnr", k): v for k, v in enumerate(self.region_psnr(reconstruction))})
         return [row]
 
     def write_figures(self) -> list[Path]:
