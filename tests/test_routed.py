@@ -71,3 +71,22 @@ def test_batched_evaluation_routing_matches_per_context_forwards():
         mixed = routed(x, context)
         for k in range(4):
             assert torch.allclose(mixed[context == k], routed(x[context == k], k), atol=1e-5)
+
+
+def test_standalone_subnetwork_is_a_plain_copy_with_the_mask_baked_in():
+    model = toy_model()
+    masks = _masks(model)
+    routed = RoutedModel(model, masks).eval()
+    x = torch.randn(6, 4)
+    alone = routed.standalone(2)
+    assert torch.equal(alone(x), routed(x, 2))
+    params = dict(alone.named_parameters())
+    for name in masks.tensor_names:
+        assert torch.all(params[name][~masks[2][name]] == 0)  # pruned positions exactly zero
+    shared_before = {n: p.clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for p in alone.parameters():
+            p.add_(1.0)
+    assert all(torch.equal(p, shared_before[n]) for n, p in model.named_parameters())  # nothing shared
+    with pytest.raises(ValueError, match="outside 0..2"):
+        routed.standalone(3)

@@ -15,7 +15,7 @@ METHOD_ORDER = ("dense", "single_imp", "multi_imp", "rtl", "random")
 METHOD_LABEL = {"dense": "dense", "single_imp": "single IMP", "multi_imp": "multiple IMP", "rtl": "RTL",
                 "random": "random tickets"}
 ID_KEYS = ("experiment", "method", "sparsity")
-_PER_CONTEXT = re.compile(r"^(?P<metric>.+)_context_(?P<k>\d+)$")
+_PER_CONTEXT = re.compile(r".+_context_\d+$")
 
 
 def per_context_key(metric: str, k: int) -> str:
@@ -34,7 +34,7 @@ def per_context_values(record: dict[str, Any], metric: str, num_contexts: int) -
 
 
 def is_per_context_key(key: str) -> bool:
-    return _PER_CONTEXT.match(key) is not None
+    return _PER_CONTEXT.fullmatch(key) is not None
 
 
 def sorted_records(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

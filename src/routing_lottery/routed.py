@@ -8,6 +8,7 @@ Because the effective weight is ``w * m``, gradients reaching ``w`` are already 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 
 import torch
@@ -73,6 +74,17 @@ class RoutedModel(nn.Module):
     def subnetwork(self, x: torch.Tensor, k: int) -> torch.Tensor:
         """Forward a batch whose rows all belong to context ``k``."""
         return masked_forward(self.model, self.mask(k), x)
+
+    def standalone(self, k: int) -> nn.Module:
+        """Subnetwork ``k`` as an ordinary module: a copy of the model with ``weight * mask_k`` baked in.
+
+        For deployment where each device serves one context: no masks, no routing, dense cost, and
+        it exports like any module (``torch.export``, ONNX). The copy shares nothing with the
+        routed model, so training either leaves the other unchanged.
+        """
+        module = copy.deepcopy(self.model)
+        apply_mask_(module, self.mask(k))
+        return module
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | int) -> torch.Tensor:
         if isinstance(context, int):
