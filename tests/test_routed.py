@@ -69,8 +69,10 @@ def test_batched_evaluation_routing_matches_per_context_forwards():
     context = torch.arange(40) % 4
     with torch.no_grad():
         mixed = routed(x, context)
+        looped = RoutedModel(net, masks, vmap_below=0).eval()(x, context)  # large-group path: one group at a time
         for k in range(4):
             assert torch.allclose(mixed[context == k], routed(x[context == k], k), atol=1e-5)
+            assert torch.allclose(looped[context == k], routed(x[context == k], k), atol=1e-5)
 
 
 def test_standalone_subnetwork_is_a_plain_copy_with_the_mask_baked_in():

@@ -35,12 +35,14 @@ def apply_mask_(model: nn.Module, mask: Mapping[str, torch.Tensor]) -> None:
 class RoutedModel(nn.Module):
     """One shared module plus K masks; ``forward(x, context)`` routes each row to its mask.
 
-    A batch may mix contexts. In evaluation mode the groups are padded to one size and all K
-    subnetworks run as one ``torch.func.vmap`` call over the stacked masked weights -- one kernel
-    per layer instead of K, which is what keeps routed inference near dense cost on small groups.
-    In training mode (BatchNorm updates running statistics, which vmap cannot batch), or when
-    padding would more than double the work, each group runs through its subnetwork in turn.
-    Outputs come back in input order either way.
+    A batch may mix contexts. In evaluation mode, when the context groups are small (fewer than
+    ``vmap_below`` rows in the largest), they are padded to one size and all K subnetworks run as
+    one ``torch.func.vmap`` call over the stacked masked weights -- one kernel per layer instead of
+    K, which is what keeps routed inference near dense cost on small groups. Large groups, training
+    mode (BatchNorm updates running statistics, which vmap cannot batch), or padding that would
+    more than double the work run each group through its subnetwork in turn. The default
+    crossover, 512 rows, is where the per-group loop caught up with vmap in
+    ``benchmarks/bench_rtl.py`` on 2 CPU cores; outputs are the same either way, in input order.
 
     Example
     -------
@@ -48,8 +50,9 @@ class RoutedModel(nn.Module):
     >>> logits = routed(images, torch.tensor([0, 3, 3, 1]))
     """
 
-    def __init__(self, model: nn.Module, masks: MaskSet) -> None:
+    def __init__(self, model: nn.Module, masks: MaskSet, vmap_below: int = 512) -> None:
         super().__init__()
+        self.vmap_below = vmap_below
         params = dict(model.named_parameters())
         missing = [n for n in masks.tensor_names if n not in params]
         if missing:
@@ -98,7 +101,8 @@ class RoutedModel(nn.Module):
         if len(present) == 1:
             return self.subnetwork(x, present[0])
         counts = torch.bincount(context.cpu(), minlength=self.num_contexts)
-        if not self.training and self.num_contexts * int(counts.max()) <= 2 * x.shape[0]:
+        largest = int(counts.max())
+        if not self.training and largest < self.vmap_below and self.num_contexts * largest <= 2 * x.shape[0]:
             return self._vmapped(x, context.to(x.device), counts.to(x.device))
         out: torch.Tensor | None = None
         for k in present:
