@@ -1,6 +1,6 @@
 """Benchmarks of routing-lottery: what RTL costs next to the dense / single-model alternative.
 
-Run ``python benchmarks/bench_rtl.py`` (about 3 minutes on 2 CPU cores) or ``--quick`` (about
+Run ``python benchmarks/bench_rtl.py`` (under 2 minutes on 2 CPU cores) or ``--quick`` (about
 30 s); ``--json PATH`` also writes the summary as JSON. Every figure is a ratio printed next to
 its target, and nothing is hard-coded: all numbers come from this run.
 
