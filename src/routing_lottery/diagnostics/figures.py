@@ -161,7 +161,7 @@ def plot_collapse_sweep(
                 twin.plot(x, thin[:, j], color=colors[j % len(colors)], lw=1, ls="--", alpha=0.6)
         twin.plot(x, m.mean(axis=1), color="black", lw=2.8, ls="--", marker="s", ms=4)
         twin.set_ylabel(metric_name)
-        handles.append(Line2D([], [], color="black", lw=2.8, ls="--", marker="s", ms=4, label=f"{metric_name} (mean)"))
+        handles.append(Line2D([], [], color="black", lw=2.8, ls="--", marker="s", ms=4, label=metric_name if metric_per_context is not None else f"{metric_name} (mean)"))
     for level, color, style, label in (
         (warning_level, "tab:red", ":", "collapse warning"),
         (drop_level, "dimgray", "-.", "metric drop"),
