@@ -290,6 +290,17 @@ def pipeline_config(method: str, quick: bool):
     return config_from_dict(raw, overrides=overrides)
 
 
+def timed(fn: Callable[..., Any], timers: dict[str, float], key: str) -> Callable[..., Any]:
+    """``fn``, adding the seconds each call takes to ``timers[key]``."""
+    def call(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            timers[key] += time.perf_counter() - start
+    return call
+
+
 def time_pipeline(method: str, quick: bool) -> dict[str, float]:
     """Wall time of one fresh run, with evaluation and ticket saving timed apart."""
     import routing_lottery.experiment as experiment
@@ -298,29 +309,13 @@ def time_pipeline(method: str, quick: bool) -> dict[str, float]:
     timers = {"eval_s": 0.0, "save_s": 0.0}
     real_save = experiment.save_tickets
 
-    def timed_save(*args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            return real_save(*args, **kwargs)
-        finally:
-            timers["save_s"] += time.perf_counter() - start
-
     with tempfile.TemporaryDirectory() as tmp:
-        experiment.save_tickets = timed_save
+        experiment.save_tickets = timed(real_save, timers, "save_s")
         try:
             start = time.perf_counter()
             exp = experiment.Experiment(config, tmp)
             setup = time.perf_counter() - start
-            real_logits = exp.task.logits
-
-            def timed_logits(*args: Any, **kwargs: Any) -> Any:
-                t0 = time.perf_counter()
-                try:
-                    return real_logits(*args, **kwargs)
-                finally:
-                    timers["eval_s"] += time.perf_counter() - t0
-
-            exp.task.logits = timed_logits
+            exp.task.logits = timed(exp.task.logits, timers, "eval_s")
             steps = exp.planned_steps()
             exp.run_all()
             total = time.perf_counter() - start
