@@ -24,24 +24,26 @@ from routing_lottery.contexts import (
     CIFAR100_SUPERCLASSES,
     PAPER_CIFAR100_CLUSTERS,
     EncoderUnavailable,
-    Partition,
     SearchGrid,
     UmapSettings,
-    adjusted_rand,
     as_words,
     cluster_names,
     embed_names,
-    format_partition,
     make_encoder,
     name_set,
-    paper_partition,
     reassign_noise,
-    reference_partition,
-    reference_scores,
     search_for_count,
-    superclass_partition,
 )
 from routing_lottery.contexts import encoders as enc
+from routing_lottery.contexts.partitions import (
+    Partition,
+    adjusted_rand,
+    format_partition,
+    paper_partition,
+    reference_partition,
+    reference_scores,
+    superclass_partition,
+)
 from routing_lottery.io import CheckpointError
 
 # The official fine -> coarse map as published with the dataset (``coarse_labels`` of the
@@ -297,7 +299,7 @@ def test_partition_command_prints_and_writes_clusters(tmp_path):
 def test_cifar100_config_runs_on_embedded_data_with_clustered_contexts(tmp_path):
     from routing_lottery.cli import packaged_config
     from routing_lottery.config import load_config
-    from routing_lottery.experiment import make_runner
+    from routing_lottery.run import make_runner
 
     config = load_config(packaged_config("cifar100"), "embedded", {
         "methods": ["single_imp", "rtl"], "pruning": {"sparsities": [0.5], "step": 0.5},

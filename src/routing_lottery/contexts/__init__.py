@@ -2,28 +2,20 @@
 and UMAP + HDBSCAN clustering into a :class:`Partition` (one context per cluster).
 
 Heavy dependencies (sentence-transformers, umap-learn, open_clip) are imported only when an
-encoder or a clustering actually runs, so importing this package is cheap.
+encoder or a clustering actually runs, so importing this package is cheap. Code that only
+reads, saves or scores partitions can import :mod:`.partitions`, which never needs them.
 """
 
 from .clustering import (
     NOISE_RULE,
-    PARTITION_FILE,
-    REFERENCES,
     SEARCH_RULE,
     HdbscanSettings,
-    Partition,
     SearchGrid,
     UmapSettings,
-    adjusted_rand,
     cluster_names,
-    format_partition,
-    paper_partition,
     partition_names,
     reassign_noise,
-    reference_partition,
-    reference_scores,
     search_for_count,
-    superclass_partition,
 )
 from .encoders import (
     DEFAULT_ENCODER,
@@ -45,6 +37,17 @@ from .names import (
     PAPER_CIFAR100_CLUSTERS,
     as_words,
     name_set,
+)
+from .partitions import (
+    PARTITION_FILE,
+    REFERENCES,
+    Partition,
+    adjusted_rand,
+    format_partition,
+    paper_partition,
+    reference_partition,
+    reference_scores,
+    superclass_partition,
 )
 
 __all__ = [
