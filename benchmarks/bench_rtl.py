@@ -25,6 +25,13 @@ its target, and nothing is hard-coded: all numbers come from this run.
    data loading, stage 1, stage 2, evaluation (RTL: K detector passes over the test set per
    level) and writing results/checkpoints; training-only time (evaluation and ticket saving
    subtracted) is reported beside it.
+5. **Memory of joint retraining / dense training.** The section-1 network, K = 10 overlapping
+   masks (~50 % sparse, drawn as in section 3), one joint-retraining epoch of a few Adam steps per
+   context (``training.joint_retrain``) against dense training of the same network. Memory is
+   counted, not sampled: bytes of the distinct tensor storages (deduplicated by ``data_ptr``) of
+   the parameters plus every optimizer's state after the steps. Reported beside it, by the same
+   counter, what the previous implementation held: K full Adam optimizers over all parameters.
+   No target; the masks themselves are printed apart.
 
 Timing method: sections 1 and 2 run their variants interleaved in rounds (A then B, B then A in
 alternate rounds) after a warm-up, each round timing a few calls of each with
@@ -47,7 +54,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -374,12 +381,76 @@ def bench_pipeline(quick: bool) -> None:
            None, {"rtl_steps": rtl["steps"], "single_steps": single["steps"]})
 
 
+# -- 5. memory of joint retraining ------------------------------------------------------------------
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind ``tensors``: a view or a shared tensor counts once."""
+    storages = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [v for state in opt.state.values() for v in state.values() if torch.is_tensor(v)]
+
+
+def cross_entropy_stream(k: int, batches: int, gen: torch.Generator) -> training.Stream:
+    data = [(torch.randn(16, 1, 16, 16, generator=gen), torch.randint(0, K, (16,), generator=gen))
+            for _ in range(batches)]
+    return training.Stream(f"context_{k}", lambda g: data, F.cross_entropy, batches)
+
+
+def bench_joint_memory(quick: bool) -> None:
+    print("\n[5] memory: joint retraining with K=10 masks (~50% sparse) vs dense training -- GhostNet w0.5", flush=True)
+    gen = torch.Generator().manual_seed(5)
+    batches = 1 if quick else 3
+    streams = [cross_entropy_stream(k, batches, gen) for k in range(K)]
+    dense = small_model(0).train()
+    names = prunable_names(dense)
+    masks = MaskSet.from_tickets(overlapping_masks(dict(dense.named_parameters()), names, 0.5, gen))
+    config = training.OptimizerConfig()
+
+    opt = config.build(list(dense.parameters()))
+    for x, y in (b for s in streams for b in s.epoch(gen)):
+        training.masked_step(dense, {}, {}, opt, F.cross_entropy, x, y)
+    dense_bytes = tensor_bytes([*dense.parameters(), *optimizer_tensors(opt)])
+
+    joint = small_model(0)
+    kept: list[training.SubnetworkOptimizer] = []
+    training.joint_retrain(joint, training.snapshot(joint), masks, streams, 1, config, seed=5,
+                           on_epoch=lambda epoch, opts: kept.extend(opts))
+    joint_bytes = tensor_bytes([*joint.parameters(), *(t for o in kept for t in optimizer_tensors(o.optimizer))])
+
+    # What the K full optimizers of the previous implementation held: each one's state over every
+    # parameter after one masked step of its context.
+    full = small_model(0).train()
+    fulls = [config.build(list(full.parameters())) for _ in range(K)]
+    full_params = dict(full.named_parameters())
+    for k, opt_k in enumerate(fulls):
+        fmask = {n: m.float() for n, m in masks[k].items()}
+        training.masked_step(full, full_params, fmask, opt_k, F.cross_entropy, *streams[k].epoch(gen)[0])
+    full_bytes = tensor_bytes([*full.parameters(), *(t for o in fulls for t in optimizer_tensors(o))])
+
+    masked, total = masks.size(), sum(p.numel() for p in dense.parameters())
+    density = sum(masks.counts()) / (K * masked)
+    print(f"  {total:,} parameters ({masked:,} masked, mean mask density {density:.1%}); bytes of params + "
+          f"optimizer state (Adam), distinct storages: dense {dense_bytes:,} B, joint {joint_bytes:,} B, "
+          f"K full optimizers {full_bytes:,} B; {K * batches} joint steps")
+    print(f"  masks held beside them (not in the ratios): now the MaskSet's bool masks, {K * masked:,} B; the "
+          f"previous implementation also kept K float and K bool copies, {5 * K * masked:,} B")
+    report("joint retraining state / dense training state (K=10)", joint_bytes / dense_bytes, None,
+           {"dense_bytes": dense_bytes, "joint_bytes": joint_bytes, "full_copies_bytes": full_bytes,
+            "full_copies_ratio": full_bytes / dense_bytes, "parameters": total, "masked": masked, "density": density},
+           note=f"previous K full optimizers: {full_bytes / dense_bytes:.2f}x")
+
+
 # -- main -----------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds and a smaller pipeline (~30 s)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the summary as JSON")
-    parser.add_argument("--only", nargs="*", choices=["step", "inference", "storage", "pipeline"],
+    parser.add_argument("--only", nargs="*", choices=["step", "inference", "storage", "pipeline", "memory"],
                         help="run only these sections")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
@@ -387,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"routing-lottery benchmarks ({'quick' if args.quick else 'full'}): torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     sections = {"step": bench_train_step, "inference": bench_inference, "storage": bench_storage,
-                "pipeline": bench_pipeline}
+                "pipeline": bench_pipeline, "memory": bench_joint_memory}
     failed = False
     for name, fn in sections.items():
         if args.only is None or name in args.only:

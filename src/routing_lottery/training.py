@@ -21,7 +21,9 @@ from .masks import Mask, MaskSet
 from .pruning import Scope, magnitude_prune
 from .routed import masked_forward
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+Inputs = torch.Tensor | tuple[torch.Tensor, ...]
+"""A model's inputs: one tensor, or several (token ids and a padding mask, say) passed as ``model(*x)``."""
+Batch = tuple[Inputs, torch.Tensor]
 State = dict[str, torch.Tensor]
 
 
@@ -34,7 +36,7 @@ class OptimizerConfig:
     weight_decay: float = 0.0
     momentum: float = 0.9  # SGD only
 
-    def build(self, params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
+    def build(self, params: Sequence[torch.Tensor]) -> torch.optim.Optimizer:
         if self.name == "adam":
             return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
         if self.name == "sgd":
@@ -96,9 +98,34 @@ def _float_mask(mask: Mapping[str, torch.Tensor] | None, model: nn.Module) -> di
     return {n: m.to(device=params[n].device, dtype=params[n].dtype) for n, m in (mask or {}).items()}
 
 
+def _as_tuple(x: Inputs | list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    # A list is accepted too: torch's default collate turns a sample's tuple of inputs into one.
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
 def _to_device(batch: Batch, device: torch.device) -> Batch:
     x, y = batch
-    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    inputs = tuple(t.to(device, non_blocking=True) for t in _as_tuple(x))
+    return (inputs if isinstance(x, (tuple, list)) else inputs[0]), y.to(device, non_blocking=True)
+
+
+def _forward(model: nn.Module, fmask: Mapping[str, torch.Tensor], x: Inputs) -> torch.Tensor:
+    """The subnetwork ``fmask`` (empty: the dense model) on one input tensor or a tuple of them."""
+    inputs = _as_tuple(x)
+    return masked_forward(model, fmask, *inputs) if fmask else model(*inputs)
+
+
+class _ZeroGrad(Protocol):
+    def zero_grad(self, set_to_none: bool = True) -> None: ...
+
+
+def _backward(model: nn.Module, fmask: Mapping[str, torch.Tensor], opt: _ZeroGrad,
+              loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: Inputs, y: torch.Tensor) -> torch.Tensor:
+    """Forward the subnetwork, clear the old gradients and backpropagate; returns the loss."""
+    loss = loss_fn(_forward(model, fmask, x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    return loss
 
 
 def train(
@@ -133,15 +160,13 @@ def train(
 
 def masked_step(model: nn.Module, params: Mapping[str, torch.Tensor], fmask: Mapping[str, torch.Tensor],
                 opt: torch.optim.Optimizer, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+                x: Inputs, y: torch.Tensor) -> torch.Tensor:
     """One optimizer step of the subnetwork ``fmask`` (float masks; empty: dense); returns the loss.
 
     The step is re-masked afterwards: ``w * m`` already keeps gradient off pruned positions, but
-    weight decay or momentum would still move them.
+    weight decay or momentum would still move them. ``x`` is one input tensor or a tuple of them.
     """
-    loss = loss_fn(masked_forward(model, fmask, x) if fmask else model(x), y)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
+    loss = _backward(model, fmask, opt, loss_fn, x, y)
     opt.step()
     with torch.no_grad():
         for n, m in fmask.items():
@@ -191,6 +216,75 @@ def extract_ticket(
     return masks
 
 
+class SubnetworkOptimizer:
+    """One context's optimizer in joint retraining, with state only for what that context can change.
+
+    K full optimizers over the shared θ would hold K copies of every moment, although context k
+    only ever changes the positions inside its mask m_k (and the dense parameters). So each masked
+    tensor is stood in for by a 1-D proxy leaf: before a step it receives the weight and its
+    gradient at the positions of m_k (``masked_select``), the real torch optimizer steps it, and
+    the result is written back (``masked_scatter_``); between steps the proxy holds no storage.
+    Dense parameters (not masked: BatchNorm, biases, ...) are stepped in place, in full. Adam and
+    SGD are elementwise, so this is the update a full optimizer gives when its step outside m_k is
+    undone -- same weights, with state that grows with the masks' density.
+
+    ``state_dict()`` is the inner optimizer's, parameters in model order with a proxy in place of
+    each masked tensor; ``load_state_dict`` also takes one saved by a full-model optimizer in that
+    order (before this class existed) and keeps its state at the positions of m_k.
+    """
+
+    def __init__(self, model: nn.Module, mask: Mapping[str, torch.Tensor], config: OptimizerConfig) -> None:
+        self._params = dict(model.named_parameters())
+        self._mask = {n: m.to(device=self._params[n].device, dtype=torch.bool) for n, m in mask.items()}
+        self._proxies = {n: torch.empty(0, dtype=p.dtype, device=p.device)
+                         for n, p in self._params.items() if n in self._mask}
+        self.optimizer = config.build([self._proxies.get(n, p) for n, p in self._params.items()])
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients of every parameter this context touches, masked shared weights included."""
+        for n in self._proxies:
+            w = self._params[n]
+            if set_to_none or w.grad is None:
+                w.grad = None
+            else:
+                w.grad.zero_()
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One optimizer step of this context: only positions inside its mask and dense parameters move."""
+        for n, proxy in self._proxies.items():
+            w, m = self._params[n], self._mask[n]
+            proxy.data = w.masked_select(m)
+            proxy.grad = None if w.grad is None else w.grad.masked_select(m)
+        self.optimizer.step()
+        for n, proxy in self._proxies.items():
+            self._params[n].masked_scatter_(self._mask[n], proxy)
+            proxy.data, proxy.grad = torch.empty(0, dtype=proxy.dtype, device=proxy.device), None
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(self._compact(state))
+
+    def _compact(self, state: dict) -> dict:
+        """``state`` with full-shape state of a masked tensor gathered at the mask; refuses foreign masks."""
+        per_param = dict(state["state"])
+        for i, n in enumerate(self._params):
+            if n not in self._mask or i not in per_param:
+                continue
+            m, shape, kept = self._mask[n], self._params[n].shape, int(self._mask[n].sum())
+            entry = {key: v.masked_select(m.to(v.device)) if torch.is_tensor(v) and v.dim() and v.shape == shape else v
+                     for key, v in per_param[i].items()}
+            wrong = [key for key, v in entry.items() if torch.is_tensor(v) and v.dim() and v.numel() != kept]
+            if wrong:
+                raise ValueError(f"optimizer state {wrong} of {n!r} does not fit this context's mask "
+                                 f"({kept} positions); was it saved with other masks?")
+            per_param[i] = entry
+        return {**state, "state": per_param}
+
+
 def joint_retrain(
     model: nn.Module,
     init_state: Mapping[str, torch.Tensor],
@@ -201,7 +295,7 @@ def joint_retrain(
     seed: int,
     progress: ProgressSink = SILENT,
     resume: tuple[int, Sequence[dict]] | None = None,
-    on_epoch: Callable[[int, Sequence[torch.optim.Optimizer]], None] | None = None,
+    on_epoch: Callable[[int, Sequence[SubnetworkOptimizer]], None] | None = None,
 ) -> None:
     """Stage 2, the paper's Algorithm 2: subnetworks take turns updating one shared θ.
 
@@ -209,18 +303,21 @@ def joint_retrain(
     m = 1..M (M: the largest context's batch count; smaller contexts cycle their batches) and for
     k = 1..K, subnetwork k takes one step on its own batch. Each subnetwork has its own optimizer
     state and its step is masked: Adam's momentum from context j must not move a weight that
-    only context i uses, and positions outside every mask stay exactly zero.
+    only context i uses, and positions outside every mask stay exactly zero. That state covers
+    only the positions of its mask and the dense parameters (``SubnetworkOptimizer``), so it grows
+    with the masks' density rather than being K copies of the model. A batch's inputs may be a
+    tensor or a tuple of tensors (``model(*x)``).
 
     ``resume=(e, optimizer_states)`` continues after finished epoch ``e`` with the model already
     holding that epoch's weights; ``on_epoch(e, optimizers)`` is called after every epoch.
     """
     if len(streams) != masks.num_contexts:
         raise ValueError(f"{len(streams)} streams for {masks.num_contexts} masks")
-    params = dict(model.named_parameters())
-    names = masks.tensor_names
-    fmasks = [_float_mask(masks[k], model) for k in range(masks.num_contexts)]
-    bmasks = [{n: m.bool() for n, m in fm.items()} for fm in fmasks]
-    optimizers = [optimizer.build(list(model.parameters())) for _ in streams]
+    device = next(model.parameters()).device
+    # Bool masks are views of the MaskSet on the model's device; each step makes its float mask
+    # on the fly, so no context keeps a float copy of the model's size.
+    bmasks = [{n: m.to(device) for n, m in masks[k].items()} for k in range(masks.num_contexts)]
+    optimizers = [SubnetworkOptimizer(model, bmask, optimizer) for bmask in bmasks]
     start = 0
     if resume is None:
         model.load_state_dict(rewound(init_state, masks.union()))
@@ -228,7 +325,6 @@ def joint_retrain(
         start = resume[0] + 1
         for opt, state in zip(optimizers, resume[1]):
             opt.load_state_dict(state)
-    device = next(model.parameters()).device
     model.train()
     for epoch in range(start, epochs):
         batches = [list(s.epoch(generator(seed, k, epoch))) for k, s in enumerate(streams)]
@@ -239,15 +335,8 @@ def joint_retrain(
         for m in range(rounds):
             for k, stream in enumerate(streams):
                 x, y = _to_device(batches[k][m % len(batches[k])], device)
-                loss = stream.loss(masked_forward(model, fmasks[k], x), y)
-                opt = optimizers[k]
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                before = [params[n].detach().clone() for n in names]
-                opt.step()
-                with torch.no_grad():
-                    for n, old in zip(names, before):
-                        params[n].copy_(torch.where(bmasks[k][n], params[n], old))
+                _backward(model, _float_mask(bmasks[k], model), optimizers[k], stream.loss, x, y)
+                optimizers[k].step()
             progress.advance(len(streams), f"joint epoch {epoch + 1}/{epochs} batch {m + 1}/{rounds}")
         if on_epoch is not None:
             on_epoch(epoch, optimizers)
