@@ -20,7 +20,7 @@ def test_packaged_configs_load_at_every_scale():
 
 def test_scale_and_overrides_merge_deeply():
     cfg = load_config(CONFIGS / "cifar10.yaml", "smoke", {"training": {"epochs": 3}})
-    assert cfg.model.width == 0.5 and cfg.training.epochs == 3
+    assert cfg.model.options["width"] == 0.5 and cfg.training.epochs == 3
     assert cfg.training.optimizer.lr == 0.002 and cfg.training.optimizer.name == "adam"
     assert isinstance(cfg.pruning.step, float)
     assert isinstance(load_config(CONFIGS / "cifar10.yaml", "full").pruning.step, int)
@@ -32,8 +32,11 @@ def test_scale_and_overrides_merge_deeply():
     ({"trainin": {}}, "unknown setting"),
     ({"training": {"epochs": 0}}, "epochs must be >= 1"),
     ({"methods": ["rtl", "magic"]}, "unknown methods"),
-    ({"data": {"name": "mnist"}}, "must be one of"),
-    ({"model": {"width": "wide"}}, "width"),
+    ({"data": {"name": "mnist"}}, "unknown dataset .mnist.; registered"),
+    ({"task": "nope"}, "unknown task"),
+    ({"model": {"name": "resnet"}}, "unknown model"),
+    ({"model": {"name": "no_such_module:f"}}, "cannot import"),
+    ({"model": {"options": "wide"}}, "options"),
     ({"speech": {"snr_db": [5.0, -5.0]}}, r"config: speech: snr_db must be \(low, high\)"),
     ({"speech": {"snr_db": [0.0, 1.0, 2.0]}}, r"config: speech: snr_db must be \(low, high\)"),
     ({"speech": {"train_per_environment": 0}}, "config: speech: train_per_environment must be >= 1"),

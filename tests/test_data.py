@@ -8,7 +8,8 @@ import torch
 
 from routing_lottery.data.cifar import load_cifar10, load_cifar100
 from routing_lottery.data.digits import DIGIT_NAMES, load_digits_splits
-from routing_lottery.data.images import DatasetNotFoundError, ImageDataset, stratified_subset
+from routing_lottery.data.images import DatasetNotFoundError, ImageDataset
+from routing_lottery.data.labelled import stratified_subset
 
 
 def _write(path, obj):

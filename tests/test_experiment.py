@@ -8,12 +8,12 @@ from typer.testing import CliRunner
 
 from routing_lottery.cli import app, packaged_config
 from routing_lottery.config import load_config
-from routing_lottery.experiment import Experiment, RunDirectory, build_task
+from routing_lottery.run import RunDirectory, build_tasks, make_runner
 from routing_lottery.io import CheckpointError, load_tickets
 from routing_lottery.masks import sparsity
 
 TINY = {"data": {"train_per_class": 12, "test_per_class": 6, "image_size": 8},
-        "model": {"width": 0.25}, "pruning": {"sparsities": [0.3, 0.6], "step": 0.4},  # rounds to 30 %, 58 %, 60 %
+        "model": {"options": {"width": 0.25}}, "pruning": {"sparsities": [0.3, 0.6], "step": 0.4},  # rounds to 30 %, 58 %, 60 %
         "training": {"imp_epochs": 1, "epochs": 1, "batch_size": 32}}
 
 
@@ -38,7 +38,7 @@ class KillAfter:
 
 
 def test_detector_stream_is_balanced_and_uses_its_own_logit():
-    task = build_task(tiny_config())
+    task = build_tasks(tiny_config())[0]
     stream = task.detector_stream(3)
     batches = stream.epoch(torch.Generator().manual_seed(0))
     targets = torch.cat([t for _, t in batches])
@@ -54,7 +54,7 @@ def test_detector_stream_is_balanced_and_uses_its_own_logit():
 def finished_run(tmp_path_factory):
     """One uninterrupted run of every method, shared by the tests that read or reproduce it."""
     path = tmp_path_factory.mktemp("straight")
-    return path, Experiment(tiny_config(), path).run_all()
+    return path, make_runner(tiny_config(), path).run_all()
 
 
 def test_run_writes_every_method_and_level(finished_run, tmp_path):
@@ -78,7 +78,7 @@ def test_run_writes_every_method_and_level(finished_run, tmp_path):
     assert "_context_" not in (run_path / "results.md").read_text()  # per-context breakdowns: JSON and CSV only
     assert "balanced_accuracy_context_9" in (run_path / "results.csv").read_text().splitlines()[0]
     # the RTL checkpoint loads back into a fresh model with masks at the target sparsity
-    experiment = Experiment(config, tmp_path / "other")
+    experiment = make_runner(config, tmp_path / "other")
     masks, meta = load_tickets(run_path / "checkpoints" / "rtl_0.6000", experiment.model)
     assert meta["sparsity"] == 0.6 and masks.num_contexts == 10
     assert all(abs(sparsity(masks[k]) - 0.6) < 1e-4 for k in range(10))
@@ -92,8 +92,8 @@ def test_a_killed_run_resumes_to_the_same_result(finished_run, tmp_path, kill_af
     config = tiny_config()
     run_path, reference = finished_run
     with pytest.raises(Interrupt):
-        Experiment(config, tmp_path / "killed", progress=KillAfter(kill_after)).run_all()
-    resumed = Experiment(config, tmp_path / "killed").run_all()
+        make_runner(config, tmp_path / "killed", progress=KillAfter(kill_after)).run_all()
+    resumed = make_runner(config, tmp_path / "killed").run_all()
     strip = lambda rs: [{k: v for k, v in r.items() if k != "train_seconds"} for r in rs]
     assert strip(resumed) == strip(reference)
     straight, killed = RunDirectory(run_path), RunDirectory(tmp_path / "killed")
@@ -103,18 +103,18 @@ def test_a_killed_run_resumes_to_the_same_result(finished_run, tmp_path, kill_af
 
 
 def test_a_different_config_in_the_same_directory_is_refused(tmp_path):
-    Experiment(tiny_config(methods=["dense"]), tmp_path).run_all()
-    with pytest.raises(ValueError, match="different config"):
-        Experiment(tiny_config(methods=["dense"], seed=1), tmp_path).run_all()
+    make_runner(tiny_config(methods=["dense"]), tmp_path).run_all()
+    with pytest.raises(ValueError, match=r"different data or settings \(seed: 0 -> 1; data_fingerprint"):
+        make_runner(tiny_config(methods=["dense"], seed=1), tmp_path).run_all()
 
 
 def test_a_corrupt_round_file_names_itself(tmp_path):
     config = tiny_config(methods=["single_imp"])
-    Experiment(config, tmp_path).run_all()
+    make_runner(config, tmp_path).run_all()
     path = tmp_path / "imp" / "single" / "round_000.safetensors"
     path.write_bytes(path.read_bytes()[:20])
     with pytest.raises(CheckpointError, match="round_000"):
-        Experiment(config, tmp_path).run_all()
+        make_runner(config, tmp_path).run_all()
 
 
 def test_cli_run_prints_the_table_and_reports_bad_input(tmp_path):

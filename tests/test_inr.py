@@ -304,7 +304,7 @@ def test_smoke_fit_one_region_loss_falls(tmp_path):
 def test_inr_config_runs_per_image_and_averages(tmp_path):
     from routing_lottery.cli import packaged_config
     from routing_lottery.config import load_config
-    from routing_lottery.experiment import make_runner
+    from routing_lottery.run import make_runner
 
     config = load_config(packaged_config("inr"), "smoke", {
         "data": {"images": ["coffee", "camera"], "image_size": 16, "regions": 3},

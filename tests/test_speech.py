@@ -304,18 +304,19 @@ def test_spectrogram_pngs(tiny: speech_data.SpeechDataset, tmp_path) -> None:
 
 
 def test_runner_contract_keeps_examples_and_draws_figures(tiny: speech_data.SpeechDataset, tmp_path) -> None:
-    task = SpeechTask(tiny, output_dir=tmp_path / "run" / "outputs")
-    net = task.build_model(0).eval()
+    task, outputs = SpeechTask(tiny), tmp_path / "run" / "outputs"
+    net = task.build_model().eval()
     assert sum(dict(net.named_parameters())[n].numel() for n in prunable_names(net)) == 37_368
     assert task.context_stream(2).name == "transportation" and task.shared_stream().name == "all"
-    rows = task.score_shared(lambda x: x, "dense_0.0000")  # the identity enhances nothing
+    rows = task.score_shared(lambda x: x, "dense_0.0000", outputs)  # the identity enhances nothing
     assert [r["environment"] for r in rows] == ["all", *ENVIRONMENTS]
     assert all(r["si_snri"] == pytest.approx(0.0, abs=1e-4) for r in rows)
-    task.score_routed(lambda k, x: 0.5 * x + 0.5 * tiny.test.clean[_rows_of(tiny.test.noisy, x)], "rtl_0.5000")
-    task.score_routed(lambda k, x: x, "multi_imp_0.5000")
+    task.score_routed(lambda k, x: 0.5 * x + 0.5 * tiny.test.clean[_rows_of(tiny.test.noisy, x)], "rtl_0.5000",
+                      outputs)
+    task.score_routed(lambda k, x: x, "multi_imp_0.5000", outputs)
     assert sorted(p.name for p in (tmp_path / "run" / "outputs").iterdir()) == [
         "dense_0.0000.npz", "multi_imp_0.5000.npz", "rtl_0.5000.npz"]
-    figures = task.write_figures()
+    figures = task.write_figures(outputs)
     assert [p.name for p in figures] == [f"{e}_0_50pct.png" for e in ENVIRONMENTS]
     assert all(p.parent == tmp_path / "run" / "spectrograms" and p.read_bytes()[:4] == b"\x89PNG" for p in figures)
 
@@ -348,7 +349,7 @@ def test_smoke_training_lowers_the_loss(tiny: speech_data.SpeechDataset, one_thr
 def test_speech_config_runs_every_method_per_environment(tmp_path):
     from routing_lottery.cli import packaged_config
     from routing_lottery.config import load_config
-    from routing_lottery.experiment import make_runner
+    from routing_lottery.run import make_runner
 
     config = load_config(packaged_config("speech"), "smoke", {
         "methods": ["dense", "single_imp", "rtl"], "pruning": {"sparsities": [0.5], "step": 0.5},
@@ -370,13 +371,13 @@ def test_speech_config_runs_every_method_per_environment(tmp_path):
 
 def test_config_speech_section_builds_the_same_mixtures(tiny: speech_data.SpeechDataset, tmp_path, monkeypatch) -> None:
     from routing_lottery.config import config_from_dict
-    from routing_lottery.experiment import build_task
+    from routing_lottery.run import build_tasks
 
     monkeypatch.setenv("RTL_CACHE", str(tmp_path))
     mixture = {f: getattr(TINY, f) for f in ("clip_seconds", "train_per_environment", "validation_per_environment",
                                             "test_per_environment", "seed")}
     config = config_from_dict({"task": "speech", "seed": 11, "data": {"name": "speech"}, "model": {"name": "unet"},
                                "speech": {**mixture, "n_fft": 512, "hop_length": 128}})
-    task = build_task(config)
+    task = build_tasks(config)[0]
     assert isinstance(task, SpeechTask) and (task.n_fft, task.hop_length) == (512, 128)
     assert torch.equal(task.data.train.noisy, tiny.train.noisy) and torch.equal(task.data.test.clean, tiny.test.clean)

@@ -1,3 +1,34 @@
-"""Routing the Lottery: adaptive lottery tickets, one pruning mask per data context."""
+"""Routing the Lottery: adaptive lottery tickets, one pruning mask per data context.
 
-__version__ = "0.1.0"
+The front door::
+
+    from routing_lottery import AdaptiveTickets, RTLConfig, PruningConfig, TrainingConfig, tensor_stream
+
+    rtl = AdaptiveTickets(model, RTLConfig(pruning=PruningConfig(sparsities=(0.5,))))
+    routed = rtl.fit({"cats": cat_stream, "dogs": dog_stream})   # extract + jointly retrain
+    routed(x, ["cats", "dogs", "cats"])                          # route a mixed batch by context name
+    rtl.save("tickets/")                                         # weights + packed masks + recipe
+
+``run_experiment(config, out)`` runs the same tickets beside the baselines (dense, single IMP,
+multiple IMP, random control), resumably, on a built-in or user task; ``check_task(task)``
+tests a user's task against the contract first.
+"""
+
+from .config import DataConfig, ExperimentConfig, ModelConfig, load_config
+from .masks import MaskSet
+from .methods import METHODS
+from .models import MODELS
+from .recipe import PruningConfig, RTLConfig, TrainingConfig
+from .routed import RoutedModel
+from .run import DATASETS, TASKS, make_runner, run_experiment
+from .tasks.checks import TaskContractError, check_task
+from .tickets import AdaptiveTickets, tensor_stream
+from .training import OptimizerConfig, Stream
+
+__version__ = "0.2.0"
+
+__all__ = [
+    "AdaptiveTickets", "RTLConfig", "PruningConfig", "TrainingConfig", "OptimizerConfig", "Stream", "tensor_stream",
+    "RoutedModel", "MaskSet", "ExperimentConfig", "DataConfig", "ModelConfig", "load_config", "run_experiment",
+    "make_runner", "check_task", "TaskContractError", "METHODS", "MODELS", "TASKS", "DATASETS",
+]

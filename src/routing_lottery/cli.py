@@ -19,11 +19,15 @@ console.width = max(console.width, 120)  # tables stay readable in logs and narr
 
 
 class RichProgress:
-    """A ProgressSink drawing one bar over the whole run, with ETA."""
+    """A ProgressSink drawing one bar over the whole run, with ETA; its total is set once the run is planned."""
 
-    def __init__(self, progress: Progress, total: int) -> None:
+    def __init__(self, progress: Progress) -> None:
         self.progress = progress
-        self.task = progress.add_task("starting", total=total)
+        self.task = progress.add_task("starting", total=None, start=False)
+
+    def plan(self, total: int) -> None:
+        self.progress.update(self.task, total=total)
+        self.progress.start_task(self.task)
 
     def advance(self, steps: int, status: str) -> None:
         self.progress.update(self.task, advance=steps, description=status)
@@ -62,27 +66,28 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 def execute(config_path: Path, out: Path, scale: Optional[str], overrides: dict[str, Any],
             before: Optional[Any] = None) -> None:
-    """Run a config with a progress bar and print its table; ``before(experiment)`` runs after stage 1."""
+    """Run a config with a progress bar and print its table; ``before(experiment)`` runs after planning."""
     from .config import load_config
-    from .experiment import make_runner
+    from .run import make_runner
 
     try:
         config = load_config(config_path, scale, overrides)
-        experiment = make_runner(config, out)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, FileNotFoundError) as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None
-    console.print(f"[bold]{config.name}[/bold]: {experiment.description} -> {out}")
     columns = [TextColumn("{task.description}", style="cyan"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
     with Progress(*columns, console=console, transient=False) as bar:
-        experiment.progress = RichProgress(bar, experiment.planned_steps())
-        experiment.log = lambda message: bar.console.print(f"  {message}")
+        sink = RichProgress(bar)
         try:
+            experiment = make_runner(config, out, progress=sink, log=lambda message: bar.console.print(f"  {message}"))
+            bar.console.print(f"[bold]{config.name}[/bold]: {experiment.description} -> {out}")
+            sink.plan(experiment.planned_steps())
             if before is not None:
                 before(experiment)
             records = experiment.run_all()
         except (ValueError, FileNotFoundError, RuntimeError) as err:
+            bar.stop()
             console.print(f"[red]error:[/red] {err}")
             raise typer.Exit(2) from None
     print_table(records, title=f"{config.name} (written to {out})")
@@ -91,7 +96,8 @@ def execute(config_path: Path, out: Path, scale: Optional[str], overrides: dict[
 
 
 def print_table(records: list[dict[str, Any]], title: str) -> None:
-    from .report import METHOD_LABEL, format_cell, metric_keys, sorted_records
+    from .methods import method_label
+    from .report import format_cell, metric_keys, sorted_records
 
     rows = sorted_records(records)
     if any(r.get("image") == "mean" for r in rows):  # INR: the mean over images (per image in results.csv)
@@ -101,7 +107,7 @@ def print_table(records: list[dict[str, Any]], title: str) -> None:
     for h in ["sparsity", "method", *keys]:
         table.add_column(h, justify="right" if h not in ("method",) else "left")
     for r in rows:
-        table.add_row(f"{r['sparsity']:.0%}", METHOD_LABEL.get(r["method"], r["method"]), *[format_cell(k, r.get(k)) for k in keys])
+        table.add_row(f"{r['sparsity']:.0%}", method_label(r["method"]), *[format_cell(k, r.get(k)) for k in keys])
     console.print(table)
 
 
@@ -171,7 +177,7 @@ def sweep(
         if not hasattr(experiment, "context_masks"):
             raise ValueError("rtl sweep runs one experiment's tickets; an INR run fits one network per image: "
                              "run it with `rtl run` at the sweep's levels, then `rtl diagnose` it")
-        masks = experiment.context_masks(experiment.extract_all()[1])
+        masks = experiment.context_masks()
         warning, scores = mask_collapse_warning(masks, settings.collapse)
         curve = ", ".join(f"{lv:.0%} {sc:.3f}" for lv, sc in zip(masks, scores))
         console.print(f"  similarity score by sparsity (masks only): {curve}")
@@ -231,7 +237,8 @@ def partition(
     template: Optional[str] = typer.Option(None, help='Prompt around each name, e.g. "a photo of a {}".'),
 ) -> None:
     """Group class names into contexts: offline text embeddings, UMAP, HDBSCAN; scored against the paper."""
-    from .contexts.clustering import format_partition, partition_names, reference_partition, reference_scores
+    from .contexts.clustering import partition_names
+    from .contexts.partitions import format_partition, reference_partition, reference_scores
     from .contexts.encoders import EncoderUnavailable
     from .contexts.names import name_set
     from .data.digits import DIGIT_NAMES

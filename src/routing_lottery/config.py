@@ -18,15 +18,13 @@ from typing import Any, Literal
 import yaml
 
 from .data.speech import SpeechMixConfig
-from .pruning import validate_sparsity
-from .training import OptimizerConfig
-
-METHODS = ("dense", "single_imp", "multi_imp", "rtl", "random")
-
+from .recipe import PruningConfig, RTLConfig, TrainingConfig
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: Literal["digits", "cifar10", "cifar100", "skimage", "ade20k", "speech"] = "digits"
+    # classification: digits, cifar10, cifar100 or a user's loader as package.module:callable, called as
+    # loader(data_config, seed) -> (train, test) LabelledDatasets; INR: skimage, ade20k; speech: speech
+    name: str = "digits"
     root: str | None = None  # directory holding the full-scale files (CIFAR pickles, ADE20K folder, speech/noise)
     image_size: int = 16  # digits: 8x8 images upsampled to this; INR: the images' short side
     train_per_class: int | None = None  # cap per class (None: all), a stratified deterministic subset
@@ -38,6 +36,7 @@ class DataConfig:
     images: tuple[str, ...] = ()  # INR: embedded image names (empty: all ten) -- ignored for ADE20K
     limit: int = 10  # INR on ADE20K: the first `limit` images of the folder
     regions: int = 8  # INR on the embedded images: unsupervised regions per image
+    options: dict[str, Any] = field(default_factory=dict)  # passed on to a user's loader (data_config.options)
 
 
 @dataclass(frozen=True)
@@ -55,65 +54,48 @@ class SpeechConfig(SpeechMixConfig):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: Literal["ghostnet", "coordinate_mlp", "unet"] = "ghostnet"
-    width: float = 1.0  # GhostNet channel multiplier; 1.0 is the paper's network (125,832 prunable weights)
+    # None: the task's own network (classification: ghostnet; inr: coordinate_mlp; speech: unet), or a
+    # registered model or a user's factory as package.module:callable, called as
+    # factory(num_outputs=..., input_shape=..., **options).
+    name: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # e.g. {width: 0.5}: GhostNet's channel multiplier
+
+
+EXECUTION_SETTINGS = ("device", "threads")
+"""Settings that decide where and how fast a run goes, never its results (left out of its identity)."""
 
 
 @dataclass(frozen=True)
-class PruningConfig:
-    sparsities: tuple[float, ...] = (0.25, 0.5, 0.75)
-    step: int | float = 4096  # weights per IMP round (int, the paper: 4,096) or fraction of survivors (float)
-    scope: Literal["global", "layerwise"] = "global"
-    rewind_steps: int = 0  # 0: rewind to θ₀ (the paper); j > 0: to θ_j, after j dense steps on all data
+class ExperimentConfig(RTLConfig):
+    """A comparison of methods on one task: the RTL recipe plus data, model and execution settings."""
 
-    def __post_init__(self) -> None:
-        if not self.sparsities:
-            raise ValueError("pruning.sparsities must list at least one level")
-        for s in self.sparsities:
-            validate_sparsity(s, "pruning.sparsities entry")
-            if round(s, 4) != s:  # levels name files (records/rtl_0.2500.json): four decimals must identify them
-                raise ValueError(f"pruning.sparsities entries need at most 4 decimals; got {s}")
-        if isinstance(self.step, float) and not 0 < self.step < 1:
-            raise ValueError(f"pruning.step as a fraction must be in (0, 1); got {self.step}")
-        if isinstance(self.step, int) and self.step < 1:
-            raise ValueError(f"pruning.step as a count must be >= 1; got {self.step}")
-
-
-@dataclass(frozen=True)
-class TrainingConfig:
-    batch_size: int | None = 64  # None: full batch (INR, as the paper)
-    imp_epochs: int = 10  # per IMP round, per context (detectors); the classifier gets twice as many
-    epochs: int = 10  # final training / joint retraining (the paper: 10); the classifier gets twice as many
-    negative_ratio: float = 1.0  # negatives per positive in a detector's balanced batches
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-
-    def __post_init__(self) -> None:
-        for name in ("batch_size", "imp_epochs", "epochs"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"training.{name} must be >= 1; got {getattr(self, name)}")
-
-
-@dataclass(frozen=True)
-class ExperimentConfig:
     name: str = "digits"
-    task: Literal["classification", "inr", "speech"] = "classification"
-    seed: int = 0
+    task: str = "classification"  # classification, inr, speech, or a user's builder as package.module:callable
     device: str = "auto"  # "auto": CUDA when present, else CPU
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = ("dense", "single_imp", "multi_imp", "rtl", "random")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    pruning: PruningConfig = field(default_factory=PruningConfig)
-    training: TrainingConfig = field(default_factory=TrainingConfig)
     speech: SpeechConfig | None = None  # task: speech only
     threads: int | None = None  # torch CPU threads (None: torch's default); small models run faster on 1
 
     def __post_init__(self) -> None:
+        from .methods import METHODS
+
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
-            raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
+            raise ValueError(f"unknown methods {unknown}; choose from {METHODS.names()}")
+        if not self.methods:
+            raise ValueError("methods must name at least one method")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1; got {self.threads}")
+        # Names are resolved now, before a run directory is claimed, so a typo costs nothing.
+        from .models import MODELS
+        from .run.builders import DATASETS, TASKS
 
-    def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        TASKS.get(self.task)
+        if self.task == "classification":
+            DATASETS.get(self.data.name)
+            MODELS.get(self.model.name or "ghostnet")
 
     def replace(self, **changes: Any) -> ExperimentConfig:
         return build(ExperimentConfig, _deep_merge(self.to_dict(), changes))
@@ -186,6 +168,10 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
             except ValueError:
                 continue
         raise ValueError(f"{where}: {value!r} is not a valid {hint}")
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{where} must be a mapping; got {value!r}")
+        return dict(value)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{where} must be a list; got {value!r}")
@@ -204,11 +190,3 @@ def _deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str,
     for k, v in update.items():
         out[k] = _deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
     return out
-
-
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj

@@ -122,14 +122,26 @@ class MaskSet:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {n: tuple(m.shape[1:]) for n, m in self.stacked.items()}
 
-    def check_context(self, k: int) -> int:
-        """Return ``k`` as int, or raise a ``ValueError`` naming the valid range."""
+    def check_context(self, k: int | str) -> int:
+        """The index of context ``k`` (an index or a context name); a clear ``ValueError`` otherwise.
+
+        Floats and bools are refused rather than truncated: ``1.7`` routed to context 1 would be a
+        silent error.
+        """
+        if isinstance(k, str):
+            if k not in self.context_names:
+                raise ValueError(f"unknown context {k!r}; contexts: {self.context_names}")
+            return self.context_names.index(k)
+        if isinstance(k, torch.Tensor) and k.numel() == 1 and not k.is_floating_point():
+            k = int(k)
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+            raise ValueError(f"a context is an integer id or a name; got {k!r}")
         k = int(k)
         if not 0 <= k < self.num_contexts:
             raise ValueError(f"context id {k} is outside 0..{self.num_contexts - 1}")
         return k
 
-    def __getitem__(self, k: int) -> Mask:
+    def __getitem__(self, k: int | str) -> Mask:
         k = self.check_context(k)
         return {n: m[k] for n, m in self.stacked.items()}
 

@@ -6,8 +6,9 @@ the invariants (exact counts, nesting) testable on hand-made tensors.
 
 from __future__ import annotations
 
+import fnmatch
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -28,25 +29,81 @@ PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (
 )
 
 
-def prunable_names(model: nn.Module) -> list[str]:
-    """Names of the tensors a ticket masks.
+TensorFilter = Callable[[str, torch.Tensor], bool]
+"""``select(name, parameter) -> bool``: a user's rule for which tensors get masks."""
 
-    A model may declare its own with a ``prunable_names()`` method (the paper's GhostNet keeps its
-    squeeze-excite convs and classifier dense); otherwise every conv and linear weight.
+# nn.MultiheadAttention keeps its query/key/value projections as parameters of its own (one packed
+# ``in_proj_weight``, or ``q/k/v_proj_weight`` when the dimensions differ), not as Linear modules:
+# without naming them, three quarters of an attention block's weights would silently stay dense.
+_ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+
+def default_prunable_names(model: nn.Module) -> list[str]:
+    """Every conv and linear weight plus attention projections, unless the model declares its own.
+
+    A model may declare its tensors with a ``prunable_names()`` method (the paper's GhostNet keeps
+    its squeeze-excite convs and classifier dense). Biases, normalization and embeddings stay dense.
     """
     declared = getattr(model, "prunable_names", None)
     if callable(declared):
-        names = list(declared())
-    else:
-        names = [f"{mod_name}.weight" if mod_name else "weight" for mod_name, mod in model.named_modules()
-                 if isinstance(mod, PRUNABLE_TYPES)]
-    params = dict(model.named_parameters())
-    unknown = [n for n in names if n not in params]
-    if unknown:
-        raise ValueError(f"prunable tensor names not found among the model's parameters: {unknown}")
-    if not names:
-        raise ValueError("the model has no prunable tensors (no conv or linear weights and no prunable_names())")
+        return list(declared())
+    names = []
+    for mod_name, mod in model.named_modules():
+        prefix = f"{mod_name}." if mod_name else ""
+        if isinstance(mod, PRUNABLE_TYPES):
+            names.append(f"{prefix}weight")
+        elif isinstance(mod, nn.MultiheadAttention):
+            names += [f"{prefix}{w}" for w in _ATTENTION_WEIGHTS if getattr(mod, w, None) is not None]
     return names
+
+
+def prunable_names(
+    model: nn.Module,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    select: TensorFilter | None = None,
+) -> list[str]:
+    """Names of the tensors a ticket masks, in the model's parameter order.
+
+    ``include``: glob patterns over parameter names (``"encoder.*.weight"``) that replace the
+    default choice (``default_prunable_names``); ``exclude``: patterns removed afterwards;
+    ``select(name, tensor)``: a last filter. A pattern that matches nothing is an error, because a
+    typo would otherwise leave the tensors it meant dense without a word.
+    """
+    params = dict(model.named_parameters())
+    if include:
+        unmatched = [p for p in include if not any(fnmatch.fnmatchcase(n, p) for n in params)]
+        if unmatched:
+            raise ValueError(f"pruning.include patterns {unmatched} match no parameter of the model "
+                             f"(its parameters: {list(params)[:8]}{' ...' if len(params) > 8 else ''})")
+        names = [n for n in params if any(fnmatch.fnmatchcase(n, p) for p in include)]
+    else:
+        names = default_prunable_names(model)
+        unknown = [n for n in names if n not in params]
+        if unknown:
+            raise ValueError(f"prunable tensor names not found among the model's parameters: {unknown}")
+    unmatched = [p for p in exclude if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if unmatched:
+        raise ValueError(f"pruning.exclude patterns {unmatched} match none of the masked tensors {names[:8]}")
+    names = [n for n in names if not any(fnmatch.fnmatchcase(n, p) for p in exclude)]
+    if select is not None:
+        names = [n for n in names if select(n, params[n])]
+    if not names:
+        raise ValueError("no tensor to mask: the model has no conv, linear or attention weights and no "
+                         "prunable_names(), or the include/exclude patterns and filter left none")
+    order = {n: i for i, n in enumerate(params)}
+    return sorted(dict.fromkeys(names), key=order.__getitem__)
+
+
+def describe_prunable(model: nn.Module, names: Sequence[str]) -> str:
+    """What a run masks, one line per tensor, then the totals: printed before every run."""
+    params = dict(model.named_parameters())
+    masked = sum(params[n].numel() for n in names)
+    total = sum(p.numel() for p in params.values())
+    lines = [f"  {n} {tuple(params[n].shape)} {params[n].numel():,}" for n in names]
+    lines.append(f"masked: {len(names)} tensors, {masked:,} of {total:,} parameters "
+                 f"({masked / max(total, 1):.1%}); the rest stays dense and shared")
+    return "\n".join(lines)
 
 
 def validate_sparsity(value: float, what: str = "sparsity") -> float:
@@ -156,6 +213,6 @@ def levels_reached(schedule: Sequence[int], total: int, levels: Sequence[float])
 
 
 __all__ = [
-    "PRUNABLE_TYPES", "Scope", "prunable_names", "validate_sparsity", "target_count", "magnitude_prune",
+    "PRUNABLE_TYPES", "Scope", "TensorFilter", "default_prunable_names", "prunable_names", "describe_prunable", "validate_sparsity", "target_count", "magnitude_prune",
     "pruning_schedule", "random_mask_like", "levels_reached",
 ]

@@ -10,10 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from .io import atomic_write_json, atomic_write_text
+from .methods import METHODS, method_label
 
-METHOD_ORDER = ("dense", "single_imp", "multi_imp", "rtl", "random")
-METHOD_LABEL = {"dense": "dense", "single_imp": "single IMP", "multi_imp": "multiple IMP", "rtl": "RTL",
-                "random": "random tickets"}
 ID_KEYS = ("experiment", "method", "sparsity")
 _PER_CONTEXT = re.compile(r".+_context_\d+$")
 
@@ -37,9 +35,15 @@ def is_per_context_key(key: str) -> bool:
     return _PER_CONTEXT.fullmatch(key) is not None
 
 
+def method_rank(method: str) -> int:
+    """A method's place in tables: registration order (dense, single IMP, multiple IMP, RTL, random, then users')."""
+    names = METHODS.names()
+    return names.index(method) if method in names else len(names)
+
+
 def sorted_records(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """By sparsity, then method, keeping the order of sub-groups (images, environments) within them."""
-    return sorted(records, key=lambda r: (r["sparsity"], METHOD_ORDER.index(r["method"])))
+    return sorted(records, key=lambda r: (r["sparsity"], method_rank(r["method"])))
 
 
 def metric_keys(records: Sequence[dict[str, Any]], per_context: bool = False) -> list[str]:
@@ -62,7 +66,7 @@ def markdown_table(records: Sequence[dict[str, Any]], columns: Sequence[str] | N
     head = ["sparsity", "method", *keys]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [f"{r['sparsity']:.0%}", METHOD_LABEL.get(r["method"], r["method"])]
+        cells = [f"{r['sparsity']:.0%}", method_label(r["method"])]
         cells += [format_cell(k, r.get(k)) for k in keys]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -9,7 +9,7 @@ Because the effective weight is ``w * m``, gradients reaching ``w`` are already 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -69,16 +69,16 @@ class RoutedModel(nn.Module):
     def num_contexts(self) -> int:
         return self.masks.num_contexts
 
-    def mask(self, k: int) -> Mask:
-        """Float mask of context ``k`` (on the model's device)."""
+    def mask(self, k: int | str) -> Mask:
+        """Float mask of context ``k`` (an index or a name; on the model's device)."""
         k = self.masks.check_context(k)
         return {name: getattr(self, f"mask_{i}")[k] for i, name in enumerate(self.masks.tensor_names)}
 
-    def subnetwork(self, x: torch.Tensor, k: int) -> torch.Tensor:
+    def subnetwork(self, x: torch.Tensor, k: int | str) -> torch.Tensor:
         """Forward a batch whose rows all belong to context ``k``."""
         return masked_forward(self.model, self.mask(k), x)
 
-    def standalone(self, k: int) -> nn.Module:
+    def standalone(self, k: int | str) -> nn.Module:
         """Subnetwork ``k`` as an ordinary module: a copy of the model with ``weight * mask_k`` baked in.
 
         For deployment where each device serves one context: no masks, no routing, dense cost, and
@@ -89,27 +89,41 @@ class RoutedModel(nn.Module):
         apply_mask_(module, self.mask(k))
         return module
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | int) -> torch.Tensor:
-        if isinstance(context, int):
-            return self.subnetwork(x, context)
+    def context_ids(self, context: torch.Tensor | Sequence[int | str] | int | str, rows: int) -> torch.Tensor:
+        """One context index per input row, from indices or context names; a clear error for anything else."""
+        if isinstance(context, (list, tuple)):
+            context = torch.tensor([self.masks.check_context(c) for c in context], dtype=torch.long)
         context = torch.as_tensor(context)
-        if context.dim() != 1 or context.shape[0] != x.shape[0]:
-            raise ValueError(f"context must be one id per input row: got shape {tuple(context.shape)} for {x.shape[0]} rows")
+        if context.is_floating_point() or context.dtype == torch.bool:
+            raise ValueError(f"context ids must be integers or names; got a {context.dtype} tensor")
+        if context.dim() != 1 or context.shape[0] != rows:
+            raise ValueError(f"context must be one id per input row: got shape {tuple(context.shape)} for {rows} rows")
+        return context.long()
+
+    def forward(self, x: torch.Tensor | tuple[torch.Tensor, ...],
+                context: torch.Tensor | Sequence[int | str] | int | str) -> torch.Tensor:
+        """Outputs for ``x`` (a tensor, or a tuple of per-row tensors for multi-input models), each row
+        through its context's subnetwork; ``context`` is one id or name for the batch, or one per row."""
+        inputs = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+        if isinstance(context, (int, str)) or (isinstance(context, torch.Tensor) and context.dim() == 0):
+            return masked_forward(self.model, self.mask(context), *inputs)
+        context = self.context_ids(context, inputs[0].shape[0])
         present = torch.unique(context).tolist()
         for k in present:
             self.masks.check_context(k)
         if len(present) == 1:
-            return self.subnetwork(x, present[0])
+            return masked_forward(self.model, self.mask(present[0]), *inputs)
         counts = torch.bincount(context.cpu(), minlength=self.num_contexts)
         largest = int(counts.max())
-        if not self.training and largest < self.vmap_below and self.num_contexts * largest <= 2 * x.shape[0]:
-            return self._vmapped(x, context.to(x.device), counts.to(x.device))
+        if (len(inputs) == 1 and not self.training and largest < self.vmap_below
+                and self.num_contexts * largest <= 2 * inputs[0].shape[0]):
+            return self._vmapped(inputs[0], context.to(inputs[0].device), counts.to(inputs[0].device))
         out: torch.Tensor | None = None
         for k in present:
-            rows = (context == k).nonzero(as_tuple=True)[0]
-            y = self.subnetwork(x[rows], k)
+            rows = (context == k).nonzero(as_tuple=True)[0].to(inputs[0].device)
+            y = masked_forward(self.model, self.mask(k), *(t[rows] for t in inputs))
             if out is None:
-                out = y.new_empty((x.shape[0], *y.shape[1:]))
+                out = y.new_empty((inputs[0].shape[0], *y.shape[1:]))
             out[rows] = y
         assert out is not None
         return out

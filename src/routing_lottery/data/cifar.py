@@ -13,7 +13,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from .images import DatasetNotFoundError, ImageDataset, ImageSplits, normalize_splits
+from .labelled import Splits
+from .images import DatasetNotFoundError, ImageDataset, normalize_splits
 
 SOURCE_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
 CIFAR10_FOLDER, CIFAR100_FOLDER = "cifar-10-batches-py", "cifar-100-python"
@@ -77,7 +78,7 @@ def _names(meta: dict[str, Any], key: str) -> tuple[str, ...]:
     return tuple(n.decode() if isinstance(n, bytes) else str(n) for n in meta[key])
 
 
-def load_cifar10(root: str | Path) -> ImageSplits:
+def load_cifar10(root: str | Path) -> Splits:
     """The 50,000/10,000 CIFAR-10 split, channels standardized with training statistics."""
     folder = _find_folder(root, CIFAR10_FOLDER, (*CIFAR10_TRAIN, "test_batch", "batches.meta"), "cifar-10-python.tar.gz")
     names = _names(_read_pickle(folder / "batches.meta"), "label_names")
@@ -90,10 +91,10 @@ def load_cifar10(root: str | Path) -> ImageSplits:
             labels.append(_labels(entry, "labels", len(images[-1]), folder / name))
         return ImageDataset(torch.cat(images), torch.cat(labels), names)
 
-    return normalize_splits(ImageSplits(split(CIFAR10_TRAIN), split(("test_batch",))))
+    return normalize_splits(Splits(split(CIFAR10_TRAIN), split(("test_batch",))))
 
 
-def load_cifar100(root: str | Path, label: Literal["fine", "coarse"] = "fine") -> ImageSplits:
+def load_cifar100(root: str | Path, label: Literal["fine", "coarse"] = "fine") -> Splits:
     """CIFAR-100 with its 100 fine labels or its 20 official superclasses (``label="coarse"``)."""
     if label not in ("fine", "coarse"):
         raise ValueError(f"label must be 'fine' or 'coarse'; got {label!r}")
@@ -105,4 +106,4 @@ def load_cifar100(root: str | Path, label: Literal["fine", "coarse"] = "fine") -
         images = _images(entry, folder / name)
         return ImageDataset(images, _labels(entry, f"{label}_labels", len(images), folder / name), names)
 
-    return normalize_splits(ImageSplits(split("train"), split("test")))
+    return normalize_splits(Splits(split("train"), split("test")))

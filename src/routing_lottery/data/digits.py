@@ -6,12 +6,13 @@ import torch
 from sklearn.datasets import load_digits
 from torch.nn import functional as F
 
-from .images import ImageDataset, ImageSplits, normalize_splits
+from .labelled import Splits
+from .images import ImageDataset, normalize_splits
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
-def load_digits_splits(test_fraction: float = 0.2, seed: int = 0, image_size: int = 16) -> ImageSplits:
+def load_digits_splits(test_fraction: float = 0.2, seed: int = 0, image_size: int = 16) -> Splits:
     """A stratified train/test split of the digits, upsampled (bilinear) to ``image_size`` and standardized.
 
     The 8×8 originals are upsampled because the GhostNet stem and its four stride-2 stages need
@@ -33,4 +34,4 @@ def load_digits_splits(test_fraction: float = 0.2, seed: int = 0, image_size: in
         members = members[torch.randperm(len(members), generator=gen)]
         test_mask[members[: round(test_fraction * len(members))]] = True
     full = ImageDataset(images, labels, DIGIT_NAMES)
-    return normalize_splits(ImageSplits(full.subset(~test_mask), full.subset(test_mask)))
+    return normalize_splits(Splits(full.subset(~test_mask), full.subset(test_mask)))

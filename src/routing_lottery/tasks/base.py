@@ -28,6 +28,16 @@ Row = dict[str, Any]
 
 
 class Task(Protocol):
+    """What the runner needs of an experiment's data; ``check_task(task)`` tests a task against it.
+
+    Required: the attributes and methods below. Optional capabilities, used when present:
+    ``write_figures(outputs) -> list[Path]`` (figures from the examples kept while scoring),
+    ``partition`` (a ``contexts.partitions.Partition`` the contexts come from) and
+    ``context_members`` (the class names in each context). The runner builds the model under a
+    seeded generator state (``build_model`` must not seed anything itself) and hands every
+    scorer the directory where it may keep example outputs.
+    """
+
     context_names: Sequence[str]
     shared_epoch_factor: int
     """How many times the context streams' epoch count the shared stream trains for (classification: 2,
@@ -37,30 +47,21 @@ class Task(Protocol):
 
     def shared_stream(self) -> Stream: ...
 
-    def build_model(self, seed: int) -> nn.Module:
+    def data_fingerprint(self) -> str:
+        """A hash of the data this task serves (``data.fingerprint.fingerprint``): part of a run's identity."""
+
+    def build_model(self) -> nn.Module:
         """The network whose weights the K context masks share (and multiple IMP copies)."""
 
     def build_shared_model(self, model: nn.Module) -> nn.Module:
         """The dense / single-mask network; ``model`` itself unless the baseline differs (INR)."""
 
-    def score_shared(self, predict: SharedPredict, label: str) -> list[Row]:
+    def score_shared(self, predict: SharedPredict, label: str, outputs: Path | None = None) -> list[Row]:
         """Rows of metrics for the dense / single-mask network (one row, or one per sub-group).
 
         ``label`` names the method and level (``"single_imp_0.5000"``); tasks that keep example
-        outputs for figures file them under it.
+        outputs for figures write them into ``outputs`` under that name.
         """
 
-    def score_routed(self, predict: RoutedPredict, label: str) -> list[Row]:
+    def score_routed(self, predict: RoutedPredict, label: str, outputs: Path | None = None) -> list[Row]:
         """Rows of metrics when every test input is handled by its own context's subnetwork."""
-
-
-class WritesFigures(Protocol):
-    """Optional: tasks whose outputs people would rather look at (reconstructions, spectrograms).
-
-    The runner sets ``output_dir`` (inside the run directory) before scoring; the task saves example
-    outputs there while scoring (so a resumed run still has them) and draws ``write_figures`` at the end.
-    """
-
-    output_dir: Path | None
-
-    def write_figures(self) -> list[Path]: ...

@@ -1,4 +1,9 @@
-"""Image classification with one context per class (CIFAR-10, digits) or per class cluster (CIFAR-100).
+"""Classification with one context per class (CIFAR-10, digits) or per class cluster (CIFAR-100).
+
+Inputs may have any shape (images, tabular rows, token sequences) and the network may be any
+module with K outputs: the built-in GhostNet (``model="ghostnet"``), a registered name, an
+import path ``package.module:callable`` or a callable, called as
+``factory(num_outputs=K, input_shape=..., **model_options)``.
 
 The paper's framing, which its Table 1 numbers fit exactly:
 
@@ -15,8 +20,9 @@ The paper's framing, which its Table 1 numbers fit exactly:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,7 +30,8 @@ from torch.nn import functional as F
 
 from torch import nn
 
-from ..data.images import ImageDataset
+from ..data.fingerprint import fingerprint
+from ..data.labelled import LabelledDataset
 from ..metrics import BinaryCounts, binary_counts, confusion_matrix, macro, one_vs_rest_from_confusion
 from ..report import per_context_key
 from ..training import Batch, Stream
@@ -33,16 +40,17 @@ from .base import RoutedPredict, Row, SharedPredict
 
 @dataclass
 class ClassificationTask:
-    """Train/test images, the class -> context map, and how subnetworks see the data."""
+    """Train/test examples, the class -> context map, the network, and how subnetworks see the data."""
 
-    train_set: ImageDataset
-    test_set: ImageDataset
+    train_set: LabelledDataset
+    test_set: LabelledDataset
     context_of_class: Sequence[int]
     context_names: Sequence[str]
     batch_size: int = 64
     negative_ratio: float = 1.0
     eval_batch_size: int = 1000
-    width: float = 1.0  # GhostNet channel multiplier
+    model: str | Callable[..., nn.Module] = "ghostnet"  # a registered name, an import path or a factory
+    model_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"width": 0.5} for GhostNet
     context_members: list[list[str]] | None = None  # class names of each context when contexts group classes
     partition: Any = None  # the contexts.Partition the grouping came from, saved beside the results
     shared_epoch_factor = 2  # a detector epoch shows each sample ~twice: the classifier trains twice as long
@@ -56,7 +64,7 @@ class ClassificationTask:
             raise ValueError(f"context ids must be in 0..{len(self.context_names) - 1}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1; got {self.batch_size}")
-        if self.negative_ratio <= 0:
+        if not self.negative_ratio > 0:
             raise ValueError(f"negative_ratio must be > 0; got {self.negative_ratio}")
         self.train_context = lookup[self.train_set.labels]
         self.test_context = lookup[self.test_set.labels]
@@ -72,14 +80,21 @@ class ClassificationTask:
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.train_set.images.shape[1:])
+        return tuple(self.train_set.inputs.shape[1:])
 
     # -- the Task contract (tasks.base) ------------------------------------------------------
-    def build_model(self, seed: int) -> nn.Module:
-        from ..models.ghostnet import GhostNetTruncated
+    def data_fingerprint(self) -> str:
+        return fingerprint([(d.inputs, d.labels, list(d.class_names)) for d in (self.train_set, self.test_set)],
+                           list(self.context_of_class), list(self.context_names))
 
-        torch.manual_seed(seed)
-        return GhostNetTruncated(num_classes=self.num_contexts, in_channels=self.input_shape[0], width=self.width)
+    def build_model(self) -> nn.Module:
+        from ..models import MODELS
+
+        factory = MODELS.get(self.model) if isinstance(self.model, str) else self.model
+        model = factory(num_outputs=self.num_contexts, input_shape=self.input_shape, **self.model_options)
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model factory {self.model!r} returned {type(model).__name__}, not an nn.Module")
+        return model
 
     def build_shared_model(self, model: nn.Module) -> nn.Module:
         return model  # the classifier baselines use the same network (and θ₀) as the detectors
@@ -90,21 +105,21 @@ class ClassificationTask:
     def shared_stream(self) -> Stream:
         return self.classifier_stream()
 
-    def score_shared(self, predict: SharedPredict, label: str = "") -> list[Row]:
+    def score_shared(self, predict: SharedPredict, label: str = "", outputs: Path | None = None) -> list[Row]:
         return [self.score_classifier(self.logits(predict))]
 
-    def score_routed(self, predict: RoutedPredict, label: str = "") -> list[Row]:
+    def score_routed(self, predict: RoutedPredict, label: str = "", outputs: Path | None = None) -> list[Row]:
         return [self.score_detectors([self.logits(lambda x: predict(k, x))[:, k] for k in range(self.num_contexts)])]
 
     # -- what each subnetwork trains on -----------------------------------------------------
     def classifier_stream(self) -> Stream:
         """All training data, K-way cross-entropy over contexts (dense and single IMP)."""
-        images, targets = self.train_set.images, self.train_context
+        inputs, targets = self.train_set.inputs, self.train_context
         n = len(targets)
 
         def epoch(gen: torch.Generator) -> list[Batch]:
             order = torch.randperm(n, generator=gen)
-            return _batches(images, order, targets[order], self.batch_size)
+            return _batches(inputs, order, targets[order], self.batch_size)
 
         return Stream("classifier", epoch, F.cross_entropy, -(-n // self.batch_size))
 
@@ -116,14 +131,14 @@ class ClassificationTask:
         negatives = (self.train_context != k).nonzero(as_tuple=True)[0]
         num_neg = min(len(negatives), max(1, round(self.negative_ratio * len(positives))))
         n = len(positives) + num_neg
-        images = self.train_set.images
+        inputs = self.train_set.inputs
 
         def epoch(gen: torch.Generator) -> list[Batch]:
             drawn = negatives[torch.randperm(len(negatives), generator=gen)[:num_neg]]
             index = torch.cat([positives, drawn])
             target = torch.cat([torch.ones(len(positives)), torch.zeros(num_neg)])
             order = torch.randperm(n, generator=gen)
-            return _batches(images, index[order], target[order], self.batch_size)
+            return _batches(inputs, index[order], target[order], self.batch_size)
 
         def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
             return F.binary_cross_entropy_with_logits(logits[:, k], target)
@@ -133,8 +148,11 @@ class ClassificationTask:
     # -- scoring ----------------------------------------------------------------------------
     @torch.no_grad()
     def logits(self, predict: SharedPredict) -> torch.Tensor:
-        """K logits for every test image, computed in evaluation batches (``predict`` moves them to its device)."""
-        chunks = [predict(x).float().cpu() for x in self.test_set.images.split(self.eval_batch_size)]
+        """K logits for every test example, computed in evaluation batches (``predict`` moves them to its device)."""
+        chunks = [predict(x).float().cpu() for x in self.test_set.inputs.split(self.eval_batch_size)]
+        bad = [tuple(c.shape) for c in chunks if c.ndim != 2 or c.shape[1] != self.num_contexts]
+        if bad:
+            raise ValueError(f"the model must return (batch, {self.num_contexts}) logits, one per context; got {bad[0]}")
         return torch.cat(chunks)
 
     def score_classifier(self, logits: torch.Tensor) -> dict[str, float]:
@@ -157,6 +175,6 @@ def _with_per_context(per_context: list[BinaryCounts]) -> dict[str, float]:
     return row
 
 
-def _batches(images: torch.Tensor, index: torch.Tensor, targets: torch.Tensor, batch_size: int) -> list[Batch]:
-    """Consecutive batches of ``(images[index], targets)``; ``targets[j]`` belongs to ``index[j]``."""
-    return list(zip((images[i] for i in index.split(batch_size)), targets.split(batch_size)))
+def _batches(inputs: torch.Tensor, index: torch.Tensor, targets: torch.Tensor, batch_size: int) -> list[Batch]:
+    """Consecutive batches of ``(inputs[index], targets)``; ``targets[j]`` belongs to ``index[j]``."""
+    return list(zip((inputs[i] for i in index.split(batch_size)), targets.split(batch_size)))

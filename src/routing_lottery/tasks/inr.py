@@ -36,6 +36,7 @@ from torch import nn
 
 from ..data.regions import RegionImage
 from ..models.inr import CoordinateMLP, RegionEmbeddingMLP
+from ..data.fingerprint import fingerprint
 from ..io import atomic_write_bytes
 from ..report import per_context_key
 from ..training import Batch, Stream
@@ -102,7 +103,6 @@ class InrTask:
     depth: int = 4
     octaves: int = 8
     embed_dim: int = 16  # the single-mask baseline's region embedding
-    output_dir: Path | None = None  # set by the runner: reconstructions are kept there for the figure
     shared_epoch_factor = 1  # every pixel is seen once per epoch by both the shared and the region streams
     coords: torch.Tensor = field(init=False, repr=False)
     region_ids: torch.Tensor = field(init=False, repr=False)
@@ -144,8 +144,14 @@ class InrTask:
         return self.targets.reshape(self.image.height, self.image.width, 3)
 
     # -- the Task contract (tasks.base) ---------------------------------------------------------------
-    def build_model(self, seed: int) -> nn.Module:
-        torch.manual_seed(seed)
+    @property
+    def name(self) -> str:
+        return self.image.name
+
+    def data_fingerprint(self) -> str:
+        return fingerprint(self.image.name, self.inputs, self.targets, list(self.context_names))
+
+    def build_model(self) -> nn.Module:
         return CoordinateMLP(hidden=self.hidden, depth=self.depth, octaves=self.octaves)
 
     def build_shared_model(self, model: nn.Module) -> nn.Module:
@@ -158,31 +164,32 @@ class InrTask:
     def shared_stream(self) -> Stream:
         return self.all_pixels_stream(self.batch_size)
 
-    def score_shared(self, predict: Callable[[torch.Tensor], torch.Tensor], label: str = "") -> list[dict]:
-        return self._score(self.reconstruct(lambda k, x: predict(x)), label)
+    def score_shared(self, predict: Callable[[torch.Tensor], torch.Tensor], label: str = "",
+                     outputs: Path | None = None) -> list[dict]:
+        return self._score(self.reconstruct(lambda k, x: predict(x)), label, outputs)
 
-    def score_routed(self, predict: PredictRegion, label: str = "") -> list[dict]:
-        return self._score(self.reconstruct(predict), label)
+    def score_routed(self, predict: PredictRegion, label: str = "", outputs: Path | None = None) -> list[dict]:
+        return self._score(self.reconstruct(predict), label, outputs)
 
-    def _score(self, reconstruction: torch.Tensor, label: str) -> list[dict]:
-        if self.output_dir is not None and label:
+    def _score(self, reconstruction: torch.Tensor, label: str, outputs: Path | None) -> list[dict]:
+        if outputs is not None and label:
             buffer = io.BytesIO()
             np.save(buffer, reconstruction.numpy())
-            atomic_write_bytes(self.output_dir / f"{label}.npy", buffer.getvalue())
+            atomic_write_bytes(outputs / f"{label}.npy", buffer.getvalue())
         row: dict = {"image": self.image.name, "psnr": self.psnr(reconstruction)}
         row.update({per_context_key("psnr", k): v for k, v in enumerate(self.region_psnr(reconstruction))})
         return [row]
 
-    def write_figures(self) -> list[Path]:
-        """``reconstructions.png``: the original, the region map and every saved reconstruction."""
-        if self.output_dir is None or not self.output_dir.is_dir():
+    def write_figures(self, outputs: Path) -> list[Path]:
+        """``reconstructions.png`` beside ``outputs``: the original, the region map and every saved reconstruction."""
+        if not outputs.is_dir():
             return []
         images = {}
-        for path in sorted(self.output_dir.glob("*.npy"), key=_label_order):
+        for path in sorted(outputs.glob("*.npy"), key=_label_order):
             rec = np.load(path)
             method, level = path.stem.rsplit("_", 1)
             images[f"{method} {float(level):.0%} ({self.psnr(rec):.1f} dB)"] = rec
-        path = self.output_dir.parent / "reconstructions.png"
+        path = outputs.parent / "reconstructions.png"
         save_grid(path, self.original(), images, regions=self.image.regions, columns=5,
                   title=f"{self.image.name}: original, regions, reconstructions (PSNR)")
         return [path]

@@ -33,7 +33,9 @@ from torch import nn
 
 from ..audio import save_spectrograms, si_snr, si_snr_improvement, weighted_sdr_loss
 from ..data.speech import SpeechDataset, SpeechSplit
+from ..data.fingerprint import fingerprint
 from ..io import atomic_write_bytes
+from ..report import method_rank
 from ..models.unet import MaskActivation, SpeechUNet
 from ..training import Batch, Stream
 from .base import RoutedPredict, Row, SharedPredict
@@ -64,7 +66,6 @@ class SpeechTask:
     hop_length: int = 256  # STFT hop (the paper: 256)
     mask_activation: MaskActivation = "bounded_tanh"
     examples_per_environment: int = 1  # test clips per environment drawn as spectrograms
-    output_dir: Path | None = None  # set by the runner: example enhancements are kept there for the figures
     # An environment's epoch shows each of its clips once, and so does an epoch of all data: the
     # shared stream needs no more epochs than the context streams for the same exposure per clip.
     shared_epoch_factor = 1
@@ -93,9 +94,13 @@ class SpeechTask:
         return self.data.sample_rate
 
     # -- the Task contract (tasks.base) ------------------------------------------------------
-    def build_model(self, seed: int) -> nn.Module:
-        """The paper's U-Net (37,368 prunable weights), initialized from ``seed``."""
-        torch.manual_seed(seed)
+    def data_fingerprint(self) -> str:
+        splits = (self.data.train, self.data.test)
+        return fingerprint(list(self.context_names), self.sample_rate,
+                           [(d.noisy, d.clean, d.environment) for d in splits])
+
+    def build_model(self) -> nn.Module:
+        """The paper's U-Net (37,368 prunable weights)."""
         return SpeechUNet(self.n_fft, self.hop_length, self.mask_activation)
 
     def build_shared_model(self, model: nn.Module) -> nn.Module:
@@ -107,16 +112,16 @@ class SpeechTask:
     def shared_stream(self) -> Stream:
         return self.all_stream()
 
-    def score_shared(self, predict: SharedPredict, label: str = "") -> list[Row]:
-        return self._score(lambda k, noisy: predict(noisy), label)
+    def score_shared(self, predict: SharedPredict, label: str = "", outputs: Path | None = None) -> list[Row]:
+        return self._score(lambda k, noisy: predict(noisy), label, outputs)
 
-    def score_routed(self, predict: RoutedPredict, label: str = "") -> list[Row]:
-        return self._score(predict, label)
+    def score_routed(self, predict: RoutedPredict, label: str = "", outputs: Path | None = None) -> list[Row]:
+        return self._score(predict, label, outputs)
 
-    def _score(self, predict: RoutedPredict, label: str) -> list[Row]:
+    def _score(self, predict: RoutedPredict, label: str, outputs: Path | None) -> list[Row]:
         enhanced = self.enhance(predict)
-        if self.output_dir is not None and label:
-            self._keep_examples(label, enhanced)
+        if outputs is not None and label:
+            self._keep_examples(outputs / f"{label}.npz", enhanced)
         return environment_rows(enhanced, self.data.test)
 
     # -- example spectrograms (tasks.base.WritesFigures) ------------------------------------------
@@ -126,26 +131,25 @@ class SpeechTask:
         return {f"{name}_{i}": row for k, name in enumerate(self.context_names)
                 for i, row in enumerate(test.indices(k)[: self.examples_per_environment].tolist())}
 
-    def _keep_examples(self, label: str, enhanced: torch.Tensor) -> None:
-        """Save the example clips' enhanced waveforms as ``<output_dir>/<label>.npz`` (atomically).
+    def _keep_examples(self, path: Path, enhanced: torch.Tensor) -> None:
+        """Save the example clips' enhanced waveforms as ``path`` (``<outputs>/<label>.npz``, atomically).
 
         Kept while scoring, so a resumed run that skips a finished method still has its examples.
         """
         arrays = {key: enhanced[row].numpy() for key, row in self.example_rows().items()}
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
-        assert self.output_dir is not None
-        atomic_write_bytes(Path(self.output_dir) / f"{label}.npz", buffer.getvalue())
+        atomic_write_bytes(path, buffer.getvalue())
 
-    def write_figures(self) -> list[Path]:
-        """``spectrograms/<environment>_<i>_<level>.png`` beside ``output_dir``: one per example clip and level.
+    def write_figures(self, outputs: Path) -> list[Path]:
+        """``spectrograms/<environment>_<i>_<level>.png`` beside ``outputs``: one per example clip and level.
 
         Each shows the noisy clip, every method's enhancement at that sparsity (dense in every
         level's figure, as the reference) and the clean clip, titled with SI-SNR / SI-SNRi.
         """
-        if self.output_dir is None or not Path(self.output_dir).is_dir():
+        if not outputs.is_dir():
             return []
-        kept = _read_kept(Path(self.output_dir))
+        kept = _read_kept(outputs)
         if not kept:
             return []
         levels = sorted({level for _, level in kept if level > 0}) or [0.0]
@@ -155,7 +159,7 @@ class SpeechTask:
             for key, row in self.example_rows().items():
                 enhanced = {f"{m} {lv:.0%}": torch.from_numpy(kept[(m, lv)][key]) for m, lv in chosen
                             if key in kept[(m, lv)]}
-                path = Path(self.output_dir).parent / "spectrograms" / f"{key}_{level:.0%}.png".replace("%", "pct")
+                path = outputs.parent / "spectrograms" / f"{key}_{level:.0%}.png".replace("%", "pct")
                 self._write_clip(path, test.noisy[row], test.clean[row], enhanced)
                 written.append(path)
         return written
@@ -225,9 +229,6 @@ def environment_rows(enhanced: torch.Tensor, clips: SpeechSplit) -> list[Row]:
              "clips": len(rows)} for name, rows in groups]
 
 
-METHOD_ORDER = ("dense", "single_imp", "multi_imp", "rtl", "random")
-
-
 def _read_kept(directory: Path) -> dict[tuple[str, float], dict[str, np.ndarray]]:
     """The saved example enhancements, keyed (method, level) from ``<method>_<level>.npz``, in method order."""
     kept = {}
@@ -239,8 +240,7 @@ def _read_kept(directory: Path) -> dict[tuple[str, float], dict[str, np.ndarray]
             continue  # not a file this task wrote
         with np.load(path, allow_pickle=False) as z:
             kept[key] = {name: z[name] for name in z.files}
-    rank = {m: i for i, m in enumerate(METHOD_ORDER)}
-    return dict(sorted(kept.items(), key=lambda item: (rank.get(item[0][0], len(rank)), item[0][0], item[0][1])))
+    return dict(sorted(kept.items(), key=lambda item: (method_rank(item[0][0]), item[0][0], item[0][1])))
 
 
 __all__ = ["SpeechTask", "PredictEnvironment", "speech_loss", "environment_rows"]

@@ -1,0 +1,78 @@
+"""Labelled examples of any shape: the one form a classification task's data takes.
+
+Rows may be images ``(N, C, H, W)``, tabular features ``(N, F)``, token ids ``(N, L)`` or any
+other ``(N, ...)`` tensor; the task and the model decide what they mean. A user's loader
+(``data.name: package.module:callable`` in a config) returns two of these, train and test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class LabelledDataset:
+    """Inputs ``(N, ...)`` (any dtype), integer ``labels`` ``(N,)`` in 0..C-1 and one name per class."""
+
+    inputs: torch.Tensor
+    labels: torch.Tensor
+    class_names: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.inputs, torch.Tensor) or self.inputs.ndim < 1:
+            raise ValueError(f"inputs must be a tensor (N, ...); got {type(self.inputs).__name__}")
+        if not isinstance(self.labels, torch.Tensor) or self.labels.shape != (len(self.inputs),):
+            raise ValueError(f"labels must be a tensor of shape ({len(self.inputs)},); got "
+                             f"{tuple(getattr(self.labels, 'shape', ())) or type(self.labels).__name__}")
+        if self.labels.dtype != torch.long:
+            raise ValueError(f"labels must be int64; got {self.labels.dtype}")
+        names = tuple(self.class_names)
+        if not names or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+            raise ValueError(f"class_names must be distinct non-empty strings; got {names!r}")
+        object.__setattr__(self, "class_names", names)
+        if len(self.labels) and not 0 <= int(self.labels.min()) <= int(self.labels.max()) < len(names):
+            raise ValueError(f"labels must lie in 0..{len(names) - 1}")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: torch.Tensor) -> LabelledDataset:
+        return type(self)(self.inputs[index], self.labels[index], self.class_names)
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: LabelledDataset
+    test: LabelledDataset
+
+    def __post_init__(self) -> None:
+        if self.train.class_names != self.test.class_names:
+            raise ValueError("train and test must share class_names")
+        if self.train.inputs.shape[1:] != self.test.inputs.shape[1:]:
+            raise ValueError(f"train rows {tuple(self.train.inputs.shape[1:])} and test rows "
+                             f"{tuple(self.test.inputs.shape[1:])} differ in shape")
+
+
+def as_splits(loaded: object, source: str) -> Splits:
+    """A loader's result as ``Splits``: a ``Splits`` or a (train, test) pair of ``LabelledDataset``."""
+    if isinstance(loaded, Splits):
+        return loaded
+    if isinstance(loaded, Sequence) and len(loaded) == 2 and all(isinstance(d, LabelledDataset) for d in loaded):
+        return Splits(loaded[0], loaded[1])
+    raise ValueError(f"{source} must return Splits or a (train, test) pair of LabelledDataset; "
+                     f"got {type(loaded).__name__}")
+
+
+def stratified_subset(dataset: LabelledDataset, per_class: int | None, seed: int) -> LabelledDataset:
+    """At most ``per_class`` samples of every class, drawn deterministically from ``seed``; None keeps all."""
+    if per_class is None:
+        return dataset
+    if per_class < 1:
+        raise ValueError(f"per_class must be >= 1 or None; got {per_class}")
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(dataset), generator=gen)
+    picked = [order[dataset.labels[order] == c][:per_class] for c in range(len(dataset.class_names))]
+    return dataset.subset(torch.cat(picked).sort().values)

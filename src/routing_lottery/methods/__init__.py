@@ -1,0 +1,51 @@
+"""The methods compared everywhere, registered by name with one interface.
+
+- ``dense``: no pruning.  ``single_imp``: one mask for all data.  ``multi_imp``: K independent
+  models, one per context.  ``rtl``: K masks over one shared θ, retrained jointly.  ``random``:
+  K random masks with RTL's per-tensor counts, retrained jointly (separates specialization from
+  mere sparsity).
+
+A method is an object with a ``name``, a table ``label``, what stage 1 it needs, and two calls:
+``steps(run)`` (training steps at one level, for progress) and ``fit(run, level)`` (train and
+score, returning result rows and its accounting). ``run`` is the experiment runner
+(``run.experiment.Experiment``): its tickets, task, streams and device. A new method is one new
+module with ``@METHODS.register("name")`` plus its name in ``_BUILT_IN``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ..registry import Registry
+from .accounting import Accounting
+
+if TYPE_CHECKING:
+    from ..run.experiment import Experiment
+
+Row = dict[str, Any]
+
+
+class Method(Protocol):
+    name: str
+    label: str
+    per_level: bool  # False: trained once (dense), reported at sparsity 0
+    needs_contexts: bool  # uses the K per-context IMP tickets of stage 1
+    needs_single: bool  # uses the single-mask IMP rounds of stage 1
+
+    def steps(self, run: Experiment) -> int:
+        """Training steps of one fit (the progress bar's share of this method at one level)."""
+
+    def fit(self, run: Experiment, level: float) -> tuple[list[Row], Accounting]:
+        """Train at ``level`` from the run's rewind point and score on the task's test data."""
+
+
+_BUILT_IN = ("routing_lottery.methods.baselines", "routing_lottery.methods.shared")
+METHODS: Registry[Method] = Registry("method", loaders=_BUILT_IN)
+
+
+def method_label(name: str) -> str:
+    """A method's name in tables (its registered label, else the name itself)."""
+    return METHODS.get(name).label if name in METHODS else name
+
+
+__all__ = ["METHODS", "Method", "Accounting", "method_label"]

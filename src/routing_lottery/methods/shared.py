@@ -1,0 +1,67 @@
+"""Methods with K masks over one shared θ, retrained jointly: RTL and the random-ticket control."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..masks import MaskSet
+from ..pruning import random_mask_like
+from ..training import generator
+from . import METHODS, Row
+from .accounting import Accounting, shared_accounting
+
+if TYPE_CHECKING:
+    from ..run.experiment import Experiment
+
+
+class _JointlyRetrained:
+    name = ""
+    per_level, needs_contexts, needs_single = True, True, False
+
+    def steps(self, run: Experiment) -> int:
+        return run.config.training.epochs * len(run.detectors) * max(s.num_batches for s in run.detectors)
+
+    def masks(self, run: Experiment, level: float) -> MaskSet:
+        raise NotImplementedError
+
+    def fit(self, run: Experiment, level: float) -> tuple[list[Row], Accounting]:
+        masks = self.masks(run, level)
+        routed = run.tickets.retrain(run.detectors, masks, self.name, level, rewind_stream=run.classifier)
+        with torch.no_grad():
+            rows = run.task.score_routed(lambda k, x: routed(x.to(run.device), k), f"{self.name}_{level:.4f}",
+                                         run.outputs)
+        self.keep(run, level)
+        return rows, shared_accounting(run.tickets.model, run.tickets.prunable, masks)
+
+    def keep(self, run: Experiment, level: float) -> None:
+        """What to leave in the run directory besides the record (RTL: its tickets)."""
+
+
+class Rtl(_JointlyRetrained):
+    name, label = "rtl", "RTL"
+
+    def masks(self, run: Experiment, level: float) -> MaskSet:
+        return run.context_masks()[level]
+
+    def keep(self, run: Experiment, level: float) -> None:
+        run.tickets.save(run.run.checkpoint_dir(self.name, level),
+                         {"experiment": run.config.name,
+                          "context_members": getattr(run.task, "context_members", None)})
+
+
+class RandomTickets(_JointlyRetrained):
+    """K random masks with RTL's per-tensor counts: specialization versus mere sparsity."""
+
+    name, label = "random", "random tickets"
+
+    def masks(self, run: Experiment, level: float) -> MaskSet:
+        masks = run.context_masks()[level]
+        return MaskSet.from_tickets(
+            [random_mask_like(masks[k], generator(run.config.seed, self.name, k, str(level)))
+             for k in range(masks.num_contexts)], masks.context_names)
+
+
+METHODS.register("rtl")(Rtl())
+METHODS.register("random")(RandomTickets())

@@ -1,0 +1,89 @@
+"""The RTL recipe: how tickets are extracted and retrained, as typed settings validated once.
+
+``RTLConfig`` is what a ticket checkpoint records beside its weights (so a checkpoint alone says
+how it was made) and what the experiment config (``config.ExperimentConfig``) extends with the
+data, the model and the comparison to run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .pruning import validate_sparsity
+from .training import OptimizerConfig
+
+
+@dataclass(frozen=True)
+class PruningConfig:
+    sparsities: tuple[float, ...] = (0.25, 0.5, 0.75)
+    step: int | float = 4096  # weights per IMP round (int, the paper: 4,096) or fraction of survivors (float)
+    scope: Literal["global", "layerwise"] = "global"
+    rewind_steps: int = 0  # 0: rewind to θ₀ (the paper); j > 0: to θ_j, after j dense steps on all data
+    include: tuple[str, ...] = ()  # glob patterns over parameter names to mask (empty: conv, linear, attention)
+    exclude: tuple[str, ...] = ()  # glob patterns removed from what would be masked
+
+    def __post_init__(self) -> None:
+        if not self.sparsities:
+            raise ValueError("pruning.sparsities must list at least one level")
+        for s in self.sparsities:
+            validate_sparsity(s, "pruning.sparsities entry")
+            if round(s, 4) != s:  # levels name files (records/rtl_0.2500.json): four decimals must identify them
+                raise ValueError(f"pruning.sparsities entries need at most 4 decimals; got {s}")
+        if isinstance(self.step, bool) or not isinstance(self.step, (int, float)):
+            raise ValueError(f"pruning.step must be a count (int) or a fraction (float); got {self.step!r}")
+        if isinstance(self.step, float) and not 0 < self.step < 1:
+            raise ValueError(f"pruning.step as a fraction must be in (0, 1); got {self.step}")
+        if isinstance(self.step, int) and self.step < 1:
+            raise ValueError(f"pruning.step as a count must be >= 1; got {self.step}")
+        if self.rewind_steps < 0:
+            raise ValueError(f"pruning.rewind_steps must be >= 0; got {self.rewind_steps}")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    batch_size: int | None = 64  # None: full batch (INR, as the paper); read by the tasks that batch data
+    imp_epochs: int = 10  # per IMP round, per context (detectors); the classifier gets twice as many
+    epochs: int = 10  # final training / joint retraining (the paper: 10); the classifier gets twice as many
+    negative_ratio: float = 1.0  # classification: negatives per positive in a detector's balanced batches
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "imp_epochs", "epochs"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"training.{name} must be >= 1; got {getattr(self, name)}")
+        if not self.negative_ratio > 0:  # also refuses NaN
+            raise ValueError(f"training.negative_ratio must be > 0; got {self.negative_ratio}")
+
+
+@dataclass(frozen=True)
+class RTLConfig:
+    """Everything that decides a set of adaptive tickets, given the model and the data.
+
+    Example
+    -------
+    >>> RTLConfig(seed=0, pruning=PruningConfig(sparsities=(0.5,), step=0.2),
+    ...           training=TrainingConfig(imp_epochs=2, epochs=3, optimizer=OptimizerConfig(lr=1e-3)))
+    """
+
+    seed: int = 0
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+    @property
+    def recipe(self) -> RTLConfig:
+        """Only the recipe fields (an ``ExperimentConfig`` narrowed to what its tickets depend on)."""
+        return RTLConfig(self.seed, self.pruning, self.training)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(obj: Any) -> Any:
+    """Tuples to lists, recursively: the form YAML and JSON write and read back."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj

@@ -1,0 +1,46 @@
+"""Running a configured comparison in a directory: identity, resume, stage 1, methods, parts."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import ExperimentConfig
+from ..tasks.base import Task
+from ..tickets import Log, quiet
+from ..training import SILENT, ProgressSink
+from .builders import DATASETS, TASKS, build_tasks
+from .directory import RunDirectory, run_identity
+from .experiment import Experiment
+from .images import ImageSetExperiment
+
+
+def make_runner(config: ExperimentConfig, out: str | Path, progress: ProgressSink = SILENT, log: Log = quiet,
+                tasks: Task | Sequence[Task] | None = None) -> Experiment | ImageSetExperiment:
+    """The runner of ``config`` in ``out``: one experiment, or one per part when the task has several.
+
+    ``tasks`` gives the task object(s) directly (Python users with their own Task); otherwise the
+    config's ``task`` names the builder.
+    """
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    if tasks is None:
+        built = build_tasks(config)
+    else:
+        built = list(tasks) if isinstance(tasks, (list, tuple)) else [tasks]
+    if len(built) == 1 and config.task != "inr":
+        return Experiment(config, out, built[0], progress, log)
+    return ImageSetExperiment(config, out, built, progress, log)
+
+
+def run_experiment(config: ExperimentConfig, out: str | Path, progress: ProgressSink = SILENT,
+                   log: Log = quiet, tasks: Task | Sequence[Task] | None = None) -> list[dict[str, Any]]:
+    """Run (or resume) ``config`` in directory ``out``; return the result records."""
+    return make_runner(config, out, progress, log, tasks).run_all()
+
+
+__all__ = ["DATASETS", "TASKS", "Experiment", "ImageSetExperiment", "RunDirectory", "build_tasks", "make_runner",
+           "run_experiment", "run_identity"]

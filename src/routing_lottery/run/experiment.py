@@ -1,0 +1,181 @@
+"""One configured comparison in a run directory: stage 1 once, then every method at every level.
+
+The RTL stages are ``AdaptiveTickets``' own (the front door); this runner adds what a comparison
+needs around them -- the task's streams, the baselines (``methods.METHODS``), records and tables
+-- and resumes whatever already finished (see ``run.directory`` for the layout). Every loop is
+seeded by its position, so a killed run restarted on the same directory ends with the same masks
+as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import ExperimentConfig
+from ..io import atomic_write_text
+from ..masks import Mask, MaskSet
+from ..methods import METHODS, Method, Row
+from ..report import write_results
+from ..tasks.base import Task
+from ..tickets import AdaptiveTickets, Log, quiet
+from ..training import SILENT, ProgressSink, derive_seed
+from .directory import RunDirectory, resolve_device, run_identity
+
+
+def seeded_model(task: Task, seed: int) -> torch.nn.Module:
+    """``task.build_model()`` with the global generator seeded (and restored afterwards)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return task.build_model()
+
+
+class Experiment:
+    """Dense, single IMP, multiple IMP, RTL and the random control (or the configured subset) on one task."""
+
+    def __init__(self, config: ExperimentConfig, out: str | Path, task: Task, progress: ProgressSink = SILENT,
+                 log: Log = quiet) -> None:
+        self.config, self.task, self.progress, self.log = config, task, progress, log
+        self.run = RunDirectory(out)
+        self.device = resolve_device(config.device)
+        self.methods: list[Method] = [METHODS.get(m) for m in config.methods]
+        model = seeded_model(task, derive_seed(config.seed, "init")).to(self.device)
+        shared = task.build_shared_model(model)
+        if shared is not model and config.pruning.rewind_steps:
+            raise ValueError("pruning.rewind_steps needs the baselines to share the RTL network; this task's differ")
+        self.check_partition()
+        self.run.claim(run_identity(config, task.data_fingerprint()), config)
+        self.tickets = AdaptiveTickets(model, config, store=self.run, progress=progress, log=log)
+        self.shared_tickets = self.tickets if shared is model else AdaptiveTickets(
+            shared.to(self.device), config, store=self.run, name="shared", progress=progress, log=log)
+        self.classifier = task.shared_stream()
+        self.detectors = [task.context_stream(k) for k in range(self.num_contexts)]
+        self.factor = task.shared_epoch_factor
+        self.outputs = self.run.path / "outputs"
+        self._single: list[Mask] | None = None
+        self._contexts: dict[float, MaskSet] | None = None
+
+    @property
+    def num_contexts(self) -> int:
+        return len(self.task.context_names)
+
+    @property
+    def levels(self) -> list[float]:
+        return self.tickets.levels
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.tickets.model
+
+    @property
+    def description(self) -> str:
+        return (f"{self.num_contexts} contexts, {self.tickets.total:,} masked weights, sparsities "
+                f"{', '.join(f'{s:.0%}' for s in self.levels)}, {len(self.tickets.schedule)} IMP rounds, "
+                f"device {self.device}")
+
+    # -- planning, for progress bars --------------------------------------------------------
+    def planned_steps(self) -> int:
+        """Training steps the whole run takes (the progress bar's total)."""
+        t = self.config.training
+        steps = self.config.pruning.rewind_steps
+        if any(m.needs_single for m in self.methods):
+            steps += len(self.shared_tickets.schedule) * self.factor * t.imp_epochs * self.classifier.num_batches
+        if any(m.needs_contexts for m in self.methods):
+            steps += len(self.tickets.schedule) * t.imp_epochs * sum(s.num_batches for s in self.detectors)
+        return steps + sum(m.steps(self) * (len(self.levels) if m.per_level else 1) for m in self.methods)
+
+    # -- stage 1, once per run ----------------------------------------------------------------
+    def single_rounds(self) -> list[Mask]:
+        """Every round of single-mask IMP on all data (from disk where finished)."""
+        if self._single is None:
+            self._single = self.shared_tickets.imp_rounds(
+                "single", self.classifier, self.factor * self.config.training.imp_epochs, rewind_stream=self.classifier)
+        return self._single
+
+    def context_masks(self) -> dict[float, MaskSet]:
+        """The K per-context tickets at every level (from disk where finished)."""
+        if self._contexts is None:
+            masks = self.tickets.extract(self.detectors, rewind_stream=self.classifier)
+            names = list(self.task.context_names)
+            self._contexts = {level: MaskSet(m.stacked, names) for level, m in masks.items()}
+        return self._contexts
+
+    # -- the comparison -----------------------------------------------------------------------
+    def run_all(self) -> list[Row]:
+        self.log("masks:\n" + self.tickets.describe())
+        if any(m.needs_single for m in self.methods):
+            self.single_rounds()
+        if any(m.needs_contexts for m in self.methods):
+            self.context_masks()
+        contexts_note = self.save_partition()
+        records: list[Row] = []
+        for method in self.methods:
+            if not method.per_level:
+                records += self.finished(method, 0.0)
+        for level in self.levels:
+            for method in self.methods:
+                if method.per_level:
+                    records += self.finished(method, level)
+        write_results(self.run.path, records, self.config, summary=contexts_note)
+        write_figures = getattr(self.task, "write_figures", None)
+        if callable(write_figures):
+            write_figures(self.outputs)
+        return records
+
+    def basis(self, method: Method, level: float) -> Any:
+        """The stage-1 rounds a record of ``method`` at ``level`` was computed from."""
+        if method.needs_single:
+            return {"single": self.shared_tickets.basis(level)}
+        if method.needs_contexts:
+            return {"contexts": self.tickets.basis(level)}
+        return None
+
+    def finished(self, method: Method, level: float) -> list[Row]:
+        """The rows of (method, level): from disk when a previous run finished them, else computed."""
+        basis = self.basis(method, level)
+        rows = self.run.load_record(method.name, level, basis)
+        if rows is not None:
+            self.progress.advance(method.steps(self), f"{method.name} {level:.0%} (on disk)")
+            return rows
+        self.log(f"{method.name} at {level:.0%} sparsity")
+        start = time.perf_counter()
+        rows, accounting = method.fit(self, level)
+        seconds = round(time.perf_counter() - start, 2)
+        records = [{"experiment": self.config.name, "method": method.name, "sparsity": level, **row,
+                    **vars(accounting), "train_seconds": seconds} for row in rows]
+        self.run.save_record(method.name, level, basis, records)
+        return records
+
+    def check_partition(self) -> None:
+        """Refuse to resume with other class contexts than the run started with (named before the identity check,
+        which would only say that the data fingerprint differs)."""
+        partition = getattr(self.task, "partition", None)
+        path = self.run.path / "partition.json"
+        if partition is None or not path.exists():
+            return
+        from ..contexts.partitions import Partition
+
+        started = Partition.load(path)
+        if (started.names, started.assignment) != (partition.names, partition.assignment):
+            raise ValueError(f"the class contexts differ from {path}, which this run started with "
+                             "(clustering on another machine or library version?); use data.contexts: "
+                             f"{path} to resume with the original contexts")
+
+    def save_partition(self) -> str:
+        """When contexts group classes: ``partition.json``/``.txt`` and its agreement with the shipped references.
+
+        Returns the text for the results' report ("" when contexts are single classes)."""
+        partition = getattr(self.task, "partition", None)
+        if partition is None:
+            return ""
+        from ..contexts.partitions import format_partition, reference_scores
+
+        partition.save(self.run.path / "partition.json")
+        scores = reference_scores(partition)
+        text = format_partition(partition) + "".join(f"\nadjusted Rand index vs {k}: {v:.3f}" for k, v in scores.items())
+        atomic_write_text(self.run.path / "partition.txt", text + "\n")
+        self.log("contexts:\n" + text)
+        return f"Contexts (members; * = HDBSCAN noise reassigned to the nearest cluster centroid):\n\n```\n{text}\n```"

@@ -1,0 +1,98 @@
+"""One independent experiment per part (INR: per image), then the mean over parts.
+
+Each part runs in ``images/<name>/`` exactly like a single experiment (own θ₀, contexts and masks;
+it resumes the same way); the top-level ``results.json`` holds every part's records plus
+``image: "mean"`` rows, the mean of per-part metrics (how the paper computes its INR headline:
+the mean of per-image PSNRs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..config import ExperimentConfig
+from ..data.fingerprint import fingerprint
+from ..report import is_per_context_key, write_results
+from ..tasks.base import Task
+from ..tickets import Log, quiet
+from ..training import SILENT, ProgressSink
+from .directory import RunDirectory, run_identity
+from .experiment import Experiment
+
+Row = dict[str, Any]
+_NOT_AVERAGED = ("experiment", "method", "sparsity", "image", "train_seconds")
+
+
+class ImageSetExperiment:
+    """The same comparison on every part; parts are named by ``task.name``."""
+
+    def __init__(self, config: ExperimentConfig, out: str | Path, tasks: Sequence[Task],
+                 progress: ProgressSink = SILENT, log: Log = quiet) -> None:
+        self.config, self.log = config, log
+        self.run = RunDirectory(out)
+        names = [str(getattr(t, "name", f"part_{i}")) for i, t in enumerate(tasks)]
+        if len(set(names)) != len(names):
+            raise ValueError(f"parts need distinct names; got {names}")
+        self.run.claim(run_identity(config, fingerprint([t.data_fingerprint() for t in tasks])), config)
+        self.parts = [Experiment(config, self.run.path / "images" / n, t, progress, log) for n, t in zip(names, tasks)]
+        self.summary = ""
+
+    @property
+    def description(self) -> str:
+        first = self.parts[0]
+        return (f"{len(self.parts)} images, {', '.join(str(p.num_contexts) for p in self.parts)} regions, "
+                f"{first.tickets.total:,} masked weights, {len(first.tickets.schedule)} IMP rounds, device {first.device}")
+
+    @property
+    def levels(self) -> list[float]:
+        return self.parts[0].levels
+
+    def planned_steps(self) -> int:
+        return sum(p.planned_steps() for p in self.parts)
+
+    def run_all(self) -> list[Row]:
+        records: list[Row] = []
+        for part in self.parts:
+            self.log(f"image {part.run.path.name}")
+            records += part.run_all()
+        records += mean_over_parts(records)
+        self.summary = rtl_wins(records)
+        write_results(self.run.path, records, self.config, summary=self.summary,
+                      columns=["image", "psnr", "parameters", "storage_bytes"] if any("psnr" in r for r in records)
+                      else None)
+        return records
+
+
+def mean_over_parts(records: Sequence[Row]) -> list[Row]:
+    """One ``image: "mean"`` row per (method, sparsity): the mean of every numeric metric shared by its parts.
+
+    Per-context metrics are left out: contexts (regions) differ from part to part.
+    """
+    groups: dict[tuple[str, float], list[Row]] = {}
+    for r in records:
+        groups.setdefault((r["method"], r["sparsity"]), []).append(r)
+    rows = []
+    for (method, level), rs in groups.items():
+        keys = [k for k in rs[0] if k not in _NOT_AVERAGED and not is_per_context_key(k)
+                and all(isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool) for r in rs)]
+        row: Row = {"experiment": rs[0]["experiment"], "method": method, "sparsity": level, "image": "mean"}
+        for k in keys:
+            mean = sum(r[k] for r in rs) / len(rs)
+            row[k] = round(mean) if all(isinstance(r[k], int) for r in rs) else mean
+        rows.append({**row, "images": len(rs)})
+    return rows
+
+
+def rtl_wins(records: Sequence[Row], metric: str = "psnr") -> str:
+    """On how many parts RTL's metric beat the single mask's, at each sparsity."""
+    value = {(r["method"], r["sparsity"], r["image"]): r[metric] for r in records
+             if r.get("image") != "mean" and metric in r}
+    lines = []
+    for level in sorted({lv for m, lv, _ in value if m == "rtl"}):
+        parts = [i for m, lv, i in value if m == "rtl" and lv == level and ("single_imp", lv, i) in value]
+        wins = sum(value[("rtl", level, i)] > value[("single_imp", level, i)] for i in parts)
+        if parts:
+            lines.append(f"At {level:.0%} sparsity RTL beat the single mask on {wins} of {len(parts)} images.")
+    return "\n".join(lines)

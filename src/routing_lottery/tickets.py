@@ -1,0 +1,372 @@
+"""The front door: adaptive tickets over any ``nn.Module``, from extraction to a saved routed model.
+
+``AdaptiveTickets(model, config)`` remembers the model's weights as the shared initialization θ₀
+and answers the three stages of the paper in order:
+
+1. ``extract(streams)`` -- per-context iterative magnitude pruning, one nested ticket per
+   configured sparsity level (``{level: MaskSet}``);
+2. ``retrain(streams, masks)`` -- joint retraining of the K subnetworks over one θ (Algorithm 2),
+   returning the ``RoutedModel``;
+3. ``save(dir)`` / ``AdaptiveTickets.load(dir, model)`` -- shared weights, packed masks and the
+   recipe that made them, so a checkpoint alone says how it was made.
+
+``fit(streams)`` runs 1 and 2 at one level. Given a ``store`` (a run directory, see
+``run.directory``), every IMP round, θ₀ and every retraining epoch is checkpointed and a second
+call resumes from the last finished one; the experiment runner and the command line drive this
+same object, with the baselines beside it.
+
+Example
+-------
+>>> from routing_lottery import AdaptiveTickets, RTLConfig, PruningConfig, Stream
+>>> streams = {name: Stream.from_tensors(name, x_k, y_k, loss, batch_size=32) for name, (x_k, y_k) in data.items()}
+>>> rtl = AdaptiveTickets(model, RTLConfig(pruning=PruningConfig(sparsities=(0.5,), step=0.2)))
+>>> routed = rtl.fit(streams)
+>>> routed(x, ["cat", "dog", "cat"])       # contexts by name (or index), mixed in one batch
+>>> rtl.save("tickets/")
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from .data.fingerprint import fingerprint
+from .io import CheckpointError, load_tickets, save_tickets
+from .masks import Mask, MaskSet, ones_like
+from .pruning import TensorFilter, describe_prunable, levels_reached, prunable_names, pruning_schedule
+from .recipe import RTLConfig
+from .routed import RoutedModel
+from .training import SILENT, ProgressSink, State, Stream, derive_seed, extract_ticket, joint_retrain, snapshot, train
+
+Log = Callable[[str], None]
+
+
+def quiet(message: str) -> None:
+    """The default log: the library prints nothing unless asked."""
+
+
+class TicketStore(Protocol):
+    """Where stage 1 and stage 2 keep their progress so that a run resumes (``run.RunDirectory``)."""
+
+    def load_state(self, name: str) -> State | None: ...
+
+    def save_state(self, name: str, state: State) -> None: ...
+
+    def load_round(self, stream: str, r: int, pruned: int, order: Sequence[str]) -> Mask | None:
+        """Round ``r``'s mask if saved for the same cumulative count ``pruned``, else None."""
+
+    def save_round(self, stream: str, r: int, mask: Mask, pruned: int) -> None: ...
+
+    def load_training(self, key: str, basis: Any) -> dict[str, Any] | None:
+        """A retraining state saved under ``key`` for the same ``basis`` (its masks' rounds), else None."""
+
+    def save_training(self, key: str, basis: Any, state: dict[str, Any]) -> None: ...
+
+    def drop_training(self, key: str) -> None: ...
+
+
+class AdaptiveTickets:
+    """K binary masks (tickets) over one model's shared weights, one per data context.
+
+    Parameters
+    ----------
+    model
+        Any ``nn.Module``; its current weights are the shared initialization θ₀ (or, with a
+        ``store`` that already holds θ₀, those are loaded into it).
+    config
+        The recipe (``RTLConfig``): sparsity levels, pruning step and scope, rewinding, epochs,
+        optimizer, which tensors to mask (``pruning.include`` / ``exclude`` glob patterns).
+    select
+        Optional filter ``select(name, tensor) -> bool`` applied after the patterns.
+    out
+        A run directory to checkpoint into and resume from (None: everything stays in memory).
+        It is keyed by the recipe, the masked tensors and a fingerprint of the streams' data:
+        other data or settings in the same directory are refused, naming what differs.
+    store
+        Instead of ``out``, a ``TicketStore`` the caller has already claimed (the experiment runner's).
+    name
+        Prefix of this object's entries in ``store`` (two networks may share one run directory).
+    """
+
+    def __init__(self, model: nn.Module, config: RTLConfig | None = None, *, select: TensorFilter | None = None,
+                 out: str | Path | None = None, store: TicketStore | None = None, name: str = "",
+                 progress: ProgressSink = SILENT, log: Log = quiet) -> None:
+        if out is not None and store is not None:
+            raise ValueError("give out (a directory) or store, not both")
+        self.model = model
+        self.config = (config or RTLConfig()).recipe
+        self.store, self.out, self.name, self.progress, self.log = store, out, name, progress, log
+        pruning = self.config.pruning
+        self.prunable = prunable_names(model, pruning.include, pruning.exclude, select)
+        params = dict(model.named_parameters())
+        self.total = sum(params[n].numel() for n in self.prunable)
+        self.levels = sorted(set(pruning.sparsities))
+        positive = [s for s in self.levels if round(s * self.total) > 0]
+        self.schedule = pruning_schedule(self.total, positive, pruning.step) if positive else []
+        self.level_round = levels_reached(self.schedule, self.total, positive)
+        self._initial = snapshot(model)  # θ₀ unless the store already holds one (no I/O before first use)
+        self._theta0: State | None = None
+        self._rewind: State | None = None
+        self.masks: MaskSet | None = None
+        self.level: float | None = None
+
+    # -- what is masked ----------------------------------------------------------------------
+    def describe(self) -> str:
+        """Which tensors get masks and how many weights: printed at the start of every run."""
+        return describe_prunable(self.model, self.prunable)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _state_name(self, what: str) -> str:
+        return f"{what}_{self.name}" if self.name else what
+
+    def _to_device(self, state: State) -> State:
+        return {k: v.to(self.device) for k, v in state.items()}
+
+    def _open(self, streams: Sequence[Stream]) -> None:
+        """Claim the run directory ``out`` (first use): recorded identity, or refusal when it differs."""
+        if self.out is None or self.store is not None:
+            return
+        from .run.directory import RunDirectory
+
+        directory = RunDirectory(self.out)
+        recipe = self.config.to_dict()
+        recipe["pruning"].pop("sparsities")  # adding a level reuses the nested rounds on disk
+        directory.claim({"version": 2, "recipe": recipe, "masked": self.prunable,
+                         "data_fingerprint": stream_fingerprint(streams)})
+        self.store = directory
+
+    @property
+    def theta0(self) -> State:
+        """The shared initialization: from the store when a run started before, else the model's weights
+        when this object was made (and saved to the store)."""
+        if self._theta0 is None:
+            self._theta0 = self._initial_state()
+        return self._theta0
+
+    def _initial_state(self) -> State:
+        stored = self.store.load_state(self._state_name("theta0")) if self.store is not None else None
+        if stored is None:
+            stored = self._initial
+            if self.store is not None:
+                self.store.save_state(self._state_name("theta0"), stored)
+        else:
+            self.model.load_state_dict(stored)
+        return self._to_device(stored)
+
+    def rewind_point(self, stream: Stream | None = None) -> State:
+        """Where survivors rewind to: θ₀ (the paper), or θ_j after ``pruning.rewind_steps`` dense steps
+        on ``stream`` (all data)."""
+        j = self.config.pruning.rewind_steps
+        if j == 0:
+            return self.theta0
+        if self._rewind is None:
+            stored = self.store.load_state(self._state_name("rewind")) if self.store is not None else None
+            if stored is not None:
+                self.progress.advance(j, "rewind point (resumed)")
+            else:
+                if stream is None:
+                    raise ValueError(f"pruning.rewind_steps={j} needs a stream over all data to take them on "
+                                     "(pass rewind_stream=...)")
+                self.log(f"rewind point: {j} dense steps on all data")
+                self.model.load_state_dict(self.theta0)
+                train(self.model, None, stream, 10**9, self.config.training.optimizer,
+                      derive_seed(self.config.seed, "rewind"), self.progress, max_steps=j)
+                stored = snapshot(self.model)
+                if self.store is not None:
+                    self.store.save_state(self._state_name("rewind"), stored)
+            self._rewind = self._to_device(stored)
+        return self._rewind
+
+    # -- stage 1 -----------------------------------------------------------------------------
+    def imp_rounds(self, stream_id: str, stream: Stream, epochs: int | None = None,
+                   rewind_stream: Stream | None = None) -> list[Mask]:
+        """Every IMP round's mask on one stream; rounds already in the store (for the same schedule) are reused."""
+        epochs = self.config.training.imp_epochs if epochs is None else epochs
+        done: list[Mask] = []
+        if self.store is not None:
+            for r, pruned in enumerate(self.schedule):
+                mask = self.store.load_round(stream_id, r, pruned, self.prunable)
+                if mask is None:
+                    break
+                done.append(mask)
+        if done:
+            self.progress.advance(len(done) * epochs * stream.num_batches, f"{stream_id}: {len(done)} rounds on disk")
+        if len(done) < len(self.schedule):
+            self.log(f"IMP {stream_id}: rounds {len(done) + 1}..{len(self.schedule)}")
+            save = None if self.store is None else (
+                lambda r, m: self.store.save_round(stream_id, r, m, self.schedule[r]))  # type: ignore[union-attr]
+            done += extract_ticket(
+                self.model, self.rewind_point(rewind_stream), self.prunable, stream, self.schedule, epochs,
+                self.config.training.optimizer, derive_seed(self.config.seed, "imp", stream_id),
+                self.config.pruning.scope, self.progress, resume=(len(done) - 1, done[-1]) if done else None,
+                on_round=save)
+        return done
+
+    def mask_at(self, rounds: Sequence[Mask], level: float) -> Mask:
+        """The ticket at ``level`` from a stream's rounds (all ones at a level that prunes nothing)."""
+        if round(level * self.total) == 0:
+            params = dict(self.model.named_parameters())
+            return ones_like({n: params[n] for n in self.prunable})
+        if level not in self.level_round:
+            raise ValueError(f"sparsity {level} is not one of this recipe's levels {self.levels}")
+        return rounds[self.level_round[level]]
+
+    def basis(self, level: float) -> list[int]:
+        """What a ticket at ``level`` depends on in stage 1: the cumulative pruned count of every round up to it.
+
+        A record or retraining state saved for another basis (a level was inserted below, changing
+        the rounds) is stale; one saved for the same basis is reused when a level is added above.
+        """
+        return [] if level not in self.level_round else self.schedule[: self.level_round[level] + 1]
+
+    def extract(self, streams: Sequence[Stream] | Mapping[str, Stream],
+                rewind_stream: Stream | None = None) -> dict[float, MaskSet]:
+        """Stage 1 for every context: ``{level: MaskSet}`` of K nested tickets at every configured level."""
+        names, streams = _named(streams)
+        self._open(streams)
+        rounds = [self.imp_rounds(f"context_{k:02d}", s, rewind_stream=rewind_stream) for k, s in enumerate(streams)]
+        return {level: MaskSet.from_tickets([self.mask_at(r, level) for r in rounds], names) for level in self.levels}
+
+    # -- stage 2 -----------------------------------------------------------------------------
+    def retrain(self, streams: Sequence[Stream] | Mapping[str, Stream], masks: MaskSet, method: str = "rtl",
+                level: float | None = None, rewind_stream: Stream | None = None) -> RoutedModel:
+        """Stage 2 (Algorithm 2): the K subnetworks take turns training the shared θ; returns the routed model.
+
+        ``method`` and ``level`` name this retraining (its seed and its checkpoint in the store);
+        ``level`` also ties the checkpoint to the stage-1 rounds it depends on, so a stale state is
+        never resumed.
+        """
+        names, streams = _named(streams)
+        self._open(streams)
+        if len(streams) != masks.num_contexts:
+            raise ValueError(f"{len(streams)} streams for {masks.num_contexts} masks")
+        training = self.config.training
+        position = (method,) if level is None else (method, str(level))
+        key = "_".join(position[:1] + ((f"{level:.4f}",) if level is not None else ()))
+        basis = self.basis(level) if level is not None else None
+        saved = self.store.load_training(key, basis) if self.store is not None else None
+        resume = None
+        if saved is not None:
+            self.model.load_state_dict(saved["model"])
+            resume = (saved["epoch"], saved["optimizers"])
+            per_epoch = masks.num_contexts * max(s.num_batches for s in streams)
+            self.progress.advance((saved["epoch"] + 1) * per_epoch, f"{key}: epoch {saved['epoch'] + 1} on disk")
+
+        def checkpoint(epoch: int, optimizers: Sequence[Any]) -> None:
+            if self.store is not None:
+                self.store.save_training(key, basis, {"epoch": epoch, "model": snapshot(self.model),
+                                                      "optimizers": [o.state_dict() for o in optimizers]})
+
+        joint_retrain(self.model, self.rewind_point(rewind_stream), masks, streams, training.epochs,
+                      training.optimizer, derive_seed(self.config.seed, *position), self.progress,
+                      resume=resume, on_epoch=checkpoint)
+        if self.store is not None:
+            self.store.drop_training(key)
+        self.masks, self.level = masks, level
+        return self.routed
+
+    def fit(self, streams: Sequence[Stream] | Mapping[str, Stream], level: float | None = None,
+            rewind_stream: Stream | None = None) -> RoutedModel:
+        """Extract the tickets and retrain them jointly at ``level`` (default: the highest configured)."""
+        level = max(self.levels) if level is None else float(level)
+        masks = self.extract(streams, rewind_stream)[level]
+        return self.retrain(streams, masks, level=level, rewind_stream=rewind_stream)
+
+    # -- inference and files -----------------------------------------------------------------
+    @property
+    def routed(self) -> RoutedModel:
+        """The routed model over the current masks (in evaluation mode)."""
+        if self.masks is None:
+            raise RuntimeError("no tickets yet: call fit() or extract() + retrain(), or AdaptiveTickets.load()")
+        return RoutedModel(self.model, self.masks).eval()
+
+    def save(self, directory: str | Path, metadata: Mapping[str, Any] | None = None) -> Path:
+        """The shared weights, packed masks and recipe in ``directory`` (see ``io.save_tickets``)."""
+        if self.masks is None:
+            raise RuntimeError("nothing to save: call fit() or retrain() first")
+        recipe = {"recipe": self.config.to_dict(), "masked": self.prunable, "sparsity": self.level}
+        return save_tickets(directory, self.model, self.masks, {**recipe, **(metadata or {})})
+
+    @classmethod
+    def load(cls, directory: str | Path, model: nn.Module) -> AdaptiveTickets:
+        """Tickets saved by ``save`` loaded into ``model`` (same architecture), with the recipe that made them."""
+        masks, metadata = load_tickets(directory, model)
+        try:
+            config = _recipe_from_dict(metadata["recipe"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{directory}: no usable recipe in its metadata ({err}); was it written by "
+                                  "AdaptiveTickets.save?") from None
+        tickets = cls.__new__(cls)
+        tickets.model, tickets.config, tickets.store, tickets.out, tickets.name = model, config, None, None, ""
+        tickets.progress, tickets.log = SILENT, quiet
+        tickets.prunable = list(masks.tensor_names)
+        tickets.total = masks.size()
+        tickets.levels = sorted(set(config.pruning.sparsities))
+        tickets.schedule, tickets.level_round = [], {}
+        tickets._initial = snapshot(model)
+        tickets._theta0, tickets._rewind = tickets._initial, None
+        tickets.masks, tickets.level = masks, metadata.get("sparsity")
+        tickets.metadata = metadata
+        return tickets
+
+
+def _named(streams: Sequence[Stream] | Mapping[str, Stream]) -> tuple[list[str], list[Stream]]:
+    """Context names and streams, from a mapping name -> stream or a sequence (names from the streams)."""
+    if isinstance(streams, Mapping):
+        names, items = [str(n) for n in streams], list(streams.values())
+    else:
+        items = list(streams)
+        names = [s.name for s in items]
+    if not items:
+        raise ValueError("no contexts: give at least one stream")
+    if len(set(names)) != len(names):
+        raise ValueError(f"context names must be distinct; got {names}")
+    bad = [type(s).__name__ for s in items if not isinstance(s, Stream)]
+    if bad:
+        raise ValueError(f"every context needs a Stream; got {bad}")
+    return names, items
+
+
+def stream_fingerprint(streams: Sequence[Stream]) -> str:
+    """A fingerprint of the data behind ``streams``: names and the batches of one epoch each, fixed seed."""
+    return fingerprint([(s.name, s.num_batches, list(s.epoch(torch.Generator().manual_seed(0)))) for s in streams])
+
+
+def tensor_stream(name: str, inputs: torch.Tensor | Sequence[torch.Tensor], targets: torch.Tensor,
+                  loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], batch_size: int = 64) -> Stream:
+    """A context's ``Stream`` over in-memory tensors, reshuffled every epoch by the generator it is given.
+
+    ``inputs`` is a tensor ``(N, ...)`` or a tuple of them (a model taking several inputs).
+    """
+    parts = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    n = len(targets)
+    if n == 0:
+        raise ValueError(f"context {name!r} has no examples")
+    if any(len(p) != n for p in parts):
+        raise ValueError(f"context {name!r}: inputs have {[len(p) for p in parts]} rows for {n} targets")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+
+    def epoch(gen: torch.Generator) -> list[tuple[Any, torch.Tensor]]:
+        order = torch.randperm(n, generator=gen)
+        batches = []
+        for index in order.split(batch_size):
+            x = tuple(p[index] for p in parts)
+            batches.append((x if len(x) > 1 else x[0], targets[index]))
+        return batches
+
+    return Stream(name, epoch, loss, -(-n // batch_size))
+
+
+def _recipe_from_dict(raw: Mapping[str, Any]) -> RTLConfig:
+    from .config import build
+
+    return build(RTLConfig, json.loads(json.dumps(raw)))
