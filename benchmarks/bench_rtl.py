@@ -279,7 +279,7 @@ def bench_storage(quick: bool) -> None:
 # -- 4. whole pipeline --------------------------------------------------------------------------------
 def data_available() -> bool:
     return all(importlib.util.find_spec(m) is not None
-               for m in ("routing_lottery.data.digits", "routing_lottery.data.images"))
+               for m in ("routing_lottery.data.digits", "routing_lottery.run"))
 
 
 def pipeline_config(method: str, quick: bool):
@@ -310,24 +310,25 @@ def timed(fn: Callable[..., Any], timers: dict[str, float], key: str) -> Callabl
 
 def time_pipeline(method: str, quick: bool) -> dict[str, float]:
     """Wall time of one fresh run, with evaluation and ticket saving timed apart."""
-    import routing_lottery.experiment as experiment
+    import routing_lottery.tickets as tickets
+    from routing_lottery.run import make_runner
 
     config = pipeline_config(method, quick)
     timers = {"eval_s": 0.0, "save_s": 0.0}
-    real_save = experiment.save_tickets
+    real_save = tickets.save_tickets
 
     with tempfile.TemporaryDirectory() as tmp:
-        experiment.save_tickets = timed(real_save, timers, "save_s")
+        tickets.save_tickets = timed(real_save, timers, "save_s")
         try:
             start = time.perf_counter()
-            exp = experiment.Experiment(config, tmp)
+            exp = make_runner(config, tmp)
             setup = time.perf_counter() - start
             exp.task.logits = timed(exp.task.logits, timers, "eval_s")
             steps = exp.planned_steps()
             exp.run_all()
             total = time.perf_counter() - start
         finally:
-            experiment.save_tickets = real_save
+            tickets.save_tickets = real_save
     return {"total_s": total, "setup_s": setup, "steps": steps,
             "train_s": total - setup - timers["eval_s"] - timers["save_s"], **timers}
 
@@ -353,11 +354,11 @@ def warm_up_process() -> None:
 def bench_pipeline(quick: bool) -> None:
     print("\n[4] whole pipeline on digits: methods [rtl] vs [single_imp], same sample budget", flush=True)
     if not data_available():
-        print("  SKIPPED: routing_lottery.data.digits / data.images are not importable yet")
+        print("  SKIPPED: routing_lottery.data.digits / run are not importable yet")
         RESULTS.append({"name": "rtl pipeline / single_imp pipeline", "skipped": "data loaders missing"})
         return
     cfg = pipeline_config("rtl", quick)
-    print(f"  config: width {cfg.model.width}, image {cfg.data.image_size}px, train_per_class "
+    print(f"  config: width {cfg.model.options.get('width')}, image {cfg.data.image_size}px, train_per_class "
           f"{cfg.data.train_per_class}, sparsities {list(cfg.pruning.sparsities)}, step {cfg.pruning.step}, "
           f"imp_epochs {cfg.training.imp_epochs}, epochs {cfg.training.epochs}")
     warm_up_process()

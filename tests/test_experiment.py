@@ -202,3 +202,102 @@ def test_diagnose_aligns_masks_with_wordnet_for_named_contexts(tmp_path):
     assert (tmp_path / "diagnostics" / "alignment_vs_sparsity.png").stat().st_size > 1000
     assert summary["metric"]["drop_level"] == 0.4  # 0.9 - level/2 falls by 0.1 per level, for good
     assert "Semantic alignment" in (tmp_path / "report.md").read_text()
+
+
+def _record_stamps(path):
+    return {p.name: p.stat().st_mtime_ns for p in (path / "records").glob("*.json")}
+
+
+def test_adding_a_level_reuses_stage_one_and_finished_records(tmp_path, monkeypatch):
+    import routing_lottery.tickets as tickets_module
+
+    config = tiny_config(methods=["single_imp", "rtl"], pruning={"sparsities": [0.3], "step": 0.4})
+    make_runner(config, tmp_path).run_all()
+    rounds = {p: p.stat().st_mtime_ns for p in (tmp_path / "imp").rglob("*.safetensors")}
+    records = _record_stamps(tmp_path)
+    resumes = []
+    real = tickets_module.extract_ticket
+    monkeypatch.setattr(tickets_module, "extract_ticket",
+                        lambda *a, **k: resumes.append(k["resume"][0]) or real(*a, **k))
+    wider = make_runner(config.replace(pruning={"sparsities": [0.3, 0.6]}), tmp_path).run_all()
+    assert resumes == [0] * 11  # single + 10 contexts each continued after their one round on disk
+    assert all(p.stat().st_mtime_ns == t for p, t in rounds.items())  # no round rewritten
+    assert all(_record_stamps(tmp_path)[name] == t for name, t in records.items())  # 30 % records reused
+    assert {(r["method"], r["sparsity"]) for r in wider} == {(m, s) for m in ("single_imp", "rtl") for s in (0.3, 0.6)}
+
+
+def test_a_level_inserted_below_recomputes_what_it_changes(tmp_path):
+    config = tiny_config(methods=["rtl"], pruning={"sparsities": [0.6], "step": 0.4})  # rounds: 40 %, 60 %
+    first = make_runner(config, tmp_path)
+    first.run_all()
+    stamps = _record_stamps(tmp_path)
+    second = make_runner(config.replace(pruning={"sparsities": [0.3, 0.6]}), tmp_path)  # rounds: 30, 58, 60 %
+    records = second.run_all()
+    old, new = first.tickets.schedule, second.tickets.schedule
+    assert old[0] != new[0] and len(new) == 3
+    assert _record_stamps(tmp_path)["rtl_0.6000.json"] != stamps["rtl_0.6000.json"]  # its rounds changed
+    directory = RunDirectory(tmp_path)
+    assert directory.load_round("context_00", 0, pruned=new[0]) is not None  # round 0 redone for 30 %
+    assert directory.load_round("context_00", 0, pruned=old[0]) is None
+    assert {r["sparsity"] for r in records} == {0.3, 0.6}
+
+
+def test_device_and_threads_do_not_change_a_runs_identity(tmp_path):
+    config = tiny_config(methods=["dense"], device="cpu", threads=1)
+    make_runner(config, tmp_path).run_all()
+    stamps = _record_stamps(tmp_path)
+    make_runner(config.replace(device="auto", threads=2), tmp_path).run_all()  # another device: resumes
+    torch.set_num_threads(1)
+    assert _record_stamps(tmp_path) == stamps
+
+
+def test_a_user_task_on_other_data_is_refused_in_the_same_directory(tmp_path):
+    config = tiny_config(methods=["dense"])
+    task = build_tasks(config)[0]
+    make_runner(config, tmp_path, tasks=task).run_all()
+    from dataclasses import replace
+
+    other = replace(task, train_set=task.train_set.subset(torch.arange(len(task.train_set) - 1)))
+    with pytest.raises(ValueError, match="data_fingerprint"):
+        make_runner(config, tmp_path, tasks=other)
+
+
+def test_check_task_passes_the_built_in_classification_task_and_lists_a_broken_ones_faults():
+    from routing_lottery import TaskContractError, check_task
+
+    task = build_tasks(tiny_config())[0]
+    check_task(task)
+
+    class Broken:
+        context_names = ["a", "a"]
+        shared_epoch_factor = 0
+
+        def data_fingerprint(self):
+            return str(torch.rand(1).item())
+
+        def build_model(self):
+            torch.manual_seed(0)
+            return torch.nn.Linear(3, 2)
+
+        def build_shared_model(self, model):
+            return model
+
+        def context_stream(self, k):
+            return task.context_stream(0)
+
+        def shared_stream(self):
+            return task.shared_stream()
+
+        def score_shared(self, predict, label, outputs=None):
+            return [{"acc": float("nan")}]
+
+        def score_routed(self, predict, label, outputs=None):
+            return []
+
+    with pytest.raises(TaskContractError) as err:
+        check_task(Broken())
+    text = str(err.value)
+    for fault in ("context_names must be distinct", "shared_epoch_factor", "data_fingerprint() differs",
+                  "reseeds the global generator", "model(inputs) raised", "context_stream(2) must raise",
+                  "not NaN", "non-empty list"):
+        assert fault in text, fault

@@ -320,3 +320,9 @@ def test_inr_config_runs_per_image_and_averages(tmp_path):
     assert all(math.isfinite(r["psnr"]) and "psnr_context_2" in r for r in per_image)
     assert "of 2 images" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "images" / "coffee" / "reconstructions.png").stat().st_size > 1000
+
+
+def test_check_task_passes_the_inr_task():
+    from routing_lottery import check_task
+
+    check_task(InrTask(_toy_image(), hidden=8, depth=2, octaves=2))

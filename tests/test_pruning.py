@@ -62,3 +62,14 @@ def test_random_mask_keeps_per_tensor_counts():
 
 def test_default_prunable_names_are_conv_and_linear_weights():
     assert prunable_names(toy_model()) == ["0.weight", "2.weight"]
+
+
+def test_attention_projections_are_masked_packed_or_separate():
+    from torch import nn
+
+    from routing_lottery.pruning import prunable_names
+
+    packed = nn.MultiheadAttention(8, 2)
+    assert prunable_names(packed) == ["in_proj_weight", "out_proj.weight"]
+    separate = nn.MultiheadAttention(8, 2, kdim=4, vdim=6)  # other key/value widths: three projections
+    assert prunable_names(separate) == ["q_proj_weight", "k_proj_weight", "v_proj_weight", "out_proj.weight"]

@@ -92,3 +92,24 @@ def test_standalone_subnetwork_is_a_plain_copy_with_the_mask_baked_in():
     assert all(torch.equal(p, shared_before[n]) for n, p in model.named_parameters())  # nothing shared
     with pytest.raises(ValueError, match="outside 0..2"):
         routed.standalone(3)
+
+
+def test_mixed_batch_through_attention_is_vmapped_without_fallback_warnings():
+    import warnings
+
+    from torch import nn
+
+    from routing_lottery.pruning import prunable_names
+
+    torch.manual_seed(0)
+    net = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, batch_first=True).eval()
+    params = dict(net.named_parameters())
+    names = prunable_names(net)
+    masks = MaskSet.from_tickets([{n: torch.rand_like(params[n]) > 0.5 for n in names} for _ in range(3)])
+    routed = RoutedModel(net, masks).eval()
+    x, context = torch.randn(9, 5, 8), torch.tensor([0, 1, 2] * 3)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("error")  # vmap's slow-fallback warning would fail here
+        out = routed(x, context)
+        for row in range(9):
+            torch.testing.assert_close(out[row], routed(x[row:row + 1], int(context[row]))[0], atol=1e-5, rtol=1e-5)

@@ -381,3 +381,9 @@ def test_config_speech_section_builds_the_same_mixtures(tiny: speech_data.Speech
     task = build_tasks(config)[0]
     assert isinstance(task, SpeechTask) and (task.n_fft, task.hop_length) == (512, 128)
     assert torch.equal(task.data.train.noisy, tiny.train.noisy) and torch.equal(task.data.test.clean, tiny.test.clean)
+
+
+def test_check_task_passes_the_speech_task(tiny: speech_data.SpeechDataset, one_thread) -> None:
+    from routing_lottery import check_task
+
+    check_task(SpeechTask(tiny, n_fft=256, hop_length=64))

@@ -15,6 +15,7 @@ tests a user's task against the contract first.
 """
 
 from .config import DataConfig, ExperimentConfig, ModelConfig, load_config
+from .data.labelled import LabelledDataset, Splits
 from .masks import MaskSet
 from .methods import METHODS
 from .models import MODELS
@@ -29,6 +30,6 @@ __version__ = "0.2.0"
 
 __all__ = [
     "AdaptiveTickets", "RTLConfig", "PruningConfig", "TrainingConfig", "OptimizerConfig", "Stream", "tensor_stream",
-    "RoutedModel", "MaskSet", "ExperimentConfig", "DataConfig", "ModelConfig", "load_config", "run_experiment",
+    "RoutedModel", "MaskSet", "LabelledDataset", "Splits", "ExperimentConfig", "DataConfig", "ModelConfig", "load_config", "run_experiment",
     "make_runner", "check_task", "TaskContractError", "METHODS", "MODELS", "TASKS", "DATASETS",
 ]

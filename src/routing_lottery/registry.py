@@ -8,6 +8,8 @@ code by import path without the library knowing it in advance.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
@@ -26,7 +28,12 @@ def import_path(path: str) -> object:
     try:
         obj: object = importlib.import_module(module_name)
     except ImportError as err:
-        raise RegistryError(f"cannot import {module_name!r} for {path!r} ({err}); is it on PYTHONPATH?") from None
+        # The `rtl` script's sys.path starts at its own bin directory, not where the user stands:
+        # look in the working directory too, as `python -m` would.
+        if os.getcwd() in sys.path or "" in sys.path:
+            raise RegistryError(f"cannot import {module_name!r} for {path!r} ({err}); is it on PYTHONPATH?") from None
+        sys.path.insert(0, os.getcwd())
+        return import_path(path)
     for part in attribute.split("."):
         if not hasattr(obj, part):
             raise RegistryError(f"{module_name!r} has no attribute {attribute!r} (from {path!r})")

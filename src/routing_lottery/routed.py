@@ -8,8 +8,9 @@ Because the effective weight is ``w * m``, gradients reaching ``w`` are already 
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -30,6 +31,25 @@ def apply_mask_(model: nn.Module, mask: Mapping[str, torch.Tensor]) -> None:
     params = dict(model.named_parameters())
     for n, m in mask.items():
         params[n].mul_(m)
+
+
+@contextlib.contextmanager
+def _vmappable_attention() -> Iterator[None]:
+    """Attention through plain ops that vmap can batch: ``nn.MultiheadAttention``'s fused inference
+    kernel and the flash/efficient SDPA kernels have no batching rule (vmap would warn and loop)."""
+    with contextlib.ExitStack() as stack:
+        mha = getattr(torch.backends, "mha", None)
+        if mha is not None and hasattr(mha, "set_fastpath_enabled"):
+            before = mha.get_fastpath_enabled()
+            mha.set_fastpath_enabled(False)
+            stack.callback(mha.set_fastpath_enabled, before)
+        try:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+        except ImportError:  # torch < 2.3: SDPA picks its kernel itself
+            pass
+        else:
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        yield
 
 
 class RoutedModel(nn.Module):
@@ -142,7 +162,8 @@ class RoutedModel(nn.Module):
         def run(w: dict[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
             return functional_call(self.model, w, (rows,), strict=False)
 
-        y = vmap(run)(weights, padded)
+        with _vmappable_attention():
+            y = vmap(run)(weights, padded)
         out = y.new_empty((x.shape[0], *y.shape[2:]))
         out[order] = y[ctx, slot]
         return out

@@ -31,24 +31,26 @@ def _fit_shared_network(run: Experiment, method: str, level: float, mask: Mask |
             f"{method}_{level:.4f}", run.outputs)
 
 
-class Dense:
-    name, label = "dense", "dense"
-    per_level, needs_contexts, needs_single = False, False, False
+class _SharedNetwork:
+    """The shared network trained on all data (a K-way classifier in classification)."""
+
+    name = ""
+    needs_contexts, needs_single = False, False
 
     def steps(self, run: Experiment) -> int:
         return run.factor * run.config.training.epochs * run.classifier.num_batches
+
+
+class Dense(_SharedNetwork):
+    name, label, per_level = "dense", "dense", False
 
     def fit(self, run: Experiment, level: float) -> tuple[list[Row], Accounting]:
         rows = _fit_shared_network(run, self.name, level, None)
         return rows, dense_accounting(run.shared_tickets.model, run.shared_tickets.prunable)
 
 
-class SingleImp:
-    name, label = "single_imp", "single IMP"
-    per_level, needs_contexts, needs_single = True, False, True
-
-    def steps(self, run: Experiment) -> int:
-        return run.factor * run.config.training.epochs * run.classifier.num_batches
+class SingleImp(_SharedNetwork):
+    name, label, per_level, needs_single = "single_imp", "single IMP", True, True
 
     def fit(self, run: Experiment, level: float) -> tuple[list[Row], Accounting]:
         mask = run.shared_tickets.mask_at(run.single_rounds(), level)

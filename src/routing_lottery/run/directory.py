@@ -42,14 +42,17 @@ IDENTITY_FILE = "identity.json"
 IDENTITY_VERSION = 2  # 1: config.yaml alone identified a run
 
 
-def run_identity(config: ExperimentConfig, data_fingerprint: str) -> dict[str, Any]:
-    """What determines a run's results: the config minus execution settings, methods and levels, plus
-    a fingerprint of the data the task serves."""
+def run_identity(config: ExperimentConfig, data_fingerprint: str, task: object | None = None) -> dict[str, Any]:
+    """What determines a run's results: the config minus execution settings, methods and levels, the
+    task's class (a task handed in as an object is not described by the config) and a fingerprint of
+    the data the task serves."""
     identity = config.to_dict()
     for key in (*EXECUTION_SETTINGS, "methods"):
         identity.pop(key, None)
     identity["pruning"].pop("sparsities", None)
-    return {"version": IDENTITY_VERSION, "config": identity, "data_fingerprint": data_fingerprint}
+    task_class = None if task is None else f"{type(task).__module__}.{type(task).__qualname__}"
+    return {"version": IDENTITY_VERSION, "config": identity, "task_class": task_class,
+            "data_fingerprint": data_fingerprint}
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -47,7 +47,7 @@ class Experiment:
         if shared is not model and config.pruning.rewind_steps:
             raise ValueError("pruning.rewind_steps needs the baselines to share the RTL network; this task's differ")
         self.check_partition()
-        self.run.claim(run_identity(config, task.data_fingerprint()), config)
+        self.run.claim(run_identity(config, task.data_fingerprint(), task), config)
         self.tickets = AdaptiveTickets(model, config, store=self.run, progress=progress, log=log)
         self.shared_tickets = self.tickets if shared is model else AdaptiveTickets(
             shared.to(self.device), config, store=self.run, name="shared", progress=progress, log=log)

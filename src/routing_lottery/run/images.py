@@ -35,7 +35,7 @@ class ImageSetExperiment:
         names = [str(getattr(t, "name", f"part_{i}")) for i, t in enumerate(tasks)]
         if len(set(names)) != len(names):
             raise ValueError(f"parts need distinct names; got {names}")
-        self.run.claim(run_identity(config, fingerprint([t.data_fingerprint() for t in tasks])), config)
+        self.run.claim(run_identity(config, fingerprint([t.data_fingerprint() for t in tasks]), tasks[0]), config)
         self.parts = [Experiment(config, self.run.path / "images" / n, t, progress, log) for n, t in zip(names, tasks)]
         self.summary = ""
 
