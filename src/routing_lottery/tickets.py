@@ -114,6 +114,7 @@ class AdaptiveTickets:
         self._rewind: State | None = None
         self.masks: MaskSet | None = None
         self.level: float | None = None
+        self.metadata: dict[str, Any] = {}
 
     # -- what is masked ----------------------------------------------------------------------
     def describe(self) -> str:
@@ -249,8 +250,8 @@ class AdaptiveTickets:
         if len(streams) != masks.num_contexts:
             raise ValueError(f"{len(streams)} streams for {masks.num_contexts} masks")
         training = self.config.training
-        position = (method,) if level is None else (method, str(level))
-        key = "_".join(position[:1] + ((f"{level:.4f}",) if level is not None else ()))
+        seed_parts = (method,) if level is None else (method, str(level))  # the runner's seeds since v0.1
+        key = method if level is None else f"{method}_{level:.4f}"
         basis = self.basis(level) if level is not None else None
         saved = self.store.load_training(key, basis) if self.store is not None else None
         resume = None
@@ -266,7 +267,7 @@ class AdaptiveTickets:
                                                       "optimizers": [o.state_dict() for o in optimizers]})
 
         joint_retrain(self.model, self.rewind_point(rewind_stream), masks, streams, training.epochs,
-                      training.optimizer, derive_seed(self.config.seed, *position), self.progress,
+                      training.optimizer, derive_seed(self.config.seed, *seed_parts), self.progress,
                       resume=resume, on_epoch=checkpoint)
         if self.store is not None:
             self.store.drop_training(key)
@@ -304,17 +305,12 @@ class AdaptiveTickets:
         except (KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"{directory}: no usable recipe in its metadata ({err}); was it written by "
                                   "AdaptiveTickets.save?") from None
-        tickets = cls.__new__(cls)
-        tickets.model, tickets.config, tickets.store, tickets.out, tickets.name = model, config, None, None, ""
-        tickets.progress, tickets.log = SILENT, quiet
-        tickets.prunable = list(masks.tensor_names)
-        tickets.total = masks.size()
-        tickets.levels = sorted(set(config.pruning.sparsities))
-        tickets.schedule, tickets.level_round = [], {}
-        tickets._initial = snapshot(model)
-        tickets._theta0, tickets._rewind = tickets._initial, None
-        tickets.masks, tickets.level = masks, metadata.get("sparsity")
-        tickets.metadata = metadata
+        saved = set(masks.tensor_names)
+        tickets = cls(model, config, select=lambda name, tensor: name in saved)
+        if set(tickets.prunable) != saved:
+            raise CheckpointError(f"{directory}: its masks cover {sorted(saved)[:4]}..., which the recipe's "
+                                  f"patterns do not select in this model")
+        tickets.masks, tickets.level, tickets.metadata = masks, metadata.get("sparsity"), metadata
         return tickets
 
 
