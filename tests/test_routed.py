@@ -113,3 +113,27 @@ def test_mixed_batch_through_attention_is_vmapped_without_fallback_warnings():
         out = routed(x, context)
         for row in range(9):
             torch.testing.assert_close(out[row], routed(x[row:row + 1], int(context[row]))[0], atol=1e-5, rtol=1e-5)
+
+
+def test_a_model_vmap_cannot_batch_falls_back_to_one_group_at_a_time():
+    from torch import nn
+
+    class Recurrent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gru, self.head = nn.GRU(1, 6, batch_first=True), nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.head(self.gru(x)[0][:, -1])
+
+    torch.manual_seed(0)
+    net = Recurrent().eval()
+    params = dict(net.named_parameters())
+    names = ["gru.weight_hh_l0", "head.weight"]
+    masks = MaskSet.from_tickets([{n: torch.rand_like(params[n]) > 0.5 for n in names} for _ in range(2)])
+    routed = RoutedModel(net, masks).eval()
+    x, context = torch.randn(6, 5, 1), torch.tensor([0, 1, 0, 1, 1, 0])
+    with torch.no_grad():
+        out = routed(x, context)  # aten::gru has no batching rule: vmap fails, the groups run one by one
+        for row in range(6):
+            torch.testing.assert_close(out[row], routed(x[row:row + 1], int(context[row]))[0])

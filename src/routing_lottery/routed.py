@@ -73,6 +73,7 @@ class RoutedModel(nn.Module):
     def __init__(self, model: nn.Module, masks: MaskSet, vmap_below: int = 512) -> None:
         super().__init__()
         self.vmap_below = vmap_below
+        self._vmappable = True
         params = dict(model.named_parameters())
         missing = [n for n in masks.tensor_names if n not in params]
         if missing:
@@ -135,9 +136,14 @@ class RoutedModel(nn.Module):
             return masked_forward(self.model, self.mask(present[0]), *inputs)
         counts = torch.bincount(context.cpu(), minlength=self.num_contexts)
         largest = int(counts.max())
-        if (len(inputs) == 1 and not self.training and largest < self.vmap_below
+        if (self._vmappable and len(inputs) == 1 and not self.training and largest < self.vmap_below
                 and self.num_contexts * largest <= 2 * inputs[0].shape[0]):
-            return self._vmapped(inputs[0], context.to(inputs[0].device), counts.to(inputs[0].device))
+            try:
+                return self._vmapped(inputs[0], context.to(inputs[0].device), counts.to(inputs[0].device))
+            except RuntimeError:
+                # An op without a vmap batching rule (recurrent layers, some custom kernels): run the
+                # groups one by one from now on; a genuine error raises again on that path.
+                self._vmappable = False
         out: torch.Tensor | None = None
         for k in present:
             rows = (context == k).nonzero(as_tuple=True)[0].to(inputs[0].device)

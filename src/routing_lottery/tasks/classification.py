@@ -94,6 +94,12 @@ class ClassificationTask:
         model = factory(num_outputs=self.num_contexts, input_shape=self.input_shape, **self.model_options)
         if not isinstance(model, nn.Module):
             raise ValueError(f"model factory {self.model!r} returned {type(model).__name__}, not an nn.Module")
+        with torch.no_grad():  # a wrong head fails here, not after an hour of training
+            out = model.eval()(self.train_set.inputs[:2])
+        model.train()
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (min(2, len(self.train_set)), self.num_contexts):
+            raise ValueError(f"model {self.model!r} must map rows of shape {self.input_shape} to "
+                             f"{self.num_contexts} logits, one per context; got {tuple(getattr(out, 'shape', ()))}")
         return model
 
     def build_shared_model(self, model: nn.Module) -> nn.Module:
