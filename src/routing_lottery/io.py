@@ -39,6 +39,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from .errors import CheckpointError
 from .masks import MaskSet
 
 TICKETS_FORMAT = "routing-lottery/tickets"
@@ -48,14 +49,6 @@ INDEX_FILE = "tickets.json"
 
 Signature = dict[str, tuple[list[int], str]]
 """state_dict key -> (shape, dtype name): what a checkpoint needs of a model to load into it."""
-
-
-class CheckpointError(ValueError):
-    """A file on disk is missing, truncated, corrupt, or does not belong to the given model.
-
-    A ``ValueError`` so callers that validate inputs generically still catch it, but its own
-    type so a resuming run can tell "this file is bad, redo that step" from a programming error.
-    """
 
 
 # -- atomic writes ---------------------------------------------------------------------------

@@ -13,10 +13,12 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
+from .errors import ConfigError
+
 T = TypeVar("T")
 
 
-class RegistryError(ValueError):
+class RegistryError(ConfigError):
     """A name that is neither registered nor an importable ``package.module:attribute`` path."""
 
 

@@ -6,10 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import DataError
 from .labelled import LabelledDataset, Splits
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(DataError, FileNotFoundError):
     """The dataset's files are not where the user said; the message says what is missing and where to get it."""
 
 

@@ -14,12 +14,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import RoutingLotteryError
 from ..pruning import prunable_names
 from ..training import Stream, generator
 from .base import Task
 
 
-class TaskContractError(ValueError):
+class TaskContractError(RoutingLotteryError, ValueError):
     """A task breaks the contract of ``tasks.base.Task``; the message lists every problem found."""
 
 
