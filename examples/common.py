@@ -18,6 +18,8 @@ import torch
 
 from routing_lottery import AdaptiveTickets, load_config
 from routing_lottery.run import build_tasks
+from routing_lottery.run.experiment import seeded_models
+from routing_lottery.training import derive_seed
 
 
 def main(config_path: str | Path, argv: Sequence[str] | None = None) -> dict[str, float]:
@@ -30,8 +32,8 @@ def main(config_path: str | Path, argv: Sequence[str] | None = None) -> dict[str
     task = build_tasks(config)[0]  # the example's loader and model factory, one context per class
     names = list(task.context_names)
 
-    torch.manual_seed(config.seed)
-    rtl = AdaptiveTickets(task.build_model(), config)
+    model, _ = seeded_models(task, derive_seed(config.seed, "init"))  # the same θ₀ as `rtl run` gives
+    rtl = AdaptiveTickets(model, config)
     print(rtl.describe())
     routed = rtl.fit({name: task.context_stream(k) for k, name in enumerate(names)})
 

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
 
+import click
 import typer
 import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.markup import escape
 from rich.table import Table
+
+from .errors import CheckpointError, ConfigError, RoutingLotteryError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Routing the Lottery: one shared weight tensor, one pruning mask per data context.")
@@ -33,9 +39,39 @@ class RichProgress:
         self.progress.update(self.task, advance=steps, description=status)
 
 
+class _Options:
+    debug = False
+
+
+@app.callback()
+def _global_options(debug: bool = typer.Option(False, "--debug", help="On an error, print its full traceback.")) -> None:
+    _Options.debug = debug
+
+
+def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``command``; any error becomes one red line (the traceback only with ``rtl --debug``)."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, click.exceptions.ClickException, KeyboardInterrupt):
+            raise
+        except Exception as err:  # noqa: BLE001 -- every error reaches the user as one line
+            if _Options.debug:
+                raise
+            if isinstance(err, (RoutingLotteryError, FileNotFoundError, PermissionError)):
+                message = str(err)
+            else:
+                message = f"{type(err).__name__}: {err} (unexpected; `rtl --debug ...` shows where)"
+            console.print(f"[red]error:[/red] {escape(message)}")
+            raise typer.Exit(2) from None
+
+    return run
+
+
 def packaged_config(name: str) -> Path:
     return Path(str(resources.files("routing_lottery") / "configs" / f"{name}.yaml"))
-
 
 
 def resolve_config(config: str) -> Path:
@@ -46,50 +82,53 @@ def resolve_config(config: str) -> Path:
     packaged = packaged_config(config.removesuffix(".yaml"))
     if packaged.is_file():
         return packaged
-    raise typer.BadParameter(f"no config file {config!r} (and no packaged config of that name)")
+    raise ConfigError(f"no config file {config!r} (and no packaged config of that name: "
+                      f"{', '.join(p.stem for p in packaged_config('digits').parent.glob('*.yaml'))})")
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """``a.b=1`` pairs into a nested mapping; values parsed as YAML (numbers, lists, null)."""
     out: dict[str, Any] = {}
     for pair in pairs:
-        if "=" not in pair:
-            raise typer.BadParameter(f"--set expects KEY=VALUE, got {pair!r}")
-        key, value = pair.split("=", 1)
+        key, eq, value = pair.partition("=")
+        if not eq or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"--set expects KEY=VALUE with a dotted KEY (training.epochs=4); got {pair!r}")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {pair}: the value is not valid YAML ({' '.join(str(err).split())})") from None
         node = out
         *parents, leaf = key.split(".")
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(value)
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {pair}: {p} is set to a value and used as a section")
+        node[leaf] = parsed
     return out
 
 
 def execute(config_path: Path, out: Path, scale: Optional[str], overrides: dict[str, Any],
             before: Optional[Any] = None) -> None:
-    """Run a config with a progress bar and print its table; ``before(experiment)`` runs after planning."""
+    """Run a config with a progress bar and print its table; ``before(experiment)`` runs after planning.
+
+    The config is loaded and the run planned (data, model, run directory) before the bar appears,
+    so a refused run prints its error alone.
+    """
     from .config import load_config
     from .run import make_runner
 
-    try:
-        config = load_config(config_path, scale, overrides)
-    except (ValueError, FileNotFoundError) as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(2) from None
+    config = load_config(config_path, scale, overrides)
     columns = [TextColumn("{task.description}", style="cyan"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
-    with Progress(*columns, console=console, transient=False) as bar:
-        sink = RichProgress(bar)
-        try:
-            experiment = make_runner(config, out, progress=sink, log=lambda message: bar.console.print(f"  {message}"))
-            bar.console.print(f"[bold]{config.name}[/bold]: {experiment.description} -> {out}")
-            sink.plan(experiment.planned_steps())
-            if before is not None:
-                before(experiment)
-            records = experiment.run_all()
-        except (ValueError, FileNotFoundError, RuntimeError) as err:
-            bar.stop()
-            console.print(f"[red]error:[/red] {err}")
-            raise typer.Exit(2) from None
+    bar = Progress(*columns, console=console, transient=False)
+    sink = RichProgress(bar)
+    experiment = make_runner(config, out, progress=sink, log=lambda message: console.print(f"  {escape(message)}"))
+    console.print(f"[bold]{config.name}[/bold]: {experiment.description} -> {out}")
+    sink.plan(experiment.planned_steps())
+    with bar:
+        if before is not None:
+            before(experiment)
+        records = experiment.run_all()
     print_table(records, title=f"{config.name} (written to {out})")
     if getattr(experiment, "summary", ""):
         console.print(experiment.summary)
@@ -112,6 +151,7 @@ def print_table(records: list[dict[str, Any]], title: str) -> None:
 
 
 @app.command()
+@reports_errors
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Run directory (re-running on it resumes)."),
     scale: Optional[str] = typer.Option(None, help="A scale defined in the digits config."),
@@ -122,6 +162,7 @@ def demo(
 
 
 @app.command()
+@reports_errors
 def run(
     config: str = typer.Argument(..., help="A YAML config file, or a packaged config name (digits, cifar10, cifar100)."),
     out: Optional[Path] = typer.Option(None, help="Run directory (default runs/<config name>); re-running resumes."),
@@ -154,6 +195,7 @@ DEFAULT_SWEEP = ",".join(f"{1 - 0.8 ** i:.4f}" for i in range(1, 15))  # 20 % of
 
 
 @app.command()
+@reports_errors
 def sweep(
     config: str = typer.Argument(..., help="A YAML config file, or a packaged config name."),
     out: Optional[Path] = typer.Option(None, help="Run directory (default runs/<config name>-sweep); re-running resumes."),
@@ -189,6 +231,7 @@ def sweep(
 
 
 @app.command()
+@reports_errors
 def diagnose(
     run_dir: Path = typer.Argument(..., help="A finished run directory with RTL checkpoints."),
     threshold: float = typer.Option(3.0, help="Collapse rule: robust residuals off the trend that raise the warning."),
@@ -198,7 +241,6 @@ def diagnose(
     """Mask similarity, collapse warning and semantic alignment of a run's RTL masks, with figures and report.md."""
     from .diagnose import DiagnoseSettings, diagnose_run
     from .diagnostics.collapse import CollapseSettings
-    from .io import CheckpointError
 
     if measure not in ("path", "wup"):
         raise typer.BadParameter("--measure must be path or wup")
@@ -206,11 +248,7 @@ def diagnose(
                                 layer_heatmaps=layer_heatmaps)
     images = sorted(p for p in (run_dir / "images").glob("*") if p.is_dir())
     for part in images or [run_dir]:  # an INR run holds one experiment per image
-        try:
-            summary = diagnose_run(part, settings, log=lambda m: console.print(f"  {m}"))
-        except (FileNotFoundError, CheckpointError, ValueError) as err:
-            console.print(f"[red]error:[/red] {err}")
-            raise typer.Exit(2) from None
+        summary = diagnose_run(part, settings, log=lambda m: console.print(f"  {m}"))
         print_similarity(part, summary)
 
 
@@ -228,6 +266,7 @@ def print_similarity(run_dir: Path, summary: dict[str, Any]) -> None:
 
 
 @app.command()
+@reports_errors
 def partition(
     names: str = typer.Option("cifar100", help="cifar100, cifar10, digits, or a text file with one class name per line."),
     out: Path = typer.Option(Path("runs/partition"), help="Directory for partition.json."),
@@ -255,9 +294,8 @@ def partition(
                 class_names = list(name_set(names))
             with console.status(f"embedding and clustering {len(class_names)} names"):
                 result = partition_names(class_names, target=clusters or None, seed=seed, template=template)
-    except (EncoderUnavailable, ValueError, KeyError) as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(2) from None
+    except (EncoderUnavailable, KeyError) as err:
+        raise ConfigError(str(err)) from None
     console.print(format_partition(result))
     search = result.settings.get("search", {})
     if result.settings:
@@ -273,15 +311,19 @@ def partition(
 
 
 @app.command()
+@reports_errors
 def report(run_dir: Path = typer.Argument(..., help="A run directory.")) -> None:
     """Print the results table of a finished run."""
     from .io import read_json
 
     path = run_dir / "results.json"
     if not path.exists():
-        console.print(f"[red]error:[/red] {path} not found: is {run_dir} a finished run?")
-        raise typer.Exit(2)
-    print_table(read_json(path), title=str(run_dir))
+        raise CheckpointError(f"{path} not found: is {run_dir} a finished run?")
+    records = read_json(path)
+    if not isinstance(records, list) or not all(isinstance(r, dict) and isinstance(r.get("method"), str)
+                                                and isinstance(r.get("sparsity"), (int, float)) for r in records):
+        raise CheckpointError(f"{path} is not a list of result records; re-run the run to rewrite it")
+    print_table(records, title=str(run_dir))
 
 
 if __name__ == "__main__":

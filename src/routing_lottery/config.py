@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import yaml
 
 from .data.speech import SpeechMixConfig
+from .errors import ConfigError
 from .recipe import PruningConfig, RTLConfig, TrainingConfig
 
 @dataclass(frozen=True)
@@ -83,11 +85,16 @@ class ExperimentConfig(RTLConfig):
 
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
-            raise ValueError(f"unknown methods {unknown}; choose from {METHODS.names()}")
+            raise ConfigError(f"unknown methods {unknown}; choose from {METHODS.names()}")
         if not self.methods:
-            raise ValueError("methods must name at least one method")
+            raise ConfigError("methods must name at least one method")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError, ValueError):
+                raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or another torch device; got {self.device!r}") from None
         if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1; got {self.threads}")
+            raise ConfigError(f"threads must be >= 1; got {self.threads}")
         # Names are resolved now, before a run directory is claimed, so a typo costs nothing.
         from .models import MODELS
         from .run.builders import DATASETS, TASKS
@@ -102,46 +109,66 @@ class ExperimentConfig(RTLConfig):
 
 
 def load_config(path: str | Path, scale: str | None = None, overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:
-    """Read a YAML experiment file, apply a named scale and then explicit overrides."""
+    """Read a YAML experiment file, apply a named scale and then explicit overrides (``--set``).
+
+    Every problem raises ``ConfigError`` naming the file (and line, for YAML syntax) or ``--set``.
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
+        raise ConfigError(f"config file not found: {path}" + (" (it is a directory)" if path.is_dir() else ""))
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
+    except (UnicodeDecodeError, RecursionError) as err:
+        raise ConfigError(f"{path} is not a YAML text file ({type(err).__name__})") from None
+    if raw is None:
+        raise ConfigError(f"{path} is empty; a config needs at least a name and a task (see configs/digits.yaml)")
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level")
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level, got a {type(raw).__name__}")
     return config_from_dict(raw, scale, overrides, source=str(path))
 
 
 def config_from_dict(raw: Mapping[str, Any], scale: str | None = None, overrides: Mapping[str, Any] | None = None,
                      source: str = "config") -> ExperimentConfig:
+    """The config of mapping ``raw`` with a scale and overrides; errors name ``source``, or ``--set`` when
+    only the overrides make the settings invalid."""
     raw = dict(raw)
     scales = raw.pop("scales", {}) or {}
+    if not isinstance(scales, Mapping):
+        raise ConfigError(f"{source}: scales must be a mapping of name -> settings")
     if scale is not None:
         if scale not in scales:
-            raise ValueError(f"{source}: no scale {scale!r}; it defines {sorted(scales) or 'none'}")
+            raise ConfigError(f"{source}: no scale {scale!r}; it defines {sorted(scales) or 'none'}")
+        if not isinstance(scales[scale], Mapping):
+            raise ConfigError(f"{source}: scale {scale!r} must be a mapping of settings")
         raw = _deep_merge(raw, scales[scale])
-    if overrides:
-        raw = _deep_merge(raw, overrides)
     try:
-        return build(ExperimentConfig, raw)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{source}: {err}") from None
+        base = build(ExperimentConfig, raw)
+    except (TypeError, ValueError, RecursionError) as err:
+        raise ConfigError(f"{source}: {err}") from None
+    if not overrides:
+        return base
+    try:
+        return build(ExperimentConfig, _deep_merge(raw, overrides))
+    except (TypeError, ValueError, RecursionError) as err:
+        raise ConfigError(f"--set (over {source}): {err}") from None
 
 
 def build(cls: type, data: Mapping[str, Any], where: str = "") -> Any:
     """Construct dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types by name."""
     if not isinstance(data, Mapping):
-        raise ValueError(f"{where or cls.__name__}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ValueError(f"unknown setting(s) {[f'{where}{u}' for u in unknown]}; known: {sorted(names)}")
+        raise ConfigError(f"unknown setting(s) {[f'{where}{u}' for u in unknown]}; known: {sorted(names)}")
     kwargs = {k: _coerce(hints[k], v, f"{where}{k}") for k, v in data.items()}
     try:
         return cls(**kwargs)
     except ValueError as err:  # a section's own validation: say which section
-        raise ValueError(f"{where.rstrip('.')}: {err}" if where else str(err)) from None
+        raise ConfigError(f"{where.rstrip('.')}: {err}" if where else str(err)) from None
 
 
 def _coerce(hint: Any, value: Any, where: str) -> Any:
@@ -150,7 +177,7 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         return build(hint, value, where + ".")
     if origin is Literal:
         if value not in args:
-            raise ValueError(f"{where} must be one of {list(args)}; got {value!r}")
+            raise ConfigError(f"{where} must be one of {list(args)}; got {value!r}")
         return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -167,21 +194,21 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
                 return _coerce(arg, value, where)
             except ValueError:
                 continue
-        raise ValueError(f"{where}: {value!r} is not a valid {hint}")
+        raise ConfigError(f"{where}: {value!r} is not a valid {hint}")
     if origin is dict:
         if not isinstance(value, Mapping):
-            raise ValueError(f"{where} must be a mapping; got {value!r}")
+            raise ConfigError(f"{where} must be a mapping; got {value!r}")
         return dict(value)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where} must be a list; got {value!r}")
+            raise ConfigError(f"{where} must be a list; got {value!r}")
         return tuple(_coerce(args[0], v, where) for v in value)
     if hint is float:
         if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise ValueError(f"{where} must be a number; got {value!r}")
+            raise ConfigError(f"{where} must be a number; got {value!r}")
         return float(value)
     if hint in (int, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
-        raise ValueError(f"{where} must be {hint.__name__}; got {value!r}")
+        raise ConfigError(f"{where} must be {hint.__name__}; got {value!r}")
     return value
 
 

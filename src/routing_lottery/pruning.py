@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
@@ -182,6 +183,9 @@ def pruning_schedule(total: int, levels: Sequence[float], step: int | float) -> 
     if not levels:
         raise ValueError("at least one sparsity level is needed")
     milestones = sorted({round(validate_sparsity(s) * total) for s in levels})
+    if isinstance(step, bool) or not isinstance(step, numbers.Real):
+        raise ValueError(f"a pruning step is a count (int) or a fraction (float); got {step!r}")
+    step = int(step) if isinstance(step, numbers.Integral) else float(step)  # np.int64(100) is a count
     if isinstance(step, float) and not 0 < step < 1:
         raise ValueError(f"a fractional pruning step must be in (0, 1); got {step}")
     if isinstance(step, int) and step < 1:

@@ -8,9 +8,12 @@ data, the model and the comparison to run.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .errors import ConfigError
 from .pruning import validate_sparsity
 from .training import OptimizerConfig
 
@@ -26,19 +29,21 @@ class PruningConfig:
 
     def __post_init__(self) -> None:
         if not self.sparsities:
-            raise ValueError("pruning.sparsities must list at least one level")
+            raise ConfigError("pruning.sparsities must list at least one level")
         for s in self.sparsities:
             validate_sparsity(s, "pruning.sparsities entry")
             if round(s, 4) != s:  # levels name files (records/rtl_0.2500.json): four decimals must identify them
-                raise ValueError(f"pruning.sparsities entries need at most 4 decimals; got {s}")
-        if isinstance(self.step, bool) or not isinstance(self.step, (int, float)):
-            raise ValueError(f"pruning.step must be a count (int) or a fraction (float); got {self.step!r}")
+                raise ConfigError(f"pruning.sparsities entries need at most 4 decimals; got {s}")
+        if isinstance(self.step, bool) or not isinstance(self.step, numbers.Real):
+            raise ConfigError(f"pruning.step must be a count (int) or a fraction (float); got {self.step!r}")
+        # NumPy scalars carry the same meaning as Python's: np.int64(100) is a count, not a fraction.
+        object.__setattr__(self, "step", int(self.step) if isinstance(self.step, numbers.Integral) else float(self.step))
         if isinstance(self.step, float) and not 0 < self.step < 1:
-            raise ValueError(f"pruning.step as a fraction must be in (0, 1); got {self.step}")
+            raise ConfigError(f"pruning.step as a fraction must be in (0, 1); got {self.step}")
         if isinstance(self.step, int) and self.step < 1:
-            raise ValueError(f"pruning.step as a count must be >= 1; got {self.step}")
+            raise ConfigError(f"pruning.step as a count must be >= 1; got {self.step}")
         if self.rewind_steps < 0:
-            raise ValueError(f"pruning.rewind_steps must be >= 0; got {self.rewind_steps}")
+            raise ConfigError(f"pruning.rewind_steps must be >= 0; got {self.rewind_steps}")
 
 
 @dataclass(frozen=True)
@@ -52,9 +57,9 @@ class TrainingConfig:
     def __post_init__(self) -> None:
         for name in ("batch_size", "imp_epochs", "epochs"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"training.{name} must be >= 1; got {getattr(self, name)}")
-        if not self.negative_ratio > 0:  # also refuses NaN
-            raise ValueError(f"training.negative_ratio must be > 0; got {self.negative_ratio}")
+                raise ConfigError(f"training.{name} must be >= 1; got {getattr(self, name)}")
+        if not 0 < self.negative_ratio < math.inf:  # also refuses NaN
+            raise ConfigError(f"training.negative_ratio must be a positive finite number; got {self.negative_ratio}")
 
 
 @dataclass(frozen=True)

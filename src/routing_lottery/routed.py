@@ -84,7 +84,8 @@ class RoutedModel(nn.Module):
         # Float copies on the model's device: multiplying by a float mask is the fastest
         # elementwise path, and buffers follow .to(device).
         for i, name in enumerate(masks.tensor_names):
-            self.register_buffer(f"mask_{i}", masks.stacked[name].to(params[name].dtype), persistent=False)
+            self.register_buffer(f"mask_{i}", masks.stacked[name].to(device=params[name].device, dtype=params[name].dtype),
+                                 persistent=False)
 
     @property
     def num_contexts(self) -> int:
@@ -140,9 +141,11 @@ class RoutedModel(nn.Module):
                 and self.num_contexts * largest <= 2 * inputs[0].shape[0]):
             try:
                 return self._vmapped(inputs[0], context.to(inputs[0].device), counts.to(inputs[0].device))
-            except RuntimeError:
+            except RuntimeError as err:
+                if "atching rule" not in str(err):  # out of memory and the like: not vmap's limits
+                    raise
                 # An op without a vmap batching rule (recurrent layers, some custom kernels): run the
-                # groups one by one from now on; a genuine error raises again on that path.
+                # groups one by one from now on.
                 self._vmappable = False
         out: torch.Tensor | None = None
         for k in present:

@@ -17,8 +17,8 @@ same object, with the baselines beside it.
 
 Example
 -------
->>> from routing_lottery import AdaptiveTickets, RTLConfig, PruningConfig, Stream
->>> streams = {name: Stream.from_tensors(name, x_k, y_k, loss, batch_size=32) for name, (x_k, y_k) in data.items()}
+>>> from routing_lottery import AdaptiveTickets, RTLConfig, PruningConfig, tensor_stream
+>>> streams = {name: tensor_stream(name, x_k, y_k, loss, batch_size=32) for name, (x_k, y_k) in data.items()}
 >>> rtl = AdaptiveTickets(model, RTLConfig(pruning=PruningConfig(sparsities=(0.5,), step=0.2)))
 >>> routed = rtl.fit(streams)
 >>> routed(x, ["cat", "dog", "cat"])       # contexts by name (or index), mixed in one batch
@@ -28,6 +28,7 @@ Example
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,7 +37,7 @@ import torch
 from torch import nn
 
 from .data.fingerprint import fingerprint
-from .io import CheckpointError, load_tickets, save_tickets
+from .io import CheckpointError, load_tickets, model_fingerprint, save_tickets
 from .masks import Mask, MaskSet, ones_like
 from .pruning import TensorFilter, describe_prunable, levels_reached, prunable_names, pruning_schedule
 from .recipe import RTLConfig
@@ -109,7 +110,7 @@ class AdaptiveTickets:
         positive = [s for s in self.levels if round(s * self.total) > 0]
         self.schedule = pruning_schedule(self.total, positive, pruning.step) if positive else []
         self.level_round = levels_reached(self.schedule, self.total, positive)
-        self._initial = snapshot(model)  # θ₀ unless the store already holds one (no I/O before first use)
+        self._initial: State | None = snapshot(model)  # θ₀ unless the store already holds one (no I/O before first use)
         self._theta0: State | None = None
         self._rewind: State | None = None
         self.masks: MaskSet | None = None
@@ -140,7 +141,7 @@ class AdaptiveTickets:
         directory = RunDirectory(self.out)
         recipe = self.config.to_dict()
         recipe["pruning"].pop("sparsities")  # adding a level reuses the nested rounds on disk
-        directory.claim({"version": 2, "recipe": recipe, "masked": self.prunable,
+        directory.claim({"version": 2, "recipe": recipe, "masked": self.prunable, "model": model_identity(self.model),
                          "data_fingerprint": stream_fingerprint(streams)})
         self.store = directory
 
@@ -155,6 +156,9 @@ class AdaptiveTickets:
     def _initial_state(self) -> State:
         stored = self.store.load_state(self._state_name("theta0")) if self.store is not None else None
         if stored is None:
+            if self._initial is None:
+                raise RuntimeError("tickets loaded from a checkpoint hold trained weights, not θ₀: extract or "
+                                   "retrain with a new AdaptiveTickets over the initial model")
             stored = self._initial
             if self.store is not None:
                 self.store.save_state(self._state_name("theta0"), stored)
@@ -197,7 +201,7 @@ class AdaptiveTickets:
                 mask = self.store.load_round(stream_id, r, pruned, self.prunable)
                 if mask is None:
                     break
-                done.append(mask)
+                done.append({n: m.to(self.device) for n, m in mask.items()})  # saved on CPU, resumed anywhere
         if done:
             self.progress.advance(len(done) * epochs * stream.num_batches, f"{stream_id}: {len(done)} rounds on disk")
         if len(done) < len(self.schedule):
@@ -233,6 +237,10 @@ class AdaptiveTickets:
         """Stage 1 for every context: ``{level: MaskSet}`` of K nested tickets at every configured level."""
         names, streams = _named(streams)
         self._open(streams)
+        if len(streams) == 1:
+            warnings.warn("one context: its ticket is single-mask IMP on that context's data, and there is "
+                          "nothing to route between", stacklevel=2)
+            self.log("warning: one context, so RTL reduces to single-mask IMP")
         rounds = [self.imp_rounds(f"context_{k:02d}", s, rewind_stream=rewind_stream) for k, s in enumerate(streams)]
         return {level: MaskSet.from_tickets([self.mask_at(r, level) for r in rounds], names) for level in self.levels}
 
@@ -241,18 +249,24 @@ class AdaptiveTickets:
                 level: float | None = None, rewind_stream: Stream | None = None) -> RoutedModel:
         """Stage 2 (Algorithm 2): the K subnetworks take turns training the shared θ; returns the routed model.
 
-        ``method`` and ``level`` name this retraining (its seed and its checkpoint in the store);
-        ``level`` also ties the checkpoint to the stage-1 rounds it depends on, so a stale state is
-        never resumed.
+        Streams are paired with the masks of the same context names (a sequence of streams with
+        other names pairs by position). ``method`` and ``level`` name this retraining: its seed and
+        its checkpoint in the store, which is tied to the masks it trains, so a state saved for
+        other masks is never resumed.
         """
+        by_name = isinstance(streams, Mapping)
         names, streams = _named(streams)
-        self._open(streams)
         if len(streams) != masks.num_contexts:
             raise ValueError(f"{len(streams)} streams for {masks.num_contexts} masks")
+        if sorted(names) == sorted(masks.context_names):  # each mask with its own context's data
+            streams = [streams[names.index(n)] for n in masks.context_names]
+        elif by_name:
+            raise ValueError(f"streams {names} do not match the masks' contexts {list(masks.context_names)}")
+        self._open(streams)
         training = self.config.training
         seed_parts = (method,) if level is None else (method, str(level))  # the runner's seeds since v0.1
         key = method if level is None else f"{method}_{level:.4f}"
-        basis = self.basis(level) if level is not None else None
+        basis = fingerprint(masks.packed())
         saved = self.store.load_training(key, basis) if self.store is not None else None
         resume = None
         if saved is not None:
@@ -278,6 +292,8 @@ class AdaptiveTickets:
             rewind_stream: Stream | None = None) -> RoutedModel:
         """Extract the tickets and retrain them jointly at ``level`` (default: the highest configured)."""
         level = max(self.levels) if level is None else float(level)
+        if level not in self.levels:
+            raise ValueError(f"sparsity {level} is not one of this recipe's levels {self.levels}")
         masks = self.extract(streams, rewind_stream)[level]
         return self.retrain(streams, masks, level=level, rewind_stream=rewind_stream)
 
@@ -311,6 +327,7 @@ class AdaptiveTickets:
             raise CheckpointError(f"{directory}: its masks cover {sorted(saved)[:4]}..., which the recipe's "
                                   f"patterns do not select in this model")
         tickets.masks, tickets.level, tickets.metadata = masks, metadata.get("sparsity"), metadata
+        tickets._initial = None  # the checkpoint holds trained weights, not the shared initialization
         return tickets
 
 
@@ -332,8 +349,16 @@ def _named(streams: Sequence[Stream] | Mapping[str, Stream]) -> tuple[list[str],
 
 
 def stream_fingerprint(streams: Sequence[Stream]) -> str:
-    """A fingerprint of the data behind ``streams``: names and the batches of one epoch each, fixed seed."""
-    return fingerprint([(s.name, s.num_batches, list(s.epoch(torch.Generator().manual_seed(0)))) for s in streams])
+    """A fingerprint of the data behind ``streams``: names and the batches of one epoch each, fixed seed
+    (one stream's epoch in memory at a time)."""
+    return fingerprint([fingerprint(s.name, s.num_batches, list(s.epoch(torch.Generator().manual_seed(0))))
+                        for s in streams])
+
+
+def model_identity(model: nn.Module) -> dict[str, str]:
+    """What a run's identity records of its network: its class and its state_dict layout."""
+    return {"class": f"{type(model).__module__}.{type(model).__qualname__}", "signature": model_fingerprint(model),
+            "structure": fingerprint(repr(model))}
 
 
 def tensor_stream(name: str, inputs: torch.Tensor | Sequence[torch.Tensor], targets: torch.Tensor,

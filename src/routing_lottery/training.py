@@ -8,6 +8,7 @@ position, so a resumed run repeats exactly what an uninterrupted one would have 
 from __future__ import annotations
 
 import hashlib
+import math
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import ConfigError, DataError
 from .masks import Mask, MaskSet
 from .pruning import Scope, magnitude_prune
 from .routed import masked_forward
@@ -35,6 +37,16 @@ class OptimizerConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
     momentum: float = 0.9  # SGD only
+
+    def __post_init__(self) -> None:
+        if self.name not in ("adam", "sgd"):
+            raise ConfigError(f"optimizer.name must be 'adam' or 'sgd'; got {self.name!r}")
+        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < math.inf):
+            raise ConfigError(f"optimizer.lr must be a positive finite number; got {self.lr!r}")
+        if not (isinstance(self.weight_decay, (int, float)) and 0 <= self.weight_decay < math.inf):
+            raise ConfigError(f"optimizer.weight_decay must be >= 0 and finite; got {self.weight_decay!r}")
+        if not (isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1):
+            raise ConfigError(f"optimizer.momentum must be in [0, 1); got {self.momentum!r}")
 
     def build(self, params: Sequence[torch.Tensor]) -> torch.optim.Optimizer:
         if self.name == "adam":
@@ -89,7 +101,7 @@ def rewound(state: Mapping[str, torch.Tensor], mask: Mapping[str, torch.Tensor] 
     """``state`` with every masked tensor multiplied by its mask: survivors rewound, pruned set to zero."""
     out = {k: v.clone() for k, v in state.items()}
     for name, m in (mask or {}).items():
-        out[name] = out[name] * m.to(out[name].dtype)
+        out[name] = out[name] * m.to(device=out[name].device, dtype=out[name].dtype)
     return out
 
 
@@ -150,7 +162,10 @@ def train(
     model.train()
     steps = 0
     for epoch in range(epochs):
-        for batch in stream.epoch(generator(seed, epoch)):
+        batches = stream.epoch(generator(seed, epoch))
+        if len(batches) == 0:  # training nothing and then pruning untrained weights would pass silently
+            raise DataError(f"stream {stream.name!r} has no training batches (an empty context?)")
+        for batch in batches:
             loss = masked_step(model, params, fmask, opt, stream.loss, *_to_device(batch, device))
             steps += 1
             progress.advance(1, f"{stream.name} epoch {epoch + 1}/{epochs} loss {loss.item():.3f}")

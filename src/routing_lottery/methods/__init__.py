@@ -5,9 +5,10 @@
   K random masks with RTL's per-tensor counts, retrained jointly (separates specialization from
   mere sparsity).
 
-A method is an object with a ``name``, a table ``label``, what stage 1 it needs, and two calls:
-``steps(run)`` (training steps at one level, for progress) and ``fit(run, level)`` (train and
-score, returning result rows and its accounting). ``run`` is the experiment runner
+A method is an object with a ``name``, a table ``label``, what stage 1 it needs, and three calls:
+``steps(run)`` (training steps at one level, for progress), ``fit(run, level)`` (train and
+score, returning result rows and its accounting) and ``damaged(run, level)`` (whether the files a
+finished fit left are intact). ``run`` is the experiment runner
 (``run.experiment.Experiment``): its tickets, task, streams and device. A new method is one new
 module with ``@METHODS.register("name")`` plus its name in ``_BUILT_IN``.
 """
@@ -37,6 +38,12 @@ class Method(Protocol):
 
     def fit(self, run: Experiment, level: float) -> tuple[list[Row], Accounting]:
         """Train at ``level`` from the run's rewind point and score on the task's test data."""
+
+    def damaged(self, run: Experiment, level: float) -> str | None:
+        """What is wrong with the files a finished record of this method left (None: nothing, or none left).
+
+        A resume trusts a record only when what it promised is intact (RTL: its ticket checkpoint).
+        """
 
 
 _BUILT_IN = ("routing_lottery.methods.baselines", "routing_lottery.methods.shared")

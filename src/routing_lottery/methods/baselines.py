@@ -37,6 +37,9 @@ class _SharedNetwork:
     name = ""
     needs_contexts, needs_single = False, False
 
+    def damaged(self, run: Experiment, level: float) -> str | None:
+        return None  # leaves nothing but its record
+
     def steps(self, run: Experiment) -> int:
         return run.factor * run.config.training.epochs * run.classifier.num_batches
 
@@ -66,6 +69,9 @@ class MultiImp:
 
     def steps(self, run: Experiment) -> int:
         return run.config.training.epochs * sum(s.num_batches for s in run.detectors)
+
+    def damaged(self, run: Experiment, level: float) -> str | None:
+        return None
 
     def fit(self, run: Experiment, level: float) -> tuple[list[Row], Accounting]:
         t, tickets = run.config.training, run.tickets

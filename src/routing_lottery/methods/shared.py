@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..errors import CheckpointError
+from ..io import load_masks
 from ..masks import MaskSet
 from ..pruning import random_mask_like
 from ..training import generator
@@ -38,12 +40,23 @@ class _JointlyRetrained:
     def keep(self, run: Experiment, level: float) -> None:
         """What to leave in the run directory besides the record (RTL: its tickets)."""
 
+    def damaged(self, run: Experiment, level: float) -> str | None:
+        return None
+
 
 class Rtl(_JointlyRetrained):
     name, label = "rtl", "RTL"
 
     def masks(self, run: Experiment, level: float) -> MaskSet:
         return run.context_masks()[level]
+
+    def damaged(self, run: Experiment, level: float) -> str | None:
+        """Its ticket checkpoint must be there and pass its checksums (diagnostics read it)."""
+        try:
+            load_masks(run.run.checkpoint_dir(self.name, level))
+        except CheckpointError as err:
+            return str(err)
+        return None
 
     def keep(self, run: Experiment, level: float) -> None:
         run.tickets.save(run.run.checkpoint_dir(self.name, level),

@@ -17,6 +17,7 @@ import torch
 
 from ..config import ExperimentConfig
 from ..io import atomic_write_text
+from ..errors import ConfigError
 from ..masks import Mask, MaskSet
 from ..methods import METHODS, Method, Row
 from ..report import write_results
@@ -26,11 +27,13 @@ from ..training import SILENT, ProgressSink, derive_seed
 from .directory import RunDirectory, resolve_device, run_identity
 
 
-def seeded_model(task: Task, seed: int) -> torch.nn.Module:
-    """``task.build_model()`` with the global generator seeded (and restored afterwards)."""
+def seeded_models(task: Task, seed: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The task's network and its baselines' network, built with the global generator seeded (and
+    restored afterwards): θ₀ of both is a function of the run's seed alone."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return task.build_model()
+        model = task.build_model()
+        return model, task.build_shared_model(model)
 
 
 class Experiment:
@@ -39,18 +42,19 @@ class Experiment:
     def __init__(self, config: ExperimentConfig, out: str | Path, task: Task, progress: ProgressSink = SILENT,
                  log: Log = quiet) -> None:
         self.config, self.task, self.progress, self.log = config, task, progress, log
-        self.run = RunDirectory(out)
+        self.run = RunDirectory(out, log=log)
         self.device = resolve_device(config.device)
         self.methods: list[Method] = [METHODS.get(m) for m in config.methods]
-        model = seeded_model(task, derive_seed(config.seed, "init")).to(self.device)
-        shared = task.build_shared_model(model)
+        model, shared = seeded_models(task, derive_seed(config.seed, "init"))
         if shared is not model and config.pruning.rewind_steps:
-            raise ValueError("pruning.rewind_steps needs the baselines to share the RTL network; this task's differ")
+            raise ConfigError("pruning.rewind_steps needs the baselines to share the RTL network; this task's differ")
+        model = model.to(self.device)
+        shared = model if shared is model or shared is None else shared.to(self.device)
         self.check_partition()
-        self.run.claim(run_identity(config, task.data_fingerprint(), task), config)
+        self.run.claim(run_identity(config, task.data_fingerprint(), task, model), config)
         self.tickets = AdaptiveTickets(model, config, store=self.run, progress=progress, log=log)
         self.shared_tickets = self.tickets if shared is model else AdaptiveTickets(
-            shared.to(self.device), config, store=self.run, name="shared", progress=progress, log=log)
+            shared, config, store=self.run, name="shared", progress=progress, log=log)
         self.classifier = task.shared_stream()
         self.detectors = [task.context_stream(k) for k in range(self.num_contexts)]
         self.factor = task.shared_epoch_factor
@@ -98,13 +102,17 @@ class Experiment:
     def context_masks(self) -> dict[float, MaskSet]:
         """The K per-context tickets at every level (from disk where finished)."""
         if self._contexts is None:
-            masks = self.tickets.extract(self.detectors, rewind_stream=self.classifier)
-            names = list(self.task.context_names)
-            self._contexts = {level: MaskSet(m.stacked, names) for level, m in masks.items()}
+            streams = dict(zip(self.task.context_names, self.detectors))  # named by the task, whatever the streams say
+            self._contexts = self.tickets.extract(streams, rewind_stream=self.classifier)
         return self._contexts
 
     # -- the comparison -----------------------------------------------------------------------
     def run_all(self) -> list[Row]:
+        """Every method at every level (resuming what is on disk), then results and figures; under the lock."""
+        with self.run.locked():
+            return self._run_all()
+
+    def _run_all(self) -> list[Row]:
         self.log("masks:\n" + self.tickets.describe())
         if any(m.needs_single for m in self.methods):
             self.single_rounds()
@@ -137,9 +145,13 @@ class Experiment:
         """The rows of (method, level): from disk when a previous run finished them, else computed."""
         basis = self.basis(method, level)
         rows = self.run.load_record(method.name, level, basis)
+        problem = None if rows is None else method.damaged(self, level)
+        if problem:
+            self.log(f"{method.name} at {level:.0%}: {problem}; recomputing it")
+            rows = None
         if rows is not None:
             self.progress.advance(method.steps(self), f"{method.name} {level:.0%} (on disk)")
-            return rows
+            return [{**r, "experiment": self.config.name} for r in rows]  # the name is not part of the identity
         self.log(f"{method.name} at {level:.0%} sparsity")
         start = time.perf_counter()
         rows, accounting = method.fit(self, level)

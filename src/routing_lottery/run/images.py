@@ -31,7 +31,7 @@ class ImageSetExperiment:
     def __init__(self, config: ExperimentConfig, out: str | Path, tasks: Sequence[Task],
                  progress: ProgressSink = SILENT, log: Log = quiet) -> None:
         self.config, self.log = config, log
-        self.run = RunDirectory(out)
+        self.run = RunDirectory(out, log=log)
         names = [str(getattr(t, "name", f"part_{i}")) for i, t in enumerate(tasks)]
         if len(set(names)) != len(names):
             raise ValueError(f"parts need distinct names; got {names}")
@@ -53,6 +53,10 @@ class ImageSetExperiment:
         return sum(p.planned_steps() for p in self.parts)
 
     def run_all(self) -> list[Row]:
+        with self.run.locked():
+            return self._run_all()
+
+    def _run_all(self) -> list[Row]:
         records: list[Row] = []
         for part in self.parts:
             self.log(f"image {part.run.path.name}")

@@ -24,12 +24,13 @@ class TaskContractError(RoutingLotteryError, ValueError):
     """A task breaks the contract of ``tasks.base.Task``; the message lists every problem found."""
 
 
-def check_task(task: Task, model_seed: int = 0) -> None:
+def check_task(task: Task, model_seed: int = 0, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> None:
     """Raise ``TaskContractError`` listing every way ``task`` breaks the ``Task`` contract.
 
     Checks: distinct context names; a positive ``shared_epoch_factor``; a stable string
-    ``data_fingerprint``; ``build_model`` returning a module with maskable tensors that does not
-    reseed the global generator; every stream non-empty, of its declared length, the same for the
+    ``data_fingerprint``; ``build_model`` returning a module with maskable tensors (chosen by the
+    run's ``pruning.include`` / ``exclude`` patterns, given here) that does not reseed the global
+    generator; every stream non-empty, of its declared length, the same for the
     same generator, and giving a finite scalar loss that backpropagates; an out-of-range context
     refused with ``ValueError``; both scorers returning rows of numbers or strings.
     """
@@ -61,7 +62,7 @@ def check_task(task: Task, model_seed: int = 0) -> None:
     expect(not torch.equal(draws[0], draws[1]), "build_model() reseeds the global generator; let the runner seed it")
     if not expect(isinstance(model, nn.Module), f"build_model() must return an nn.Module; got {type(model).__name__}"):
         raise TaskContractError(_message(task, problems))
-    _call(problems, "prunable_names(model)", lambda: prunable_names(model))
+    _call(problems, "prunable_names(model)", lambda: prunable_names(model, include, exclude))
     shared = _call(problems, "build_shared_model(model)", lambda: task.build_shared_model(model))
     expect(isinstance(shared, nn.Module), f"build_shared_model() must return an nn.Module; got {type(shared).__name__}")
 

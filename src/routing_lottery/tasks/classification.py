@@ -31,6 +31,7 @@ from torch.nn import functional as F
 from torch import nn
 
 from ..data.fingerprint import fingerprint
+from ..errors import DataError
 from ..data.labelled import LabelledDataset
 from ..metrics import BinaryCounts, binary_counts, confusion_matrix, macro, one_vs_rest_from_confusion
 from ..report import per_context_key
@@ -59,6 +60,9 @@ class ClassificationTask:
         num_classes = len(self.train_set.class_names)
         if len(self.context_of_class) != num_classes:
             raise ValueError(f"context_of_class has {len(self.context_of_class)} entries for {num_classes} classes")
+        if len(self.context_names) < 2:
+            raise DataError(f"classification needs at least 2 contexts (each detector needs negatives); got "
+                            f"{list(self.context_names)}")
         lookup = torch.as_tensor(list(self.context_of_class), dtype=torch.long)
         if lookup.min() < 0 or lookup.max() >= len(self.context_names):
             raise ValueError(f"context ids must be in 0..{len(self.context_names) - 1}")
@@ -84,8 +88,11 @@ class ClassificationTask:
 
     # -- the Task contract (tasks.base) ------------------------------------------------------
     def data_fingerprint(self) -> str:
+        """The examples, the context map and how they are served (batching, negatives, the model asked for)."""
+        model = self.model if isinstance(self.model, str) else f"{self.model.__module__}.{self.model.__qualname__}"
         return fingerprint([(d.inputs, d.labels, list(d.class_names)) for d in (self.train_set, self.test_set)],
-                           list(self.context_of_class), list(self.context_names))
+                           list(self.context_of_class), list(self.context_names),
+                           [self.batch_size, self.negative_ratio, model, dict(self.model_options)])
 
     def build_model(self) -> nn.Module:
         from ..models import MODELS

@@ -17,7 +17,7 @@ test clips (environments have equal clip counts by construction, so the two aver
 
 ``SpeechTask`` implements the runner's ``tasks.base.Task`` contract (``context_stream``,
 ``shared_stream``, ``build_model``, ``score_shared``, ``score_routed``) and the optional
-``WritesFigures`` one (spectrogram PNGs of a few test clips, noisy / each method / clean).
+``write_figures(outputs)`` capability (spectrogram PNGs of a few test clips, noisy / each method / clean).
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ class SpeechTask:
             self._keep_examples(outputs / f"{label}.npz", enhanced)
         return environment_rows(enhanced, self.data.test)
 
-    # -- example spectrograms (tasks.base.WritesFigures) ------------------------------------------
+    # -- example spectrograms (the optional write_figures capability of tasks.base.Task) ------------------------------------------
     def example_rows(self) -> dict[str, int]:
         """The test clips drawn as spectrograms: ``<environment>_<i>`` -> row, the first few of each."""
         test = self.data.test
