@@ -1,14 +1,19 @@
+import hashlib
 import json
 import os
+import stat
+import subprocess
+import sys
 
 import pytest
+import safetensors.torch
 import torch
 from torch import nn
 
 from routing_lottery import io as rio
 from routing_lottery.io import (
     CheckpointError, atomic_torch_save, atomic_write_bytes, atomic_write_json, atomic_write_text, directory_bytes,
-    load_tickets, model_fingerprint, read_json, save_tickets, torch_load,
+    load_masks, load_tickets, model_fingerprint, read_json, save_tickets, torch_load,
 )
 from routing_lottery.masks import MaskSet
 
@@ -82,38 +87,206 @@ def test_truncated_weights_file_is_reported(saved):
     assert "tickets.safetensors" in str(err.value)
 
 
+def _write_index(directory, index):
+    """Write ``index`` as a consistent writer would: re-signed when it carries an index checksum.
+
+    The canonical form is spelled out here rather than imported, so the tests pin the format.
+    """
+    if "index_sha256" in index:
+        body = {k: v for k, v in index.items() if k != "index_sha256"}
+        canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode("ascii")
+        index = {**index, "index_sha256": hashlib.sha256(canonical).hexdigest()}
+    (directory / "tickets.json").write_text(json.dumps(index, indent=2))
+
+
+def _rewrite(directory, tensors=None, edit=None):
+    """Replace stored tensors and/or edit the index, keeping every recorded hash consistent."""
+    index = json.loads((directory / "tickets.json").read_text())
+    if tensors is not None:
+        blob = safetensors.torch.load((directory / "tickets.safetensors").read_bytes())
+        blob.update(tensors)
+        data = safetensors.torch.save(blob)
+        (directory / "tickets.safetensors").write_bytes(data)
+        index["weights_sha256"] = hashlib.sha256(data).hexdigest()
+    if edit is not None:
+        edit(index)
+    _write_index(directory, index)
+
+
+def _snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _unchanged(model, before):
+    return all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_weights_file_unparsable_even_with_matching_hash(saved):
     directory, _, _ = saved
     garbage = b"\x10\x00\x00\x00\x00\x00\x00\x00not json header"
     (directory / "tickets.safetensors").write_bytes(garbage)
     index = json.loads((directory / "tickets.json").read_text())
-    index["weights_sha256"] = __import__("hashlib").sha256(garbage).hexdigest()
-    (directory / "tickets.json").write_text(json.dumps(index))
+    index["weights_sha256"] = hashlib.sha256(garbage).hexdigest()
+    _write_index(directory, index)
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         load_tickets(directory, _model())
+
+
+def _set(path, value):
+    def edit(index):
+        node = index
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+    return edit
 
 
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda text: text[: len(text) // 2], "not valid JSON"),
-        (lambda text: text.replace('"version": 1', '"version": 2'), "version 2"),
-        (lambda text: text.replace("routing-lottery/tickets", "something/else"), "not a ticket checkpoint"),
-        (lambda text: text.replace('"weights_sha256": "', '"weights_sha256": "0'), "truncated or corrupt"),
-        (lambda text: text.replace('"dtype": "float32"', '"dtype": "float16"', 1), "fingerprint"),
+        (_set(["version"], 3), "version 3"),
+        (_set(["format"], "something/else"), "not a ticket checkpoint"),
+        (_set(["weights_sha256"], "0" * 64), "truncated or corrupt"),
+        (_set(["state", "0.bias", "dtype"], "float16"), "fingerprint"),
     ],
 )
 def test_edited_index_is_reported(saved, edit, message):
     directory, _, _ = saved
-    path = directory / "tickets.json"
-    edited = edit(path.read_text())
-    assert edited != path.read_text()
-    path.write_text(edited)
+    _rewrite(directory, edit=edit)
     fresh = _model(seed=5)
-    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    before = _snapshot(fresh)
     with pytest.raises(CheckpointError, match=message):
         load_tickets(directory, fresh)
-    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())  # model untouched
+    assert _unchanged(fresh, before)
+
+
+def test_truncated_index_is_reported(saved):
+    directory, _, _ = saved
+    path = directory / "tickets.json"
+    path.write_text(path.read_text()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="tickets.json is not valid JSON"):
+        load_tickets(directory, _model())
+
+
+# -- issue 12, item 7: validate everything, then load ------------------------------------------
+def test_wrong_shaped_stored_tensor_leaves_the_model_untouched(saved):
+    """Every hash consistent, one dense tensor the wrong shape: today load_state_dict copies the
+    rest of the state before it fails, with a RuntimeError."""
+    directory, _, _ = saved
+    _rewrite(directory, tensors={"state/1.running_mean": torch.zeros(9)})
+    fresh = _model(seed=5)
+    before = _snapshot(fresh)
+    with pytest.raises(CheckpointError, match=r"tickets\.safetensors.*1\.running_mean"):
+        load_tickets(directory, fresh)
+    assert _unchanged(fresh, before)
+
+
+def _product_overflows(index):
+    # 2**32 * 2**32 wraps to 0 in int64: with 0 stored bytes the old reader reshaped to it.
+    index["tensors"]["0.weight"] = [2**32, 2**32]
+    index["state"]["0.weight"]["shape"] = [2**32, 2**32]
+    signature = {k: (v["shape"], v["dtype"]) for k, v in index["state"].items()}
+    index["fingerprint"] = rio._fingerprint(signature)
+
+
+@pytest.mark.parametrize(
+    "tensors, edit, raw, culprit",
+    [
+        pytest.param({"masks/0.weight": torch.tensor(7, dtype=torch.uint8)}, None, None, "tickets.safetensors",
+                     id="0-d packed mask"),
+        pytest.param(None, _set(["tensors", "0.weight", 0], float("inf")), None, "tickets.json", id="Infinity dim"),
+        pytest.param(None, _set(["tensors", "0.weight", 0], -8), None, "tickets.json", id="negative dim"),
+        pytest.param(None, _set(["tensors", "0.weight", 3], 3.0), None, "tickets.json", id="float dim"),
+        pytest.param({"masks/0.weight": torch.zeros(K, 0, dtype=torch.uint8)}, _product_overflows, None,
+                     "tickets.json", id="dims whose product overflows"),
+        pytest.param(None, _set(["context_names"], {"a": 1, "b": 2, "c": 3}), None, "tickets.json",
+                     id="object for array"),
+        pytest.param(None, _set(["context_names"], [0, 1, 2]), None, "tickets.json", id="numbers for names"),
+        pytest.param(None, _set(["version"], True), None, "tickets.json", id="bool version"),
+        pytest.param(None, _set(["state"], [1, 2]), None, "tickets.json", id="array for object"),
+        pytest.param(None, None, "[" * 100_000 + "]" * 100_000, "tickets.json", id="deeply nested"),
+        pytest.param(None, _set(["metadata", "deep"], json.loads("[" * 70 + "]" * 70)), None, "tickets.json",
+                     id="nested beyond the limit"),
+    ],
+)
+@pytest.mark.parametrize("loader", ["load_tickets", "load_masks"])
+def test_malformed_checkpoint_raises_checkpoint_error_naming_the_file(saved, tensors, edit, raw, culprit, loader):
+    directory, _, _ = saved
+    if raw is not None:
+        (directory / "tickets.json").write_text(raw)
+    else:
+        _rewrite(directory, tensors=tensors, edit=edit)
+    fresh = _model(seed=5)
+    before = _snapshot(fresh)
+    with pytest.raises(CheckpointError, match=culprit.replace(".", r"\.")):
+        load_tickets(directory, fresh) if loader == "load_tickets" else load_masks(directory)
+    assert _unchanged(fresh, before)
+
+
+def test_huge_index_is_refused_before_parsing(saved, monkeypatch):
+    directory, _, _ = saved
+    monkeypatch.setattr(rio, "MAX_INDEX_BYTES", 1000)
+    with pytest.raises(CheckpointError, match=r"tickets\.json is larger than 1000 bytes"):
+        load_masks(directory)
+
+
+def test_metadata_that_could_not_be_read_back_is_refused_at_save(tmp_path):
+    model = _model()
+    with pytest.raises(ValueError, match="nests deeper"):
+        save_tickets(tmp_path / "ckpt", model, _masks(model), {"deep": json.loads("[" * 70 + "]" * 70)})
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_masked_zero_d_parameter_round_trips(tmp_path):
+    model = nn.Linear(3, 2)
+    model.register_parameter("scale", nn.Parameter(torch.tensor(2.5)))
+    masks = MaskSet({"scale": torch.tensor([True, False]), "weight": torch.ones(2, 2, 3, dtype=torch.bool)})
+    save_tickets(tmp_path / "ckpt", model, masks)
+    fresh = nn.Linear(3, 2)
+    fresh.register_parameter("scale", nn.Parameter(torch.tensor(0.0)))
+    loaded, _ = load_tickets(tmp_path / "ckpt", fresh)
+    assert loaded.shapes == {"scale": (), "weight": (2, 3)}
+    assert float(fresh.scale.detach()) == 2.5 and torch.equal(fresh.weight, model.weight)
+
+
+# -- issue 12, item 5: the index protects itself -----------------------------------------------
+def test_edited_context_names_are_detected(saved):
+    directory, _, _ = saved
+    path = directory / "tickets.json"
+    path.write_text(path.read_text().replace('"b"', '"x"'))
+    with pytest.raises(CheckpointError, match=r"tickets\.json was edited or is corrupt.*index_sha256"):
+        load_tickets(directory, _model())
+    with pytest.raises(CheckpointError, match="index_sha256"):
+        load_masks(directory)
+
+
+def test_version_flipped_to_1_does_not_skip_a_present_checksum(saved):
+    directory, _, _ = saved
+    path = directory / "tickets.json"
+    path.write_text(path.read_text().replace('"version": 2', '"version": 1').replace('"b"', '"x"'))
+    with pytest.raises(CheckpointError, match="index_sha256"):
+        load_tickets(directory, _model())
+
+
+def test_index_format_version_2_with_checksum(saved):
+    directory, _, _ = saved
+    index = json.loads((directory / "tickets.json").read_text())
+    assert index["version"] == 2
+    body = {k: v for k, v in index.items() if k != "index_sha256"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode("ascii")
+    assert index["index_sha256"] == hashlib.sha256(canonical).hexdigest()
+
+
+def test_version_1_checkpoint_without_index_checksum_still_loads(saved):
+    directory, model, masks = saved
+    index = json.loads((directory / "tickets.json").read_text())
+    index.pop("index_sha256", None)
+    index["version"] = 1
+    (directory / "tickets.json").write_text(json.dumps(index, indent=2))
+    fresh = _model(seed=5)
+    loaded, metadata = load_tickets(directory, fresh)
+    assert loaded.context_names == ["a", "b", "c"] and metadata == {"sparsity": 0.7}
+    assert torch.equal(fresh.state_dict()["4.bias"], model.state_dict()["4.bias"])
 
 
 @pytest.mark.parametrize("missing", ["tickets.json", "tickets.safetensors", None])
@@ -222,3 +395,88 @@ def test_torch_load_optimizer_state_and_corrupt_file(tmp_path):
     path.write_bytes(path.read_bytes()[: os.path.getsize(path) // 2])
     with pytest.raises(CheckpointError, match="train.pt.*truncated or corrupt"):
         torch_load(path)
+
+
+def test_torch_load_detects_a_flipped_bit(tmp_path):
+    path = tmp_path / "train.pt"
+    weights = torch.arange(64, dtype=torch.float32)
+    atomic_torch_save(path, {"epoch": 3, "w": weights})
+    data = bytearray(path.read_bytes())
+    assert data.startswith(b"RTLSHA256 ") and data[74:75] == b"\n"
+    at = bytes(data).find(weights.numpy().tobytes())
+    assert at > 0
+    data[at + 4 * 10] ^= 0x01  # 10.0 becomes a nearby float: torch.load alone reads it happily
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"train\.pt is truncated or corrupt.*sha256"):
+        torch_load(path)
+
+
+def test_torch_load_refuses_a_file_without_checksum_header(tmp_path):
+    path = tmp_path / "plain.pt"
+    torch.save({"epoch": 0}, path)
+    with pytest.raises(CheckpointError, match=r"plain\.pt has no RTLSHA256 checksum header"):
+        torch_load(path)
+    with pytest.raises(FileNotFoundError):
+        torch_load(tmp_path / "absent.pt")
+
+
+# -- issue 12, item 9: permissions and litter --------------------------------------------------
+def _process_umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077, 0o002])
+def test_atomic_writes_respect_the_umask(tmp_path, monkeypatch, umask):
+    monkeypatch.setattr(rio, "_UMASK", umask, raising=False)
+    atomic_write_text(tmp_path / "a.txt", "x")
+    atomic_write_json(tmp_path / "b.json", {})
+    atomic_torch_save(tmp_path / "c.pt", {})
+    for name in ("a.txt", "b.json", "c.pt"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask, name
+
+
+def test_umask_is_read_at_import_without_changing_it():
+    script = (
+        "import os, tempfile, pathlib, stat; os.umask(0o027)\n"
+        "from routing_lottery import io\n"
+        "assert os.umask(0o027) == 0o027, 'import changed the umask'\n"
+        "d = pathlib.Path(tempfile.mkdtemp()); io.atomic_write_text(d / 'f', 'x')\n"
+        "print(oct(stat.S_IMODE((d / 'f').stat().st_mode)))\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == oct(0o640)
+    assert rio._UMASK == _process_umask()
+
+
+def test_remove_stale_temp_files_removes_only_writer_litter(tmp_path):
+    ckpt = tmp_path / "checkpoints" / "rtl_0.5"
+    # A writer killed mid-write: the context manager is entered and never left.
+    killed = rio._atomic_file(ckpt / "tickets.safetensors", "wb")
+    killed.__enter__().write(b"half")
+    litter = sorted(p for p in ckpt.iterdir())
+    assert len(litter) == 1 and litter[0].name.startswith(".tickets.safetensors.")
+    stale = [tmp_path / ".identity.json.ab_3x9q1.tmp", tmp_path / "imp" / "s" / ".round_001.safetensors.k2m0z8q_.tmp"]
+    keep = [tmp_path / "a.json", tmp_path / ".a.json.tmp", tmp_path / "a.json.abcdefgh.tmp",
+            tmp_path / ".a.json.ABCDEFGH.tmp", tmp_path / ".a.json.abcdefg.tmp", tmp_path / ".lock"]
+    for p in stale + keep:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"x")
+    (tmp_path / ".dir.abcdefgh.tmp").mkdir()  # a directory with the pattern's name is not litter
+    outside = tmp_path.parent / f"{tmp_path.name}-target"
+    outside.mkdir()
+    (outside / ".f.abcdefgh.tmp").write_bytes(b"x")
+    (tmp_path / "link").symlink_to(outside, target_is_directory=True)  # not followed
+    (tmp_path / ".l.abcdefgh.tmp").symlink_to(outside / ".f.abcdefgh.tmp")  # a link, not a file: kept
+
+    removed = rio.remove_stale_temp_files(tmp_path)
+
+    assert sorted(removed) == sorted(stale + litter)
+    assert not any(p.exists() for p in stale + litter)
+    assert all(p.exists() for p in keep)
+    assert (tmp_path / ".dir.abcdefgh.tmp").is_dir() and (outside / ".f.abcdefgh.tmp").exists()
+    assert (tmp_path / ".l.abcdefgh.tmp").is_symlink()
+    assert rio.remove_stale_temp_files(tmp_path) == []
+    assert rio.remove_stale_temp_files(tmp_path / "absent") == []

@@ -71,3 +71,61 @@ def test_bad_inputs_are_named():
         validate_mask({}, {"w": torch.zeros(2)})
     with pytest.raises(ValueError, match="dtype"):
         MaskSet({"w": torch.ones(2, 3)})
+
+
+# -- issue 12, items 7 and 10: packed masks from a file fail with ValueError, never another type --
+def test_pack_round_trip_zero_d_and_zero_size():
+    for shape in [(), (0,), (3, 0, 2), (0, 0)]:
+        m = torch.ones(shape, dtype=torch.bool)
+        assert torch.equal(unpack_bits(pack_bits(m), shape), m)
+        s = MaskSet({"w": torch.stack([m, ~m])}, ["a", "b"])
+        back = MaskSet.from_packed(s.packed(), s.shapes, s.context_names)
+        assert back.shapes == {"w": shape} and torch.equal(back.stacked["w"], s.stacked["w"])
+
+
+@pytest.mark.parametrize(
+    "shape, message",
+    [
+        ((float("inf"),), "non-negative integers"),
+        ((-8,), "non-negative integers"),
+        ((2.0, 2), "non-negative integers"),
+        ((True,), "non-negative integers"),
+        ("ab", "list of non-negative integers"),
+        (5, "list of non-negative integers"),
+        ((2**32, 2**32), "too large"),
+        ((0, 2**40, 2**40), "too large"),
+    ],
+)
+def test_unpack_bits_rejects_malformed_shapes_with_value_error(shape, message):
+    with pytest.raises(ValueError, match=message):
+        unpack_bits(torch.zeros(0, dtype=torch.uint8), shape)
+
+
+@pytest.mark.parametrize(
+    "packed, message",
+    [
+        (torch.tensor(7, dtype=torch.uint8), "uint8 tensor"),           # 0-d: iterating it was a TypeError
+        (torch.zeros(2, 1, dtype=torch.float32), "uint8 tensor"),      # was cast silently
+        (torch.zeros(0, 1, dtype=torch.uint8), "K >= 1"),              # was a torch.stack RuntimeError
+        (torch.zeros(2, 2, dtype=torch.uint8), "has 2 bytes per context; a tensor of shape \\(4,\\) needs 1"),
+        ([b"\x00"], "uint8 tensor"),
+    ],
+)
+def test_from_packed_rejects_malformed_packed_masks_with_value_error(packed, message):
+    with pytest.raises(ValueError, match=message):
+        MaskSet.from_packed({"w": packed}, {"w": (4,)}, ["a", "b"])
+
+
+def test_from_packed_needs_a_mask_for_every_recorded_shape():
+    s = _set([1, 0, 1], [0, 1, 1])
+    with pytest.raises(ValueError, match="shapes recorded for"):
+        MaskSet.from_packed(s.packed(), {**s.shapes, "v": (2,)}, s.context_names)
+    with pytest.raises(ValueError, match="2 context names for 1 masks"):
+        MaskSet.from_packed({"w": s.packed()["w"][:1]}, s.shapes, s.context_names)
+
+
+def test_unpack_bits_rejects_non_uint8_and_non_flat_input():
+    with pytest.raises(ValueError, match="1-D uint8"):
+        unpack_bits(torch.zeros(1, dtype=torch.int64), (4,))
+    with pytest.raises(ValueError, match="1-D uint8"):
+        unpack_bits(torch.zeros(1, 1, dtype=torch.uint8), (4,))

@@ -8,6 +8,7 @@ diagnostic). Masks are stored as ``torch.bool``; on disk they are bit-packed (se
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -68,13 +69,48 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.packbits(mask.detach().cpu().numpy().reshape(-1)))
 
 
+_MAX_EXTENT = 2**63
+"""Bound on the product of a shape's dims (0 counted as 1): beyond it torch's strides overflow int64."""
+
+
+def check_shape(shape: object, what: str = "shape") -> tuple[int, ...]:
+    """``shape`` as a tuple of ints, or a ``ValueError`` naming ``what``.
+
+    Checks what a shape read from a file needs before anything is allocated from it: a sequence
+    of non-negative Python or NumPy integers (no bools, floats, ``inf`` or strings) whose extent
+    fits torch's int64 strides. A 0-d shape ``()`` is fine.
+    """
+    if isinstance(shape, (str, bytes)) or not isinstance(shape, (Sequence, torch.Size)):
+        raise ValueError(f"{what} must be a list of non-negative integers; got {type(shape).__name__}")
+    dims = []
+    for d in shape:
+        if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 0:
+            raise ValueError(f"{what} must be a list of non-negative integers; got a dim {d!r:.40}")
+        dims.append(int(d))
+    if math.prod(max(d, 1) for d in dims) >= _MAX_EXTENT:
+        raise ValueError(f"{what} {tuple(dims)} is too large for a tensor")
+    return tuple(dims)
+
+
+def _packed_length(shape: tuple[int, ...]) -> int:
+    return (math.prod(shape) + 7) // 8  # math.prod(()) == 1: a 0-d mask is one bit
+
+
 def unpack_bits(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """Inverse of ``pack_bits``: bool tensor of ``shape``."""
-    n = int(np.prod(shape)) if len(shape) else 1
-    if packed.numel() != (n + 7) // 8:
-        raise ValueError(f"packed mask has {packed.numel()} bytes; a tensor of shape {tuple(shape)} needs {(n + 7) // 8}")
-    bits = np.unpackbits(packed.cpu().numpy().astype(np.uint8), count=n)
-    return torch.from_numpy(bits.astype(bool)).reshape(tuple(shape))
+    """Inverse of ``pack_bits``: bool tensor of ``shape``.
+
+    Any mismatch (``packed`` not a 1-D uint8 tensor of ``ceil(numel/8)`` bytes, a malformed
+    ``shape``) raises ``ValueError``, which readers of files wrap with the file's name.
+    """
+    shape = check_shape(shape)
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.dim() != 1:
+        found = f"{packed.dtype} tensor of shape {tuple(packed.shape)}" if isinstance(packed, torch.Tensor) else type(packed).__name__
+        raise ValueError(f"a packed mask is a 1-D uint8 tensor; got a {found}")
+    n, need = math.prod(shape), _packed_length(shape)
+    if packed.numel() != need:
+        raise ValueError(f"packed mask has {packed.numel()} bytes; a tensor of shape {shape} needs {need}")
+    bits = np.unpackbits(packed.cpu().numpy(), count=n)
+    return torch.from_numpy(bits.astype(bool)).reshape(shape)
 
 
 class MaskSet:
@@ -183,15 +219,34 @@ class MaskSet:
     # -- serialization ---------------------------------------------------------------------
     def packed(self) -> dict[str, torch.Tensor]:
         """Per tensor, a (K, ceil(numel/8)) uint8 tensor: K bits per prunable weight on disk."""
-        return {n: torch.stack([pack_bits(m[k]) for k in range(self.num_contexts)]) for n, m in self.stacked.items()}
+        out = {}
+        for n, m in self.stacked.items():
+            rows = m.detach().cpu().numpy().reshape(self.num_contexts, math.prod(m.shape[1:]))
+            out[n] = torch.from_numpy(np.packbits(rows, axis=1))
+        return out
 
     @classmethod
     def from_packed(
         cls, packed: Mapping[str, torch.Tensor], shapes: Mapping[str, Sequence[int]], context_names: Sequence[str]
     ) -> MaskSet:
+        """Inverse of ``packed``: every tensor in ``shapes`` needs a (K, ceil(numel/8)) uint8 entry.
+
+        Anything inconsistent raises ``ValueError`` (never ``TypeError`` or a torch error), so a
+        reader can name the file it came from.
+        """
+        if set(packed) != set(shapes):
+            raise ValueError(
+                f"packed masks for {sorted(packed)[:5]} but shapes recorded for {sorted(shapes)[:5]}"
+            )
         masks = {}
         for n, p in packed.items():
-            if n not in shapes:
-                raise ValueError(f"packed mask {n!r} has no recorded shape")
-            masks[n] = torch.stack([unpack_bits(row, shapes[n]) for row in p])
+            shape = check_shape(shapes[n], f"shape of {n!r}")
+            if not isinstance(p, torch.Tensor) or p.dtype != torch.uint8 or p.dim() != 2 or p.shape[0] < 1:
+                found = f"{p.dtype} tensor of shape {tuple(p.shape)}" if isinstance(p, torch.Tensor) else type(p).__name__
+                raise ValueError(f"packed mask {n!r} must be a (K, bytes) uint8 tensor with K >= 1; got a {found}")
+            need = _packed_length(shape)
+            if p.shape[1] != need:
+                raise ValueError(f"packed mask {n!r} has {p.shape[1]} bytes per context; a tensor of shape {shape} needs {need}")
+            bits = np.unpackbits(p.cpu().numpy(), axis=1, count=math.prod(shape))
+            masks[n] = torch.from_numpy(bits.astype(bool)).reshape((p.shape[0], *shape))
         return cls(masks, context_names)
