@@ -109,7 +109,7 @@ def describe_prunable(model: nn.Module, names: Sequence[str]) -> str:
 
 def validate_sparsity(value: float, what: str = "sparsity") -> float:
     """Raise ``ValueError`` unless ``value`` is in [0, 1)."""
-    if not (isinstance(value, (int, float)) and 0.0 <= float(value) < 1.0):
+    if isinstance(value, bool) or not (isinstance(value, numbers.Real) and 0.0 <= float(value) < 1.0):
         raise ValueError(f"{what} must be in [0, 1); got {value!r}")
     return float(value)
 
@@ -128,9 +128,15 @@ def magnitude_prune(
     more); ``layerwise`` removes the same fraction of each tensor's survivors. Ties break by
     position so the result is deterministic.
     """
+    if scope not in ("global", "layerwise"):
+        raise ValueError(f"scope must be 'global' or 'layerwise'; got {scope!r}")
     alive = count(mask)
     if not 0 <= num_to_prune <= alive:
         raise ValueError(f"cannot prune {num_to_prune} weights: {alive} survive")
+    diverged = [n for n, m in mask.items() if not torch.isfinite(weights[n].detach()[m]).all()]
+    if diverged:  # inf/NaN survivors cannot be ranked by magnitude: training diverged
+        raise ValueError(f"surviving weights of {diverged} are not finite (training diverged?); "
+                         "lower the learning rate")
     new_mask = {n: m.clone() for n, m in mask.items()}
     if num_to_prune == 0:
         return new_mask
@@ -139,8 +145,6 @@ def magnitude_prune(
     elif scope == "layerwise":
         for name, n in _split_by_survivors(mask, num_to_prune).items():
             _prune_lowest(weights, new_mask, [name], n)
-    else:
-        raise ValueError(f"scope must be 'global' or 'layerwise'; got {scope!r}")
     return new_mask
 
 
