@@ -314,3 +314,26 @@ def test_context_metric_by_level_reads_keys_or_environment_rows():
             for env, v in (("all", 2.0), ("outdoor", 3.0), ("indoor", 1.0))]
     rows.append({"method": "rtl", "sparsity": 0.75, "environment": "indoor", "si_snri": 0.5})  # outdoor missing
     assert rtl_context_metric_by_level(rows, "si_snri", names) == {0.5: [1.0, 3.0]}
+
+
+def test_heatmap_colours_follow_the_off_diagonal_range_and_cells_are_annotated():
+    names = ["a", "b", "c", "d"]
+    matrix = np.full((4, 4), 0.88)
+    matrix[0, 1] = matrix[1, 0] = 0.87
+    matrix[2, 3] = matrix[3, 2] = 0.89
+    np.fill_diagonal(matrix, 1.0)
+    fig = figures.similarity_heatmap_figure(matrix, names)
+    image = fig.axes[0].images[0]
+    assert image.get_clim() == pytest.approx((0.87, 0.89))  # not 0-1: the 0.87-0.89 cells get distinct colours
+    assert "off-diagonal 0.87–0.89" in fig.axes[1].get_ylabel()  # the colour bar says how it is scaled
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert len(texts) == 16 and texts[1] == "0.87" and texts[0] == "1.00"
+    dark, light = fig.axes[0].texts[1], fig.axes[0].texts[11]  # 0.87: darkest viridis; 0.89: yellow
+    assert (dark.get_color(), light.get_color()) == ("white", "black")
+
+    fixed = figures.similarity_heatmap_figure(matrix, names, vmin=0.0, vmax=1.0)
+    assert fixed.axes[0].images[0].get_clim() == (0.0, 1.0)
+    many = [f"c{i}" for i in range(13)]
+    assert not figures.similarity_heatmap_figure(np.eye(13) + 0.5, many).axes[0].texts  # K > 12: no numbers
+    assert figures.similarity_heatmap_figure(np.ones((2, 2)), ["a", "b"]).axes[0].images[0].get_clim() == pytest.approx((0.995, 1.005))
+    assert figures.similarity_heatmap_figure(np.ones((1, 1)), ["a"]).axes[0].images[0].get_clim() == (0.0, 1.0)

@@ -326,3 +326,24 @@ def test_check_task_passes_the_inr_task():
     from routing_lottery import check_task
 
     check_task(InrTask(_toy_image(), hidden=8, depth=2, octaves=2))
+
+
+def test_reconstruction_grid_has_one_row_per_level_and_one_column_per_method(tmp_path):
+    rng = np.random.default_rng(0)
+    original = rng.random((8, 10, 3))
+    noisy = lambda scale: np.clip(original + rng.normal(0, scale, original.shape), 0, 1)
+    images = {("dense", 0.0): noisy(0.01)}
+    for level in (0.8, 0.5):  # given out of order: rows still ascend
+        images.update({(method, level): noisy(level / 10) for method in ("rtl", "single_imp", "multi_imp")})
+    fig = save_grid(tmp_path / "grid.png", original, images, regions=np.arange(80).reshape(8, 10) // 40)
+    cells = {(ax.get_subplotspec().rowspan.start, ax.get_subplotspec().colspan.start): ax.get_title() for ax in fig.axes}
+    assert [cells[(0, c)].split("\n")[0] for c in range(3)] == ["original", "regions (2)", "dense 0%"]
+    for row, level in ((1, "50%"), (2, "80%")):  # methods side by side, in the table's order
+        assert [cells[(row, c)].split("\n")[0] for c in range(3)] == [f"single IMP {level}", f"multiple IMP {level}", f"RTL {level}"]
+    assert cells[(1, 2)].split("\n")[1] == f"{psnr(images[('rtl', 0.5)], original):.2f} dB"
+    assert len(cells) == 3 + 2 * 3
+    with Image.open(tmp_path / "grid.png") as png:
+        assert png.format == "PNG"
+
+    fig = save_grid(tmp_path / "one.png", original, {("rtl", 0.5): original})  # one method, one level
+    assert sorted((ax.get_subplotspec().rowspan.start, ax.get_subplotspec().colspan.start) for ax in fig.axes) == [(0, 0), (1, 0)]

@@ -137,3 +137,17 @@ def test_a_model_vmap_cannot_batch_falls_back_to_one_group_at_a_time():
         out = routed(x, context)  # aten::gru has no batching rule: vmap fails, the groups run one by one
         for row in range(6):
             torch.testing.assert_close(out[row], routed(x[row:row + 1], int(context[row]))[0])
+
+
+def test_routed_inference_leaves_batchnorm_statistics_alone():
+    from torch import nn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).train()  # as joint retraining leaves it
+    masks = MaskSet.from_tickets([{n: torch.ones_like(p, dtype=torch.bool) for n, p in net.named_parameters()
+                                   if n.endswith("weight") and p.dim() == 2}] * 2)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    routed = RoutedModel(net, masks)
+    routed(torch.randn(8, 3) * 5 + 3, torch.tensor([0, 1] * 4))
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert not routed.training and not net.training

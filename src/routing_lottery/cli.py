@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import time
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -17,11 +19,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from .errors import CheckpointError, ConfigError, RoutingLotteryError
+from .training import SILENT
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Routing the Lottery: one shared weight tensor, one pruning mask per data context.")
 console = Console()
-console.width = max(console.width, 120)  # tables stay readable in logs and narrow terminals
+console.width = max(console.width, 100)  # tables stay readable in logs and narrow terminals
 
 
 class RichProgress:
@@ -74,6 +77,12 @@ def packaged_config(name: str) -> Path:
     return Path(str(resources.files("routing_lottery") / "configs" / f"{name}.yaml"))
 
 
+CONFIG_HELP = ("A YAML config file, or a packaged config: "
+               + ", ".join(sorted(p.stem for p in packaged_config("digits").parent.glob("*.yaml"))) + ".")
+DEVICE_HELP = ("Where to train: auto (CUDA when present, else CPU), cpu, cuda, cuda:N, mps. "
+               "Not part of the run's identity: a run moved to another device resumes.")
+
+
 def resolve_config(config: str) -> Path:
     """A config path, or the bare name of a packaged config (``cifar10``, ``digits``)."""
     path = Path(config)
@@ -118,20 +127,33 @@ def execute(config_path: Path, out: Path, scale: Optional[str], overrides: dict[
     from .run import make_runner
 
     config = load_config(config_path, scale, overrides)
-    columns = [TextColumn("{task.description}", style="cyan"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
-    bar = Progress(*columns, console=console, transient=False)
-    sink = RichProgress(bar)
-    experiment = make_runner(config, out, progress=sink, log=lambda message: console.print(f"  {escape(message)}"))
+    start = time.perf_counter()
+    if console.is_terminal:  # a live bar; in a log file, timed stage lines instead
+        columns = [TextColumn("{task.description}", style="cyan"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+        bar: Any = Progress(*columns, console=console, transient=False)
+        sink: Any = RichProgress(bar)
+        log = lambda message: console.print(f"  {escape(message)}")  # noqa: E731
+    else:
+        bar, sink = contextlib.nullcontext(), SILENT
+        log = lambda message: console.print(f"  [{time.perf_counter() - start:7.1f} s] {escape(message)}")  # noqa: E731
+    experiment = make_runner(config, out, progress=sink, log=log)
     console.print(f"[bold]{config.name}[/bold]: {experiment.description} -> {out}")
-    sink.plan(experiment.planned_steps())
+    if console.is_terminal:
+        sink.plan(experiment.planned_steps())
     with bar:
         if before is not None:
             before(experiment)
         records = experiment.run_all()
+    log(f"finished in {time.perf_counter() - start:.1f} s")
     print_table(records, title=f"{config.name} (written to {out})")
     if getattr(experiment, "summary", ""):
         console.print(experiment.summary)
+
+
+HEADERS = {"balanced_accuracy": "bal. acc.", "precision": "prec.", "parameters": "params",
+           "dense_parameters": "dense params", "storage_bytes": "bytes", "train_seconds": "train s",
+           "si_snri": "SI-SNRi", "si_snr_input": "SI-SNR in", "si_snr_enhanced": "SI-SNR out", "psnr": "PSNR"}
 
 
 def print_table(records: list[dict[str, Any]], title: str) -> None:
@@ -143,8 +165,9 @@ def print_table(records: list[dict[str, Any]], title: str) -> None:
         rows = [r for r in rows if r.get("image") == "mean"]
     keys = metric_keys(rows)
     table = Table(title=title)
-    for h in ["sparsity", "method", *keys]:
-        table.add_column(h, justify="right" if h not in ("method",) else "left")
+    for h in ["sparsity", "method", *keys]:  # short headers: the table fits 100 columns uncut
+        table.add_column(HEADERS.get(h, h.replace("_", " ")), justify="left" if h == "method" else "right",
+                         no_wrap=h == "method")
     for r in rows:
         table.add_row(f"{r['sparsity']:.0%}", method_label(r["method"]), *[format_cell(k, r.get(k)) for k in keys])
     console.print(table)
@@ -153,33 +176,41 @@ def print_table(records: list[dict[str, Any]], title: str) -> None:
 @app.command()
 @reports_errors
 def demo(
-    out: Path = typer.Option(Path("runs/demo"), help="Run directory (re-running on it resumes)."),
-    scale: Optional[str] = typer.Option(None, help="A scale defined in the digits config."),
-    set_: list[str] = typer.Option([], "--set", help="Override a setting, e.g. --set training.epochs=4."),
+    out: Path = typer.Option(Path("runs/demo"), metavar="DIR", help="Run directory (re-running on it resumes)."),
+    scale: Optional[str] = typer.Option(None, metavar="SCALE", help="A scale defined in the digits config."),
+    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a setting, e.g. --set training.epochs=4."),
+    device: Optional[str] = typer.Option(None, metavar="DEVICE", help=DEVICE_HELP),
 ) -> None:
     """Table 1 on scikit-learn's bundled handwritten digits: dense, single IMP, multiple IMP, RTL, random."""
-    execute(packaged_config("digits"), out, scale, parse_overrides(set_))
+    overrides = parse_overrides(set_)
+    if device is not None:
+        overrides["device"] = device
+    execute(packaged_config("digits"), out, scale, overrides)
 
 
 @app.command()
 @reports_errors
 def run(
-    config: str = typer.Argument(..., help="A YAML config file, or a packaged config name (digits, cifar10, cifar100)."),
-    out: Optional[Path] = typer.Option(None, help="Run directory (default runs/<config name>); re-running resumes."),
-    scale: Optional[str] = typer.Option(None, help="smoke or full (as the config defines)."),
-    data: Optional[Path] = typer.Option(None, help="Directory holding the dataset files (sets data.root)."),
-    set_: list[str] = typer.Option([], "--set", help="Override a setting, e.g. --set training.epochs=4."),
+    config: str = typer.Argument(..., metavar="CONFIG", help=CONFIG_HELP),
+    out: Optional[Path] = typer.Option(None, metavar="DIR", help="Run directory (default runs/<config name>); re-running resumes."),
+    scale: Optional[str] = typer.Option(None, metavar="SCALE", help="smoke or full (as the config defines)."),
+    data: Optional[Path] = typer.Option(None, metavar="DIR", help="Directory holding the dataset files (sets data.root)."),
+    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a setting, e.g. --set training.epochs=4."),
+    device: Optional[str] = typer.Option(None, metavar="DEVICE", help=DEVICE_HELP),
 ) -> None:
     """Run (or resume) any experiment config."""
-    path, overrides = config_and_overrides(config, data, set_)
+    path, overrides = config_and_overrides(config, data, set_, device)
     execute(path, out or Path("runs") / path.stem, scale, overrides)
 
 
-def config_and_overrides(config: str, data: Optional[Path], pairs: list[str]) -> tuple[Path, dict[str, Any]]:
+def config_and_overrides(config: str, data: Optional[Path], pairs: list[str],
+                         device: Optional[str] = None) -> tuple[Path, dict[str, Any]]:
     """The config file a command names, and its ``--set`` overrides with ``--data`` as ``data.root``."""
     overrides = parse_overrides(pairs)
     if data is not None:
         overrides.setdefault("data", {})["root"] = str(data)
+    if device is not None:
+        overrides["device"] = device
     return resolve_config(config), overrides
 
 
@@ -197,19 +228,20 @@ DEFAULT_SWEEP = ",".join(f"{1 - 0.8 ** i:.4f}" for i in range(1, 15))  # 20 % of
 @app.command()
 @reports_errors
 def sweep(
-    config: str = typer.Argument(..., help="A YAML config file, or a packaged config name."),
-    out: Optional[Path] = typer.Option(None, help="Run directory (default runs/<config name>-sweep); re-running resumes."),
-    scale: Optional[str] = typer.Option(None, help="smoke or full (as the config defines)."),
-    data: Optional[Path] = typer.Option(None, help="Directory holding the dataset files (sets data.root)."),
+    config: str = typer.Argument(..., metavar="CONFIG", help=CONFIG_HELP),
+    out: Optional[Path] = typer.Option(None, metavar="DIR", help="Run directory (default runs/<config name>-sweep); re-running resumes."),
+    scale: Optional[str] = typer.Option(None, metavar="SCALE", help="smoke or full (as the config defines)."),
+    data: Optional[Path] = typer.Option(None, metavar="DIR", help="Directory holding the dataset files (sets data.root)."),
     levels: str = typer.Option(DEFAULT_SWEEP, help="Comma-separated sparsity levels."),
     threshold: float = typer.Option(3.0, help="Collapse rule: robust residuals off the trend that raise the warning."),
-    set_: list[str] = typer.Option([], "--set", help="Override a setting, e.g. --set training.epochs=4."),
+    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a setting, e.g. --set training.epochs=4."),
+    device: Optional[str] = typer.Option(None, metavar="DEVICE", help=DEVICE_HELP),
 ) -> None:
     """RTL at increasing sparsity: warn of subnetwork collapse from the masks alone, then measure the metric."""
     from .diagnose import DiagnoseSettings, diagnose_run, mask_collapse_warning
     from .diagnostics.collapse import CollapseSettings
 
-    path, overrides = config_and_overrides(config, data, set_)
+    path, overrides = config_and_overrides(config, data, set_, device)
     overrides["methods"] = ["rtl"]
     overrides.setdefault("pruning", {})["sparsities"] = sweep_levels(levels)
     out = out or Path("runs") / f"{path.stem}-sweep"
@@ -269,7 +301,7 @@ def print_similarity(run_dir: Path, summary: dict[str, Any]) -> None:
 @reports_errors
 def partition(
     names: str = typer.Option("cifar100", help="cifar100, cifar10, digits, or a text file with one class name per line."),
-    out: Path = typer.Option(Path("runs/partition"), help="Directory for partition.json."),
+    out: Path = typer.Option(Path("runs/partition"), metavar="DIR", help="Directory for partition.json."),
     clusters: Optional[int] = typer.Option(8, help="Target cluster count (the paper: 8); 0 lets HDBSCAN decide."),
     seed: int = typer.Option(0, help="Seed of UMAP (same names + seed: same clusters)."),
     reference: Optional[str] = typer.Option(None, help="Print a shipped partition instead: paper or superclasses."),

@@ -1,9 +1,14 @@
-"""Result tables from a run's records: JSON (machine-readable), CSV, and Markdown for people."""
+"""Result tables from a run's records: JSON (machine-readable), CSV, Markdown for people, and one figure.
+
+``results.png`` draws the table's first metric column per method against sparsity and against
+stored weights, so the comparison can be read at a glance.
+"""
 
 from __future__ import annotations
 
 import csv
 import io as _io
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,6 +18,7 @@ from .io import atomic_write_json, atomic_write_text
 from .methods import METHODS, method_label
 
 ID_KEYS = ("experiment", "method", "sparsity")
+ACCOUNTING_KEYS = ("parameters", "dense_parameters", "storage_bytes", "train_seconds")
 _PER_CONTEXT = re.compile(r".+_context_\d+$")
 
 
@@ -51,12 +57,11 @@ def metric_keys(records: Sequence[dict[str, Any]], per_context: bool = False) ->
 
     Per-context breakdowns (``per_context_key``) only with ``per_context=True`` (the CSV).
     """
-    accounting = ("parameters", "dense_parameters", "storage_bytes", "train_seconds")
     keys: list[str] = []
     for r in records:
-        keys += [k for k in r if k not in ID_KEYS and k not in accounting and k not in keys
+        keys += [k for k in r if k not in ID_KEYS and k not in ACCOUNTING_KEYS and k not in keys
                  and (per_context or not is_per_context_key(k))]
-    return keys + [k for k in accounting if any(k in r for r in records)]
+    return keys + [k for k in ACCOUNTING_KEYS if any(k in r for r in records)]
 
 
 def markdown_table(records: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
@@ -93,12 +98,15 @@ def csv_text(records: Sequence[dict[str, Any]]) -> str:
 
 def write_results(run_dir: str | Path, records: Sequence[dict[str, Any]], config: Any | None = None,
                   summary: str = "", columns: Sequence[str] | None = None) -> None:
-    """results.json (flat records), results.csv and results.md (``summary`` under the table) in ``run_dir``."""
+    """results.json (flat records), results.csv, results.png (``plot_results``) and results.md
+    (``summary`` under the table, then the figure) in ``run_dir``."""
     run_dir = Path(run_dir)
     rows = sorted_records(records)
     atomic_write_json(run_dir / "results.json", rows)
     atomic_write_text(run_dir / "results.csv", csv_text(rows))
-    title = f"# Results: {getattr(config, 'name', 'experiment')}\n\n"
+    name = getattr(config, "name", "experiment")
+    figure = plot_results(rows, run_dir / "results.png", columns=columns, title=f"Results: {name}")
+    title = f"# Results: {name}\n\n"
     notes = (
         "\nMetrics are one-vs-rest per context, macro-averaged. RTL and multiple-IMP subnetworks are binary\n"
         "detectors of their context (output k of a shared dense head); dense and single IMP are one K-way\n"
@@ -110,4 +118,119 @@ def write_results(run_dir: str | Path, records: Sequence[dict[str, Any]], config
         notes = ("\n`parameters` counts kept prunable weights (RTL: the union of its masks; multiple IMP: the sum over "
                  "K models); `storage_bytes` = 4 bytes per stored float + 1 bit per prunable weight per mask.\n")
     body = markdown_table(rows, columns) + (f"\n{summary}\n" if summary else "")
+    if figure is not None:
+        body += f"\n![results]({figure.name})\n"
     atomic_write_text(run_dir / "results.md", title + body + notes)
+
+
+# -- the figure --------------------------------------------------------------------------------------
+def aggregate_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows that speak for a whole (method, sparsity): sub-group rows left out.
+
+    A run over several images has per-image rows and ``image: "mean"`` rows (keep the means); a
+    speech run has one row per ``environment`` and one for ``"all"`` (keep "all"). Records without
+    such columns are returned as they are. ``diagnose.rtl_metric_by_level`` picks the same rows.
+    """
+    rows = list(records)
+    if any(r.get("image") == "mean" for r in rows):
+        rows = [r for r in rows if r.get("image") == "mean"]
+    return [r for r in rows if r.get("environment", "all") == "all"]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def primary_metric_key(records: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str | None:
+    """The table's first numeric metric column (``metric_keys``, or ``columns`` where given): the metric
+    a reader looks at first. balanced_accuracy for classification, psnr for INR, si_snri for speech
+    (what ``diagnose.primary_metric`` names for those tasks); None when the records have no number.
+    """
+    keys = [k for k in (columns or metric_keys(records)) if k not in ACCOUNTING_KEYS]
+    return next((k for k in keys if any(_is_number(r.get(k)) for r in records)), None)
+
+
+def _method_series(rows: Sequence[dict[str, Any]], metric: str) -> dict[str, list[tuple[float, float, float | None]]]:
+    """method -> [(sparsity, metric, parameters)] in table order, the mean where a (method, sparsity) repeats."""
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for r in sorted_records(rows):
+        if _is_number(r.get(metric)) and math.isfinite(r[metric]):
+            groups.setdefault((r["method"], float(r["sparsity"])), []).append(r)
+    series: dict[str, list[tuple[float, float, float | None]]] = {}
+    for (method, level), rs in groups.items():
+        params = [float(r["parameters"]) for r in rs if _is_number(r.get("parameters")) and r["parameters"] > 0]
+        point = (level, sum(float(r[metric]) for r in rs) / len(rs), sum(params) / len(params) if params else None)
+        series.setdefault(method, []).append(point)
+    return dict(sorted(series.items(), key=lambda item: method_rank(item[0])))
+
+
+def plot_results(records: Sequence[dict[str, Any]], path: str | Path, columns: Sequence[str] | None = None,
+                 title: str | None = None) -> Path | None:
+    """Draw the primary metric per method against sparsity and against stored weights; write ``path`` (PNG).
+
+    Parameters
+    ----------
+    records : result rows (``method``, ``sparsity``, metrics, ``parameters``); sub-group rows are
+        left out (``aggregate_rows``), repeated (method, sparsity) rows averaged.
+    path : where the PNG goes, written atomically.
+    columns : the table's metric columns, when the table was restricted; the first numeric one is drawn.
+    title : drawn above both panels.
+
+    Returns
+    -------
+    The path written, or None (nothing written) when the records hold no finite numeric metric.
+
+    A method measured only at sparsity 0 (dense) is a horizontal reference line on the left and a
+    point on the right; every other method is one colour and marker, labelled as in the table.
+    """
+    rows = aggregate_rows(records)
+    metric = primary_metric_key(rows, columns)
+    series = _method_series(rows, metric) if metric is not None else {}
+    if not series:
+        return None
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import EngFormatter, LogLocator, NullFormatter, NullLocator, PercentFormatter
+
+    from .diagnostics.figures import save_png
+
+    with_params = any(p is not None for points in series.values() for _, _, p in points)
+    fig = Figure(figsize=(11.5 if with_params else 6.5, 4.4), layout="constrained")
+    axes = fig.subplots(1, 2 if with_params else 1, squeeze=False)[0]
+    by_sparsity = axes[0]
+    colors = colormaps["tab10"]
+    markers = "osD^vPX*<>"
+    for method, points in series.items():
+        style = {"color": colors(method_rank(method) % colors.N), "marker": markers[method_rank(method) % len(markers)]}
+        label = method_label(method)
+        levels, values, params = zip(*points)
+        reference = all(level == 0.0 for level in levels)
+        if reference:  # no sparsity axis of its own: a line every pruned method is measured against
+            by_sparsity.axhline(values[0], color=style["color"], ls="--", lw=1.5, label=label)
+        else:
+            by_sparsity.plot(levels, values, lw=1.8, ms=6, label=label, **style)
+        if with_params:
+            kept = [(p, v) for p, v in zip(params, values) if p is not None]
+            if kept:
+                axes[1].plot(*zip(*kept), lw=0 if reference else 1.8, ms=7 if reference else 6, label=label, **style)
+            if reference:
+                axes[1].axhline(values[0], color=style["color"], ls="--", lw=1, alpha=0.6)
+    by_sparsity.set_xlabel("sparsity (share of prunable weights removed)")
+    by_sparsity.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+    by_sparsity.set_title(f"{metric} vs sparsity", fontsize=10)
+    if with_params:
+        axes[1].set_xscale("log")
+        # 1-2-5 ticks as "20k": a sweep often spans less than a decade, where plain decade ticks show none
+        axes[1].xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        axes[1].xaxis.set_major_formatter(EngFormatter(sep=""))
+        axes[1].xaxis.set_minor_locator(NullLocator())
+        axes[1].xaxis.set_minor_formatter(NullFormatter())
+        axes[1].set_xlabel("parameters (kept prunable weights stored, log scale)")
+        axes[1].set_title(f"{metric} vs stored weights", fontsize=10)
+    for ax in axes:
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    by_sparsity.legend(fontsize=8, loc="best")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return save_png(fig, path)

@@ -64,6 +64,9 @@ class RoutedModel(nn.Module):
     crossover, 512 rows, is where the per-group loop caught up with vmap in
     ``benchmarks/bench_rtl.py`` on 2 CPU cores; outputs are the same either way, in input order.
 
+    It starts in evaluation mode (and puts ``model`` in it): routing an input must not move the
+    shared BatchNorm statistics. Call ``.train()`` to train through it.
+
     Example
     -------
     >>> routed = RoutedModel(net, masks)                # masks: MaskSet with K tickets
@@ -86,6 +89,9 @@ class RoutedModel(nn.Module):
         for i, name in enumerate(masks.tensor_names):
             self.register_buffer(f"mask_{i}", masks.stacked[name].to(device=params[name].device, dtype=params[name].dtype),
                                  persistent=False)
+        # Routing is inference: in training mode a forward would move the shared BatchNorm statistics.
+        # Training through the routed model is explicit: ``routed.train()``.
+        self.eval()
 
     @property
     def num_contexts(self) -> int:

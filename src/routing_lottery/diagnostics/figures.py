@@ -48,40 +48,90 @@ def _context_colors(k: int) -> list[Any]:
 
 
 # -- heatmaps ------------------------------------------------------------------------------------
+def off_diagonal_range(matrix: Any) -> tuple[float, float] | None:
+    """(min, max) of the finite off-diagonal entries of a square matrix; None when there are none."""
+    m = np.asarray(matrix, dtype=np.float64)
+    values = m[~np.eye(len(m), dtype=bool)]
+    values = values[np.isfinite(values)]
+    return (float(values.min()), float(values.max())) if values.size else None
+
+
+def similarity_heatmap_figure(
+    matrix: Any,
+    context_names: Sequence[str],
+    title: str = "Mask similarity (Jaccard)",
+    colorbar_label: str = "Jaccard similarity",
+    vmin: float | None = None,
+    vmax: float | None = None,
+    annotate: bool | None = None,
+) -> Figure:
+    """The figure of ``plot_similarity_heatmap``, not yet written (its image is ``fig.axes[0].images[0]``).
+
+    Without ``vmin``/``vmax`` the colours span the off-diagonal range of ``matrix``: masks of one
+    ticket set often overlap 0.87–0.89, which a fixed 0–1 scale paints one colour. The diagonal
+    (a mask with itself) is then grey and left off the scale, and the colour bar says so. With
+    both given, every cell is on that fixed scale (to compare heatmaps by eye).
+    """
+    m = np.asarray(matrix.detach().cpu() if hasattr(matrix, "detach") else matrix, dtype=np.float64)
+    k = len(context_names)
+    if m.shape != (k, k):
+        raise ValueError(f"matrix shape {m.shape} does not match {k} context names")
+    from matplotlib import colormaps
+
+    cmap = colormaps["viridis"].with_extremes(bad="lightgray")
+    data_range = off_diagonal_range(m) if vmin is None or vmax is None else None
+    shown = m
+    if data_range is not None:
+        low, high = data_range
+        if high - low < 1e-6:  # one value (K = 2, or identical masks): a small band around it
+            low, high = low - 0.005, high + 0.005
+        vmin = low if vmin is None else vmin
+        vmax = high if vmax is None else vmax
+        shown = np.ma.masked_array(m, mask=np.eye(k, dtype=bool))
+        colorbar_label = f"{colorbar_label}\n(colours span off-diagonal {data_range[0]:.2f}–{data_range[1]:.2f}; diagonal grey)"
+    else:
+        vmin = 0.0 if vmin is None else vmin
+        vmax = 1.0 if vmax is None else vmax
+    side = max(4.5, 0.45 * k + 2.5)
+    fig = Figure(figsize=(side + 1.4, side))
+    ax = fig.add_subplot()
+    image = ax.imshow(shown, vmin=vmin, vmax=vmax, cmap=cmap)
+    ax.set_xticks(range(k), labels=list(context_names), rotation=45, ha="right", fontsize=8 if k > 12 else 9)
+    ax.set_yticks(range(k), labels=list(context_names), fontsize=8 if k > 12 else 9)
+    if annotate if annotate is not None else k <= ANNOTATE_MAX_K:
+        for i in range(k):
+            for j in range(k):
+                if math.isfinite(m[i, j]):
+                    ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                            color=_text_color(image, m[i, j], masked=np.ma.is_masked(shown[i, j])))
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label=colorbar_label)
+    ax.set_title(title)
+    return fig
+
+
+def _text_color(image: Any, value: float, masked: bool) -> str:
+    """Black on light cells, white on dark ones (the cell's own colour, by luminance)."""
+    r, g, b, _ = image.cmap.get_bad() if masked else image.cmap(image.norm(value))
+    return "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
+
+
 def plot_similarity_heatmap(
     matrix: Any,
     context_names: Sequence[str],
     path: str | Path,
     title: str = "Mask similarity (Jaccard)",
     colorbar_label: str = "Jaccard similarity",
-    vmin: float = 0.0,
-    vmax: float = 1.0,
+    vmin: float | None = None,
+    vmax: float | None = None,
     annotate: bool | None = None,
 ) -> Path:
-    """Heatmap of a K×K matrix with the context names on both axes and a colour bar.
+    """Heatmap of a K×K matrix with the context names on both axes and a colour bar; returns ``path``.
 
-    ``vmin``/``vmax`` default to the Jaccard range so heatmaps of different layers share a scale
-    and can be compared by eye. Cells carry their value when K ≤ 12 (``annotate`` overrides).
+    Colours span the off-diagonal data range unless ``vmin``/``vmax`` fix the scale (see
+    ``similarity_heatmap_figure``). Cells carry their value (2 decimals) when K ≤ 12 (``annotate``
+    overrides), in black or white by the cell's brightness.
     """
-    m = np.asarray(matrix.detach().cpu() if hasattr(matrix, "detach") else matrix, dtype=np.float64)
-    k = len(context_names)
-    if m.shape != (k, k):
-        raise ValueError(f"matrix shape {m.shape} does not match {k} context names")
-    side = max(4.5, 0.45 * k + 2.5)
-    fig = Figure(figsize=(side + 1.2, side))
-    ax = fig.add_subplot()
-    image = ax.imshow(m, vmin=vmin, vmax=vmax, cmap="viridis")
-    ax.set_xticks(range(k), labels=list(context_names), rotation=45, ha="right", fontsize=8 if k > 12 else 9)
-    ax.set_yticks(range(k), labels=list(context_names), fontsize=8 if k > 12 else 9)
-    if annotate if annotate is not None else k <= ANNOTATE_MAX_K:
-        mid = (vmin + vmax) / 2
-        for i in range(k):
-            for j in range(k):
-                if math.isfinite(m[i, j]):
-                    ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                            color="black" if m[i, j] > mid else "white")
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label=colorbar_label)
-    ax.set_title(title)
+    fig = similarity_heatmap_figure(matrix, context_names, title, colorbar_label, vmin, vmax, annotate)
     return save_png(fig, path)
 
 

@@ -27,6 +27,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -38,8 +39,12 @@ from ..data.regions import RegionImage
 from ..models.inr import CoordinateMLP, RegionEmbeddingMLP
 from ..data.fingerprint import fingerprint
 from ..io import atomic_write_bytes
-from ..report import per_context_key
+from ..methods import method_label
+from ..report import method_rank, per_context_key
 from ..training import Batch, Stream
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["InrTask", "PredictRegion", "pixel_grid", "psnr", "save_grid"]
 
@@ -181,17 +186,17 @@ class InrTask:
         return [row]
 
     def write_figures(self, outputs: Path) -> list[Path]:
-        """``reconstructions.png`` beside ``outputs``: the original, the region map and every saved reconstruction."""
+        """``reconstructions.png`` beside ``outputs``: the original, the region map and dense in the first
+        row, then one row per sparsity with one column per method (``save_grid``)."""
         if not outputs.is_dir():
             return []
         images = {}
         for path in sorted(outputs.glob("*.npy"), key=_label_order):
-            rec = np.load(path)
             method, level = path.stem.rsplit("_", 1)
-            images[f"{method} {float(level):.0%} ({self.psnr(rec):.1f} dB)"] = rec
+            images[(method, float(level))] = np.load(path)
         path = outputs.parent / "reconstructions.png"
-        save_grid(path, self.original(), images, regions=self.image.regions, columns=5,
-                  title=f"{self.image.name}: original, regions, reconstructions (PSNR)")
+        save_grid(path, self.original(), images, regions=self.image.regions,
+                  title=f"{self.image.name}: reconstructions by sparsity (rows) and method (columns), PSNR in dB")
         return [path]
 
     # -- what each subnetwork trains on -----------------------------------------------------------
@@ -267,41 +272,74 @@ class InrTask:
 def save_grid(
     path: str | Path,
     original: torch.Tensor | np.ndarray,
-    reconstructions: Mapping[str, torch.Tensor | np.ndarray],
+    reconstructions: Mapping[tuple[str, float] | str, torch.Tensor | np.ndarray],
     regions: np.ndarray | None = None,
-    columns: int = 4,
     title: str | None = None,
-) -> None:
-    """Write a PNG grid: the original, optionally the region map, then each reconstruction under its label.
+) -> Figure:
+    """Write a PNG grid of reconstructions, methods at one sparsity side by side, and return the figure.
+
+    Parameters
+    ----------
+    reconstructions : ``(method, sparsity) -> (H, W, 3)`` image. The first row holds the original,
+        the region map (``regions``, optional) and the reconstructions at sparsity 0 (dense); then
+        one row per sparsity, ascending, with one column per method in the table's order
+        (``report.method_rank``), a blank cell where a method lacks that level. Each panel is titled
+        with the method's table label and its PSNR against ``original``. A plain string key is a
+        ready-made title and joins the first row.
 
     Rendered with a bare ``matplotlib.figure.Figure`` (Agg, no pyplot state, safe in threads and
     headless) into memory, then written atomically (temporary file + ``os.replace``), so a killed
-    run never leaves half a PNG. Labels are the dict keys (put the method, sparsity and PSNR there).
+    run never leaves half a PNG.
     """
     from matplotlib.figure import Figure
 
-    if columns < 1:
-        raise ValueError(f"columns must be >= 1; got {columns}")
-    panels: list[tuple[str, np.ndarray, str | None]] = [("original", _to_image(original), None)]
+    target = _to_image(original)
+    first: list[tuple[str, np.ndarray, str | None]] = [("original", target, None)]
     if regions is not None:
-        panels.append((f"regions ({int(np.max(regions)) + 1})", np.asarray(regions), "tab20"))
-    panels += [(label, _to_image(img), None) for label, img in reconstructions.items()]
-    cols = min(columns, len(panels))
-    rows = -(-len(panels) // cols)
-    h, w = panels[0][1].shape[:2]
-    panel_w = 3.0
-    fig = Figure(figsize=(cols * panel_w, rows * (panel_w * h / w + 0.45)), dpi=100)
-    for i, (label, img, cmap) in enumerate(panels):
-        ax = fig.add_subplot(rows, cols, i + 1)
+        first.append((f"regions ({int(np.max(regions)) + 1})", np.asarray(regions), "tab20"))
+    pruned: dict[float, dict[str, np.ndarray]] = {}
+    for key, img in reconstructions.items():
+        image = _to_image(img)
+        if isinstance(key, str):
+            first.append((key, image, None))
+            continue
+        method, level = key
+        if float(level) == 0.0:
+            first.append((f"{method_label(method)} 0%\n{psnr(image, target):.2f} dB", image, None))
+        else:
+            pruned.setdefault(float(level), {})[method] = image
+    levels = sorted(pruned)
+    methods = sorted({m for row in pruned.values() for m in row}, key=lambda m: (method_rank(m), m))
+    cols = max(len(first), len(methods))
+    rows = 1 + len(levels)
+    h, w = target.shape[:2]
+    panel_w = 2.6
+    fig = Figure(figsize=(cols * panel_w, rows * (panel_w * h / w + 0.55)), dpi=100)
+    grid = fig.add_gridspec(rows, cols)
+
+    def panel(row: int, col: int, label: str, img: np.ndarray, cmap: str | None = None) -> None:
+        ax = fig.add_subplot(grid[row, col])
         ax.imshow(img, cmap=cmap, interpolation="nearest", vmin=0 if cmap is None else None)
         ax.set_title(label, fontsize=9)
-        ax.set_axis_off()
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if col == 0 and row > 0:
+            ax.set_ylabel(f"{levels[row - 1]:.0%} sparse", fontsize=10)
+
+    for col, (label, img, cmap) in enumerate(first):
+        panel(0, col, label, img, cmap)
+    for row, level in enumerate(levels, start=1):
+        for col, method in enumerate(methods):
+            if method in pruned[level]:
+                image = pruned[level][method]
+                panel(row, col, f"{method_label(method)} {level:.0%}\n{psnr(image, target):.2f} dB", image)
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     atomic_write_bytes(path, buffer.getvalue())
+    return fig
 
 
 def _label_order(path: Path) -> tuple[float, int]:
