@@ -131,7 +131,9 @@ def execute(config_path: Path, out: Path, scale: Optional[str], overrides: dict[
     if console.is_terminal:  # a live bar; in a log file, timed stage lines instead
         columns = [TextColumn("{task.description}", style="cyan"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
-        bar: Any = Progress(*columns, console=console, transient=False)
+        # The ETA divides what is left by the mean speed of the whole run so far, not of the last
+        # seconds: stages differ in step cost, and a short window made it jump (18:00 -> 5:57 -> 14:43).
+        bar: Any = Progress(*columns, console=console, transient=False, speed_estimate_period=24 * 3600)
         sink: Any = RichProgress(bar)
         log = lambda message: console.print(f"  {escape(message)}")  # noqa: E731
     else:
