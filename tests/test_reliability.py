@@ -183,3 +183,47 @@ def test_cli_out_naming_a_file_and_bad_results_files(tmp_path):
         (tmp_path / "run" / "results.json").write_text(content)
         result = CliRunner().invoke(app, ["report", str(tmp_path / "run")])
         assert result.exit_code == 2 and "results.json" in result.output and "Traceback" not in result.output
+
+
+def test_set_can_repair_an_invalid_config_file(tmp_path):
+    from routing_lottery.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("name: x\ntraining: {epochs: 0}\n")
+    assert load_config(path, overrides={"training": {"epochs": 4}}).training.epochs == 4
+    with pytest.raises(ConfigError, match="c.yaml with --set"):
+        load_config(path, overrides={"seed": 1})
+
+
+def test_routing_refuses_a_model_switched_to_training_behind_its_back():
+    from routing_lottery.masks import MaskSet
+    from routing_lottery.routed import RoutedModel
+
+    net = toy_model()
+    masks = MaskSet.from_tickets([{"0.weight": torch.ones(16, 4, dtype=torch.bool)}] * 2)
+    routed = RoutedModel(net, masks)
+    net.train()
+    with pytest.raises(RuntimeError, match="call routed.train"):
+        routed(torch.randn(4, 4), torch.tensor([0, 1, 0, 1]))
+
+
+def test_the_front_door_holds_the_lock_while_it_extracts(tmp_path):
+    import routing_lottery.tickets as tickets_module
+
+    seen = []
+    real = tickets_module.extract_ticket
+
+    def probe(*args, **kwargs):
+        with pytest.raises(RunLockedError):
+            RunDirectory(tmp_path).claim({})
+        seen.append(True)
+        return real(*args, **kwargs)
+
+    x = torch.randn(16, 4)
+    streams = {n: tensor_stream(n, x, x[:, :3], torch.nn.functional.mse_loss, 8) for n in ("a", "b")}
+    tickets_module.extract_ticket, saved = probe, tickets_module.extract_ticket
+    try:
+        AdaptiveTickets(toy_model(), None, out=tmp_path).extract(streams)
+    finally:
+        tickets_module.extract_ticket = saved
+    assert seen

@@ -72,11 +72,13 @@ def test_a_run_directory_resumes_without_redoing_rounds_and_refuses_other_data(t
     calls = []
     real = tickets_module.extract_ticket
     monkeypatch.setattr(tickets_module, "extract_ticket", lambda *a, **k: calls.append(k) or real(*a, **k))
-    again = AdaptiveTickets(model(seed=5), CONFIG, out=tmp_path / "run")  # θ₀ comes from the directory
+    again = AdaptiveTickets(model(), CONFIG, out=tmp_path / "run")
     resumed = again.extract(streams())
     assert calls == []  # every round was on disk
     assert all(torch.equal(resumed[lv].stacked[n], masks[lv].stacked[n]) for lv in masks for n in first.prunable)
     assert all(torch.equal(again.theta0[k], first.theta0[k]) for k in first.theta0)
+    with pytest.raises(ValueError, match="theta0"):  # another initialization is another run
+        AdaptiveTickets(model(seed=5), CONFIG, out=tmp_path / "run").extract(streams())
     with pytest.raises(ValueError, match="data_fingerprint"):
         AdaptiveTickets(model(), CONFIG, out=tmp_path / "run").extract(streams(shift=1.0))
     other = RTLConfig(seed=4, pruning=CONFIG.pruning, training=CONFIG.training)

@@ -14,7 +14,7 @@ import click
 import typer
 import yaml
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.markup import escape
 from rich.table import Table
 
@@ -24,22 +24,36 @@ from .training import SILENT
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Routing the Lottery: one shared weight tensor, one pruning mask per data context.")
 console = Console()
-console.width = max(console.width, 100)  # tables stay readable in logs and narrow terminals
+console.width = max(console.width, 110)  # tables stay readable in logs and narrow terminals
 
 
 class RichProgress:
-    """A ProgressSink drawing one bar over the whole run, with ETA; its total is set once the run is planned."""
+    """A ProgressSink drawing one bar over the whole run; its total is set once the run is planned.
+
+    The ETA is the steps left times the mean time of the steps this process trained: steps found
+    on disk (a resumed run) are skipped in no time and must not make the rest look instant.
+    """
 
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
-        self.task = progress.add_task("starting", total=None, start=False)
+        self.task = progress.add_task("starting", total=None, start=False, eta="")
+        self.trained, self.started = 0, time.perf_counter()
 
     def plan(self, total: int) -> None:
         self.progress.update(self.task, total=total)
         self.progress.start_task(self.task)
+        self.started = time.perf_counter()
 
     def advance(self, steps: int, status: str) -> None:
-        self.progress.update(self.task, advance=steps, description=status)
+        if "on disk" not in status:
+            self.trained += steps
+        task = self.progress.tasks[self.task]
+        left = (task.total or 0) - task.completed - steps
+        eta = ""
+        if self.trained:
+            seconds = max(0.0, left) * (time.perf_counter() - self.started) / self.trained
+            eta = time.strftime("%H:%M:%S", time.gmtime(seconds))
+        self.progress.update(self.task, advance=steps, description=status, eta=eta)
 
 
 class _Options:
@@ -63,7 +77,7 @@ def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as err:  # noqa: BLE001 -- every error reaches the user as one line
             if _Options.debug:
                 raise
-            if isinstance(err, (RoutingLotteryError, FileNotFoundError, PermissionError)):
+            if isinstance(err, (RoutingLotteryError, ValueError, OSError)):  # the library's documented errors
                 message = str(err)
             else:
                 message = f"{type(err).__name__}: {err} (unexpected; `rtl --debug ...` shows where)"
@@ -130,10 +144,8 @@ def execute(config_path: Path, out: Path, scale: Optional[str], overrides: dict[
     start = time.perf_counter()
     if console.is_terminal:  # a live bar; in a log file, timed stage lines instead
         columns = [TextColumn("{task.description}", style="cyan"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
-        # The ETA divides what is left by the mean speed of the whole run so far, not of the last
-        # seconds: stages differ in step cost, and a short window made it jump (18:00 -> 5:57 -> 14:43).
-        bar: Any = Progress(*columns, console=console, transient=False, speed_estimate_period=24 * 3600)
+                   TimeElapsedColumn(), TextColumn("ETA {task.fields[eta]}")]
+        bar: Any = Progress(*columns, console=console, transient=False)
         sink: Any = RichProgress(bar)
         log = lambda message: console.print(f"  {escape(message)}")  # noqa: E731
     else:
@@ -143,7 +155,7 @@ def execute(config_path: Path, out: Path, scale: Optional[str], overrides: dict[
     console.print(f"[bold]{config.name}[/bold]: {experiment.description} -> {out}")
     if console.is_terminal:
         sink.plan(experiment.planned_steps())
-    with bar:
+    with bar, experiment.run.locked():  # the lock covers what `before` computes too
         if before is not None:
             before(experiment)
         records = experiment.run_all()

@@ -143,15 +143,18 @@ def config_from_dict(raw: Mapping[str, Any], scale: str | None = None, overrides
         if not isinstance(scales[scale], Mapping):
             raise ConfigError(f"{source}: scale {scale!r} must be a mapping of settings")
         raw = _deep_merge(raw, scales[scale])
-    try:
-        base = build(ExperimentConfig, raw)
-    except (TypeError, ValueError, RecursionError) as err:
-        raise ConfigError(f"{source}: {err}") from None
     if not overrides:
-        return base
-    try:
+        try:
+            return build(ExperimentConfig, raw)
+        except (TypeError, ValueError, RecursionError) as err:
+            raise ConfigError(f"{source}: {err}") from None
+    try:  # the merged settings decide; blame --set only when the file alone is valid
         return build(ExperimentConfig, _deep_merge(raw, overrides))
     except (TypeError, ValueError, RecursionError) as err:
+        try:
+            build(ExperimentConfig, raw)
+        except (TypeError, ValueError, RecursionError):
+            raise ConfigError(f"{source} with --set: {err}") from None
         raise ConfigError(f"--set (over {source}): {err}") from None
 
 

@@ -1,6 +1,7 @@
 """The library's exception types: one per kind of thing a user can get wrong.
 
-Each is a ``ValueError`` as well, so callers that validate inputs generically still catch it; the
+Config, data and checkpoint errors are ``ValueError``s as well, so callers that validate inputs
+generically still catch them (the lock's error is a ``RuntimeError``); the
 command line prints any of them as one line (file, setting, problem, remedy) and a traceback only
 with ``--debug``.
 """

@@ -132,6 +132,9 @@ class RoutedModel(nn.Module):
                 context: torch.Tensor | Sequence[int | str] | int | str) -> torch.Tensor:
         """Outputs for ``x`` (a tensor, or a tuple of per-row tensors for multi-input models), each row
         through its context's subnetwork; ``context`` is one id or name for the batch, or one per row."""
+        if self.training != self.model.training:
+            raise RuntimeError(f"the routed model is in {'training' if self.training else 'evaluation'} mode but the "
+                               "shared model is not: call routed.train() or routed.eval(), not the model's")
         inputs = tuple(x) if isinstance(x, (tuple, list)) else (x,)
         if isinstance(context, (int, str)) or (isinstance(context, torch.Tensor) and context.dim() == 0):
             return masked_forward(self.model, self.mask(context), *inputs)

@@ -27,6 +27,7 @@ Example
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -136,12 +137,15 @@ class AdaptiveTickets:
         """Claim the run directory ``out`` (first use): recorded identity, or refusal when it differs."""
         if self.out is None or self.store is not None:
             return
-        from .run.directory import RunDirectory
+        from .run.directory import IDENTITY_VERSION, RunDirectory
 
-        directory = RunDirectory(self.out)
+        directory = RunDirectory(self.out, log=self.log)
         recipe = self.config.to_dict()
         recipe["pruning"].pop("sparsities")  # adding a level reuses the nested rounds on disk
-        directory.claim({"version": 2, "recipe": recipe, "masked": self.prunable, "model": model_identity(self.model),
+        # θ₀'s fingerprint is part of the identity: another initialization is refused, and a corrupt
+        # θ₀ file can only be rewritten from a model that has the recorded weights.
+        directory.claim({"version": IDENTITY_VERSION, "recipe": recipe, "masked": self.prunable,
+                         "model": model_identity(self.model), "theta0": fingerprint(self._initial),
                          "data_fingerprint": stream_fingerprint(streams)})
         self.store = directory
 
@@ -227,16 +231,25 @@ class AdaptiveTickets:
     def basis(self, level: float) -> list[int]:
         """What a ticket at ``level`` depends on in stage 1: the cumulative pruned count of every round up to it.
 
-        A record or retraining state saved for another basis (a level was inserted below, changing
-        the rounds) is stale; one saved for the same basis is reused when a level is added above.
+        Rounds saved for another plan (a level inserted below changes the later rounds) are
+        recomputed; those of the same plan are reused when a level is added above.
         """
         return [] if level not in self.level_round else self.schedule[: self.level_round[level] + 1]
+
+    def _locked(self) -> contextlib.AbstractContextManager[Any]:
+        """The store's lock while this object writes into it (a directory opened through ``out``)."""
+        locked = getattr(self.store, "locked", None) if self.out is not None else None
+        return locked() if callable(locked) else contextlib.nullcontext()
 
     def extract(self, streams: Sequence[Stream] | Mapping[str, Stream],
                 rewind_stream: Stream | None = None) -> dict[float, MaskSet]:
         """Stage 1 for every context: ``{level: MaskSet}`` of K nested tickets at every configured level."""
         names, streams = _named(streams)
         self._open(streams)
+        with self._locked():
+            return self._extract(names, streams, rewind_stream)
+
+    def _extract(self, names: list[str], streams: list[Stream], rewind_stream: Stream | None) -> dict[float, MaskSet]:
         if len(streams) == 1:
             warnings.warn("one context: its ticket is single-mask IMP on that context's data, and there is "
                           "nothing to route between", stacklevel=2)
@@ -263,6 +276,11 @@ class AdaptiveTickets:
         elif by_name:
             raise ValueError(f"streams {names} do not match the masks' contexts {list(masks.context_names)}")
         self._open(streams)
+        with self._locked():
+            return self._retrain(streams, masks, method, level, rewind_stream)
+
+    def _retrain(self, streams: list[Stream], masks: MaskSet, method: str, level: float | None,
+                 rewind_stream: Stream | None) -> RoutedModel:
         training = self.config.training
         seed_parts = (method,) if level is None else (method, str(level))  # the runner's seeds since v0.1
         key = method if level is None else f"{method}_{level:.4f}"

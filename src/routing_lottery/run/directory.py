@@ -49,7 +49,7 @@ from ..training import State
 
 IDENTITY_FILE = "identity.json"
 LOCK_FILE, LOCK_OWNER_FILE = ".lock", ".lock.owner"
-IDENTITY_VERSION = 2  # 1: config.yaml alone identified a run
+IDENTITY_VERSION = 3  # 1: config.yaml alone; 2: without the model and θ₀
 
 
 def run_identity(config: ExperimentConfig, data_fingerprint: str, task: object | None = None,
@@ -69,7 +69,9 @@ def run_identity(config: ExperimentConfig, data_fingerprint: str, task: object |
 
     return {"version": IDENTITY_VERSION, "config": identity,
             "task_class": None if task is None else f"{type(task).__module__}.{type(task).__qualname__}",
-            "model": None if model is None else model_identity(model), "data_fingerprint": data_fingerprint}
+            "model": None if model is None else model_identity(model),
+            "theta0": None if model is None else fingerprint(model.state_dict()),
+            "data_fingerprint": data_fingerprint}
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -113,7 +115,7 @@ class RunDirectory:
         Raises ``RunLockedError`` naming the holder (pid, host, since when) when another process has it.
         """
         if self.path.exists() and not self.path.is_dir():
-            raise ConfigError(f"--out {self.path} is a file, not a run directory")
+            raise ConfigError(f"{self.path} is a file, not a run directory")
         self.path.mkdir(parents=True, exist_ok=True)
         if self._lock is None:
             self._lock = filelock.FileLock(str(self.path / LOCK_FILE), timeout=0)
@@ -145,6 +147,10 @@ class RunDirectory:
             resuming = path.exists()
             if resuming:
                 found = read_json(path)
+                if not isinstance(found, dict) or found.get("version") != IDENTITY_VERSION:
+                    raise ConfigError(f"{self.path} holds a run from another routing-lottery version (identity "
+                                      f"version {found.get('version') if isinstance(found, dict) else '?'}, this one "
+                                      f"writes {IDENTITY_VERSION}); choose another output directory")
                 if found != json.loads(json.dumps(identity)):
                     diff = "; ".join(identity_diff(found, identity)[:8])
                     raise ConfigError(f"{self.path} holds a run of different data or settings ({diff}); "
@@ -196,6 +202,8 @@ class RunDirectory:
             with safetensors.safe_open(str(path), "pt") as f:
                 recorded = (f.metadata() or {}).get("sha256")
                 state = {k: f.get_tensor(k) for k in f.keys()}
+        except OSError:
+            raise  # the disk or the process, not the file: never delete a file for it
         except Exception as err:  # noqa: BLE001 -- safetensors raises its own error types for corrupt files
             self._discard(path, f"{type(err).__name__}: {err}")
             return None
@@ -232,6 +240,8 @@ class RunDirectory:
             mask = MaskSet.from_packed(packed, shapes, ["ticket"])[0]
             if order is not None and set(order) != set(mask):
                 raise CheckpointError(f"it masks {sorted(mask)[:3]}..., the model's tensors are {sorted(order)[:3]}...")
+        except OSError:
+            raise  # the disk or the process, not the file: never delete a file for it
         except Exception as err:  # noqa: BLE001 -- any unreadable round is recomputed
             self._discard(path, f"{type(err).__name__}: {err}")
             return None

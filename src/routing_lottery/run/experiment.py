@@ -17,6 +17,7 @@ import torch
 
 from ..config import ExperimentConfig
 from ..io import atomic_write_text
+from ..data.fingerprint import fingerprint
 from ..errors import ConfigError
 from ..masks import Mask, MaskSet
 from ..methods import METHODS, Method, Row
@@ -49,12 +50,14 @@ class Experiment:
         if shared is not model and config.pruning.rewind_steps:
             raise ConfigError("pruning.rewind_steps needs the baselines to share the RTL network; this task's differ")
         model = model.to(self.device)
-        shared = model if shared is model or shared is None else shared.to(self.device)
-        self.check_partition()
-        self.run.claim(run_identity(config, task.data_fingerprint(), task, model), config)
+        shared = model if shared is model else shared.to(self.device)
+        # Everything that can refuse a setting (the masked tensors: pruning.include/exclude) is built
+        # before the directory is claimed; AdaptiveTickets does no I/O until it is used.
         self.tickets = AdaptiveTickets(model, config, store=self.run, progress=progress, log=log)
         self.shared_tickets = self.tickets if shared is model else AdaptiveTickets(
             shared, config, store=self.run, name="shared", progress=progress, log=log)
+        self.check_partition()
+        self.run.claim(run_identity(config, task.data_fingerprint(), task, model), config)
         self.classifier = task.shared_stream()
         self.detectors = [task.context_stream(k) for k in range(self.num_contexts)]
         self.factor = task.shared_epoch_factor
@@ -134,11 +137,13 @@ class Experiment:
         return records
 
     def basis(self, method: Method, level: float) -> Any:
-        """The stage-1 rounds a record of ``method`` at ``level`` was computed from."""
+        """The stage-1 masks a record of ``method`` at ``level`` was computed from (their fingerprint):
+        a record is reused only for exactly those masks."""
         if method.needs_single:
-            return {"single": self.shared_tickets.basis(level)}
+            mask = self.shared_tickets.mask_at(self.single_rounds(), level)
+            return {"single": fingerprint(MaskSet.from_tickets([mask]).packed())}
         if method.needs_contexts:
-            return {"contexts": self.tickets.basis(level)}
+            return {"contexts": fingerprint(self.context_masks()[level].packed())}
         return None
 
     def finished(self, method: Method, level: float) -> list[Row]:

@@ -35,8 +35,11 @@ class ImageSetExperiment:
         names = [str(getattr(t, "name", f"part_{i}")) for i, t in enumerate(tasks)]
         if len(set(names)) != len(names):
             raise ValueError(f"parts need distinct names; got {names}")
-        self.run.claim(run_identity(config, fingerprint([t.data_fingerprint() for t in tasks]), tasks[0]), config)
+        identity = run_identity(config, fingerprint([t.data_fingerprint() for t in tasks]), tasks[0])
+        if (self.run.path / "identity.json").exists():
+            self.run.claim(identity, config)  # a resumed run with other settings is refused before any part
         self.parts = [Experiment(config, self.run.path / "images" / n, t, progress, log) for n, t in zip(names, tasks)]
+        self.run.claim(identity, config)
         self.summary = ""
 
     @property
