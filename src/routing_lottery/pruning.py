@@ -114,6 +114,21 @@ def validate_sparsity(value: float, what: str = "sparsity") -> float:
     return float(value)
 
 
+def validate_step(step: int | float) -> int | float:
+    """A pruning step as its one form: a count (``int`` >= 1) or a fraction of survivors (``float`` in (0, 1)).
+
+    NumPy scalars mean what Python's do: ``np.int64(100)`` is a count, not a fraction.
+    """
+    if isinstance(step, bool) or not isinstance(step, numbers.Real):
+        raise ValueError(f"pruning.step must be a count (int) or a fraction (float); got {step!r}")
+    step = int(step) if isinstance(step, numbers.Integral) else float(step)
+    if isinstance(step, float) and not 0 < step < 1:
+        raise ValueError(f"pruning.step as a fraction must be in (0, 1); got {step}")
+    if isinstance(step, int) and step < 1:
+        raise ValueError(f"pruning.step as a count must be >= 1; got {step}")
+    return step
+
+
 def target_count(total: int, sparsity: float) -> int:
     """Weights to keep so that exactly ``round(sparsity * total)`` are pruned."""
     return total - round(validate_sparsity(sparsity) * total)
@@ -187,13 +202,7 @@ def pruning_schedule(total: int, levels: Sequence[float], step: int | float) -> 
     if not levels:
         raise ValueError("at least one sparsity level is needed")
     milestones = sorted({round(validate_sparsity(s) * total) for s in levels})
-    if isinstance(step, bool) or not isinstance(step, numbers.Real):
-        raise ValueError(f"a pruning step is a count (int) or a fraction (float); got {step!r}")
-    step = int(step) if isinstance(step, numbers.Integral) else float(step)  # np.int64(100) is a count
-    if isinstance(step, float) and not 0 < step < 1:
-        raise ValueError(f"a fractional pruning step must be in (0, 1); got {step}")
-    if isinstance(step, int) and step < 1:
-        raise ValueError(f"a pruning step count must be >= 1; got {step}")
+    step = validate_step(step)
     pruned, rounds = 0, []
     for milestone in milestones:
         while pruned < milestone:
@@ -222,5 +231,5 @@ def levels_reached(schedule: Sequence[int], total: int, levels: Sequence[float])
 
 __all__ = [
     "PRUNABLE_TYPES", "Scope", "TensorFilter", "default_prunable_names", "prunable_names", "describe_prunable", "validate_sparsity", "target_count", "magnitude_prune",
-    "pruning_schedule", "random_mask_like", "levels_reached",
+    "pruning_schedule", "random_mask_like", "levels_reached", "validate_step",
 ]

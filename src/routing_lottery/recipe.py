@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .errors import ConfigError
-from .pruning import validate_sparsity
+from .pruning import validate_sparsity, validate_step
 from .training import OptimizerConfig
 
 
@@ -34,14 +33,10 @@ class PruningConfig:
             validate_sparsity(s, "pruning.sparsities entry")
             if round(s, 4) != s:  # levels name files (records/rtl_0.2500.json): four decimals must identify them
                 raise ConfigError(f"pruning.sparsities entries need at most 4 decimals; got {s}")
-        if isinstance(self.step, bool) or not isinstance(self.step, numbers.Real):
-            raise ConfigError(f"pruning.step must be a count (int) or a fraction (float); got {self.step!r}")
-        # NumPy scalars carry the same meaning as Python's: np.int64(100) is a count, not a fraction.
-        object.__setattr__(self, "step", int(self.step) if isinstance(self.step, numbers.Integral) else float(self.step))
-        if isinstance(self.step, float) and not 0 < self.step < 1:
-            raise ConfigError(f"pruning.step as a fraction must be in (0, 1); got {self.step}")
-        if isinstance(self.step, int) and self.step < 1:
-            raise ConfigError(f"pruning.step as a count must be >= 1; got {self.step}")
+        try:
+            object.__setattr__(self, "step", validate_step(self.step))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         if self.rewind_steps < 0:
             raise ConfigError(f"pruning.rewind_steps must be >= 0; got {self.rewind_steps}")
 
