@@ -91,8 +91,8 @@ def packaged_config(name: str) -> Path:
     return Path(str(resources.files("routing_lottery") / "configs" / f"{name}.yaml"))
 
 
-CONFIG_HELP = ("A YAML config file, or a packaged config: "
-               + ", ".join(sorted(p.stem for p in packaged_config("digits").parent.glob("*.yaml"))) + ".")
+PACKAGED_CONFIGS = ", ".join(sorted(p.stem for p in packaged_config("digits").parent.glob("*.yaml")))
+CONFIG_HELP = f"A YAML config file, or a packaged config: {PACKAGED_CONFIGS}."
 DEVICE_HELP = ("Where to train: auto (CUDA when present, else CPU), cpu, cuda, cuda:N, mps. "
                "Not part of the run's identity: a run moved to another device resumes.")
 
@@ -105,8 +105,7 @@ def resolve_config(config: str) -> Path:
     packaged = packaged_config(config.removesuffix(".yaml"))
     if packaged.is_file():
         return packaged
-    raise ConfigError(f"no config file {config!r} (and no packaged config of that name: "
-                      f"{', '.join(p.stem for p in packaged_config('digits').parent.glob('*.yaml'))})")
+    raise ConfigError(f"no config file {config!r} (and no packaged config of that name: {PACKAGED_CONFIGS})")
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -196,10 +195,7 @@ def demo(
     device: Optional[str] = typer.Option(None, metavar="DEVICE", help=DEVICE_HELP),
 ) -> None:
     """Table 1 on scikit-learn's bundled handwritten digits: dense, single IMP, multiple IMP, RTL, random."""
-    overrides = parse_overrides(set_)
-    if device is not None:
-        overrides["device"] = device
-    execute(packaged_config("digits"), out, scale, overrides)
+    execute(packaged_config("digits"), out, scale, with_overrides(parse_overrides(set_), None, device))
 
 
 @app.command()
@@ -220,12 +216,16 @@ def run(
 def config_and_overrides(config: str, data: Optional[Path], pairs: list[str],
                          device: Optional[str] = None) -> tuple[Path, dict[str, Any]]:
     """The config file a command names, and its ``--set`` overrides with ``--data`` as ``data.root``."""
-    overrides = parse_overrides(pairs)
+    return resolve_config(config), with_overrides(parse_overrides(pairs), data, device)
+
+
+def with_overrides(overrides: dict[str, Any], data: Optional[Path], device: Optional[str]) -> dict[str, Any]:
+    """``--set`` overrides plus the options that are settings too: ``--data`` (data.root), ``--device``."""
     if data is not None:
         overrides.setdefault("data", {})["root"] = str(data)
     if device is not None:
         overrides["device"] = device
-    return resolve_config(config), overrides
+    return overrides
 
 
 def sweep_levels(text: str) -> list[float]:

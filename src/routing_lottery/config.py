@@ -20,7 +20,7 @@ import yaml
 
 from .data.speech import SpeechMixConfig
 from .errors import ConfigError
-from .recipe import PruningConfig, RTLConfig, TrainingConfig
+from .recipe import RTLConfig
 
 @dataclass(frozen=True)
 class DataConfig:

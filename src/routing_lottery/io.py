@@ -521,7 +521,7 @@ def load_tickets(directory: str | Path, model: nn.Module) -> tuple[MaskSet, dict
     index_path = directory / INDEX_FILE
 
     target = model.state_dict()
-    actual: Signature = {key: (list(t.shape), _dtype_name(t.dtype)) for key, t in target.items()}
+    actual = _signature(model)
     if _fingerprint(actual) != index["fingerprint"]:
         diffs = "; ".join(_signature_diff(index["state"], actual))
         raise CheckpointError(f"{index_path}: checkpoint was written for a different model ({diffs})")
