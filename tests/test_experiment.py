@@ -12,7 +12,7 @@ from routing_lottery.run import RunDirectory, build_tasks, make_runner
 from routing_lottery.io import load_tickets
 from routing_lottery.masks import sparsity
 
-TINY = {"data": {"train_per_class": 12, "test_per_class": 6, "image_size": 8},
+TINY = {"data": {"train_per_class": 12, "test_per_class": 6, "image_size": 8, "calibration": 0.0},
         "model": {"options": {"width": 0.25}}, "pruning": {"sparsities": [0.3, 0.6], "step": 0.4},  # rounds to 30 %, 58 %, 60 %
         "training": {"imp_epochs": 1, "epochs": 1, "batch_size": 32}}
 

@@ -8,6 +8,8 @@ The front door::
     routed = rtl.fit({"cats": cat_stream, "dogs": dog_stream})   # extract + jointly retrain
     routed(x, ["cats", "dogs", "cats"])                          # route a mixed batch by context name
     rtl.save("tickets/")                                         # weights + packed masks + recipe
+    rtl.router = LearnedRouter.fit(inputs, contexts, num_contexts=2)  # no context at inference:
+    rtl.routed(x)                                                # the router chooses one per row
 
 ``run_experiment(config, out)`` runs the same tickets beside the baselines (dense, single IMP,
 multiple IMP, random control), resumably, on a built-in or user task; ``check_task(task)``
@@ -21,6 +23,7 @@ from .methods import METHODS
 from .models import MODELS
 from .recipe import PruningConfig, RTLConfig, TrainingConfig
 from .routed import RoutedModel
+from .router import DetectorRouter, EntropyRouter, LearnedRouter
 from .run import DATASETS, TASKS, make_runner, run_experiment
 from .tasks.checks import TaskContractError, check_task
 from .tickets import AdaptiveTickets, tensor_stream
@@ -30,6 +33,6 @@ __version__ = "0.2.0"
 
 __all__ = [
     "AdaptiveTickets", "RTLConfig", "PruningConfig", "TrainingConfig", "OptimizerConfig", "Stream", "tensor_stream",
-    "RoutedModel", "MaskSet", "LabelledDataset", "Splits", "ExperimentConfig", "DataConfig", "ModelConfig", "load_config", "run_experiment",
+    "RoutedModel", "DetectorRouter", "EntropyRouter", "LearnedRouter", "MaskSet", "LabelledDataset", "Splits", "ExperimentConfig", "DataConfig", "ModelConfig", "load_config", "run_experiment",
     "make_runner", "check_task", "TaskContractError", "METHODS", "MODELS", "TASKS", "DATASETS",
 ]

@@ -298,6 +298,25 @@ def diagnose(
         print_similarity(part, summary)
 
 
+@app.command()
+@reports_errors
+def calibrate(
+    run_dir: Path = typer.Argument(..., help="A finished classification run with RTL checkpoints and data.calibration > 0."),
+    objective: str = typer.Option("f1", help="Per detector: f1, balanced_accuracy, or precision (see --target-precision)."),
+    target_precision: float = typer.Option(0.8, help="objective precision: the precision each detector must reach."),
+    delta: Optional[float] = typer.Option(None, help="objective precision: guarantee it with probability 1 - delta "
+                                                     "(Learn-Then-Test)."),
+    rule: str = typer.Option("most_confident", help="When zero or several detectors fire: most_confident or abstain."),
+) -> None:
+    """Fit a threshold per RTL detector on the run's held-out calibration split (never test), save them with the
+    tickets, and write calibration.md with precision and recall before and after."""
+    from .run.deploy import calibrate_run
+
+    calibrate_run(run_dir, {"calibration": objective, "target_precision": target_precision, "delta": delta,
+                            "rule": rule}, log=lambda m: console.print(f"  {escape(m)}"))
+    console.print(f"written: {run_dir / 'calibration.md'}")
+
+
 def print_similarity(run_dir: Path, summary: dict[str, Any]) -> None:
     """The similarity score by level and depth group, then the collapse verdict."""
     table = Table(title=f"mask similarity ({run_dir})")

@@ -39,6 +39,13 @@ class DataConfig:
     limit: int = 10  # INR on ADE20K: the first `limit` images of the folder
     regions: int = 8  # INR on the embedded images: unsupervised regions per image
     options: dict[str, Any] = field(default_factory=dict)  # passed on to a user's loader (data_config.options)
+    # classification: the fraction of each class's training examples held out (never trained on) to
+    # calibrate the detectors' thresholds; 0 holds none out (no calibration possible)
+    calibration: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.calibration < 1.0:
+            raise ConfigError(f"data.calibration must be a fraction in [0, 1); got {self.calibration!r}")
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,47 @@ class ModelConfig:
     options: dict[str, Any] = field(default_factory=dict)  # e.g. {width: 0.5}: GhostNet's channel multiplier
 
 
+ROUTERS = ("detectors", "entropy", "learned")
+
+
+@dataclass(frozen=True)
+class DeployConfig:
+    """Deployment without an oracle: inferred routing, routing errors and calibrated detectors.
+
+    Everything here is measured after training on the trained subnetworks, so it changes no mask
+    and no weight: it is kept out of a run's identity, and a record is recomputed when it changes.
+    """
+
+    # routers recorded beside oracle routing, where the task supports them (router.py): detectors,
+    # entropy and learned for classification; learned for speech; the INR reads its region from the input
+    routers: tuple[str, ...] = ROUTERS
+    # fractions of test inputs sent to a wrong context (tasks whose context is not the label itself)
+    error_rates: tuple[float, ...] = (0.1, 0.25, 0.5)
+    # fit a threshold per detector on data.calibration's split: f1, balanced_accuracy, precision; null: do not
+    calibration: str | None = None
+    target_precision: float = 0.8  # calibration: precision
+    delta: float | None = None  # calibration: precision with a Learn-Then-Test guarantee at this risk
+    rule: str = "most_confident"  # when zero or several detectors fire: most_confident or abstain
+
+    def __post_init__(self) -> None:
+        from .calibration import OBJECTIVES, RULES
+
+        unknown = [r for r in self.routers if r not in ROUTERS]
+        if unknown:
+            raise ConfigError(f"deploy.routers: unknown {unknown}; choose from {list(ROUTERS)}")
+        bad = [r for r in self.error_rates if not 0.0 < r <= 1.0]
+        if bad:
+            raise ConfigError(f"deploy.error_rates must be fractions in (0, 1]; got {bad}")
+        if self.calibration is not None and self.calibration not in OBJECTIVES:
+            raise ConfigError(f"deploy.calibration must be one of {list(OBJECTIVES)} or null; got {self.calibration!r}")
+        if not 0.0 < self.target_precision <= 1.0:
+            raise ConfigError(f"deploy.target_precision must be in (0, 1]; got {self.target_precision!r}")
+        if self.delta is not None and not 0.0 < self.delta < 1.0:
+            raise ConfigError(f"deploy.delta must be in (0, 1) or null; got {self.delta!r}")
+        if self.rule not in RULES:
+            raise ConfigError(f"deploy.rule must be one of {list(RULES)}; got {self.rule!r}")
+
+
 EXECUTION_SETTINGS = ("device", "threads")
 """Settings that decide where and how fast a run goes, never its results (left out of its identity)."""
 
@@ -78,6 +126,7 @@ class ExperimentConfig(RTLConfig):
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     speech: SpeechConfig | None = None  # task: speech only
+    deploy: DeployConfig = field(default_factory=DeployConfig)
     threads: int | None = None  # torch CPU threads (None: torch's default); small models run faster on 1
 
     def __post_init__(self) -> None:

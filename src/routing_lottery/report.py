@@ -234,3 +234,95 @@ def plot_results(records: Sequence[dict[str, Any]], path: str | Path, columns: S
     if title:
         fig.suptitle(title, fontsize=11)
     return save_png(fig, path)
+
+
+# -- deployment without an oracle (run.deploy) ----------------------------------------------------
+ROUTING_ORDER = ("oracle", "calibrated", "detectors", "entropy", "learned", "errors")
+DEPLOYMENT_COLUMNS = ("routing", "error_rate", "routing_accuracy", "relative_cost", "routing_passes",
+                      "precision", "recall", "fires_none", "fires_several", "decided_accuracy", "target_met")
+
+
+def _routing_rank(row: dict[str, Any]) -> tuple[int, float]:
+    routing = row.get("routing")
+    return (ROUTING_ORDER.index(routing) if routing in ROUTING_ORDER else len(ROUTING_ORDER), row.get("error_rate", 0.0))
+
+
+def write_deployment(run_dir: str | Path, rows: Sequence[dict[str, Any]], records: Sequence[dict[str, Any]],
+                     config: Any | None = None) -> None:
+    """deployment.json (every row), deployment.md (a table beside the oracle results) and deployment.png
+    (``plot_routing_errors``) in ``run_dir``; nothing when there are no rows."""
+    if not rows:
+        return
+    run_dir = Path(run_dir)
+    ordered = sorted_records(sorted(rows, key=_routing_rank))
+    atomic_write_json(run_dir / "deployment.json", ordered)
+    shown = aggregate_rows(ordered)
+    metric = primary_metric_key(aggregate_rows(records))
+    columns = [c for c in DEPLOYMENT_COLUMNS[:2] + ((metric,) if metric else ()) + DEPLOYMENT_COLUMNS[2:]
+               if any(c in r for r in shown)]
+    oracle = [{**r, "routing": "oracle"} for r in aggregate_rows(records)]
+    figure = plot_routing_errors(records, ordered, run_dir / "deployment.png",
+                                 title=f"Routing without an oracle: {getattr(config, 'name', 'experiment')}")
+    text = (f"# Without an oracle: {getattr(config, 'name', 'experiment')}\n\n"
+            "Rows beside oracle routing (`routing: oracle`, the results table): `detectors` / `entropy` / `learned` "
+            "choose each test input's context (router.py), `errors` sends `error_rate` of the test inputs to a "
+            "wrong context, `calibrated` fits a threshold per detector on the held-out calibration split. "
+            "`relative_cost`: wall time of routing and scoring relative to oracle scoring; `routing_passes`: "
+            "network forward passes per input spent to choose.\n\n"
+            + markdown_table(sorted_records(sorted(oracle + shown, key=_routing_rank)),
+                             [c for c in columns if c != "error_rate" or any("error_rate" in r for r in shown)]))
+    if figure is not None:
+        text += f"\n![routing errors]({figure.name})\n"
+    atomic_write_text(run_dir / "deployment.md", text)
+
+
+def plot_routing_errors(records: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]], path: str | Path,
+                        title: str | None = None) -> Path | None:
+    """The primary metric against the share of wrongly routed inputs, one panel per sparsity.
+
+    Each routed method is a curve from its oracle value (0 %) through its ``errors`` rows; each
+    inferred router is a marker at its own error rate (1 - routing accuracy); dense and single IMP,
+    which need no router, are horizontal lines. None (nothing written) without error rows.
+    """
+    oracle, deployed = aggregate_rows(records), aggregate_rows(rows)
+    metric = primary_metric_key(oracle)
+    errors = [r for r in deployed if r.get("routing") == "errors"]
+    if metric is None or not errors:
+        return None
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import PercentFormatter
+
+    from .diagnostics.figures import save_png
+
+    levels = sorted({float(r["sparsity"]) for r in errors})
+    fig = Figure(figsize=(4.2 * len(levels) + 1.5, 4.0), layout="constrained")
+    axes = fig.subplots(1, len(levels), squeeze=False, sharey=True)[0]
+    colors = colormaps["tab10"]
+    markers = {"detectors": "^", "entropy": "s", "learned": "D"}
+    for ax, level in zip(axes, levels):
+        for r in oracle:
+            if r["method"] == "dense" or (r["method"] == "single_imp" and float(r["sparsity"]) == level):
+                ax.axhline(r[metric], color=colors(method_rank(r["method"]) % colors.N), ls="--" if r["method"] == "dense"
+                           else ":", lw=1.5, label=f"{method_label(r['method'])} (no router)")
+        for method in sorted({r["method"] for r in errors}, key=method_rank):
+            start = [r[metric] for r in oracle if r["method"] == method and float(r["sparsity"]) == level]
+            curve = sorted((r["error_rate"], r[metric]) for r in errors if r["method"] == method
+                           and float(r["sparsity"]) == level)
+            color = colors(method_rank(method) % colors.N)
+            ax.plot(*zip(*([(0.0, start[0])] if start else []) + curve), marker="o", color=color, lw=1.8,
+                    label=method_label(method))
+            for r in deployed:
+                if r["method"] == method and float(r["sparsity"]) == level and r.get("routing") in markers:
+                    ax.plot(1 - r["routing_accuracy"], r[metric], markers[r["routing"]], color=color, ms=9, mec="black",
+                            label=f"{method_label(method)}, {r['routing']} router")
+        ax.set_title(f"{level:.0%} sparsity", fontsize=10)
+        ax.set_xlabel("inputs routed to a wrong context")
+        ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(metric)
+    handles, labels = axes[-1].get_legend_handles_labels()
+    axes[-1].legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return save_png(fig, path)

@@ -11,12 +11,16 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
 from .masks import Mask, MaskSet
+
+if TYPE_CHECKING:  # for annotations only: router.py imports RoutedModel the same way, so there is no import cycle
+    from .router import Router
 
 
 def masked_forward(model: nn.Module, mask: Mapping[str, torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
@@ -67,15 +71,21 @@ class RoutedModel(nn.Module):
     It starts in evaluation mode (and puts ``model`` in it): routing an input must not move the
     shared BatchNorm statistics. Call ``.train()`` to train through it.
 
+    Without an oracle for the contexts, give it a ``router`` (``router.py``): ``routed(x)`` then
+    asks the router for one context per row and routes as usual.
+
     Example
     -------
     >>> routed = RoutedModel(net, masks)                # masks: MaskSet with K tickets
     >>> logits = routed(images, torch.tensor([0, 3, 3, 1]))
+    >>> routed.router = DetectorRouter()                # or LearnedRouter.fit(...), EntropyRouter()
+    >>> logits = routed(images)                         # contexts chosen by the router
     """
 
-    def __init__(self, model: nn.Module, masks: MaskSet, vmap_below: int = 512) -> None:
+    def __init__(self, model: nn.Module, masks: MaskSet, vmap_below: int = 512, router: Router | None = None) -> None:
         super().__init__()
         self.vmap_below = vmap_below
+        self.router = router
         self._vmappable = True
         params = dict(model.named_parameters())
         missing = [n for n in masks.tensor_names if n not in params]
@@ -129,12 +139,19 @@ class RoutedModel(nn.Module):
         return context.long()
 
     def forward(self, x: torch.Tensor | tuple[torch.Tensor, ...],
-                context: torch.Tensor | Sequence[int | str] | int | str) -> torch.Tensor:
+                context: torch.Tensor | Sequence[int | str] | int | str | None = None) -> torch.Tensor:
         """Outputs for ``x`` (a tensor, or a tuple of per-row tensors for multi-input models), each row
-        through its context's subnetwork; ``context`` is one id or name for the batch, or one per row."""
+        through its context's subnetwork; ``context`` is one id or name for the batch, or one per row,
+        or ``None`` to let ``self.router`` choose one per row."""
         if self.training != self.model.training:
             raise RuntimeError(f"the routed model is in {'training' if self.training else 'evaluation'} mode but the "
                                "shared model is not: call routed.train() or routed.eval(), not the model's")
+        if context is None:
+            if self.router is None:
+                raise ValueError("no context given and no router set: pass one context per row, routed(x, context), "
+                                 "or set a router that infers them, e.g. routed.router = LearnedRouter.fit(train_x, "
+                                 "train_contexts, K), DetectorRouter() or EntropyRouter() (routing_lottery.router)")
+            context = self.router(self, x)
         inputs = tuple(x) if isinstance(x, (tuple, list)) else (x,)
         if isinstance(context, (int, str)) or (isinstance(context, torch.Tensor) and context.dim() == 0):
             return masked_forward(self.model, self.mask(context), *inputs)

@@ -32,7 +32,7 @@ import json
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
@@ -44,6 +44,10 @@ from .pruning import TensorFilter, describe_prunable, levels_reached, prunable_n
 from .recipe import RTLConfig
 from .routed import RoutedModel
 from .training import SILENT, ProgressSink, State, Stream, derive_seed, extract_ticket, joint_retrain, snapshot, train
+
+if TYPE_CHECKING:
+    from .calibration import Thresholds
+    from .router import Router
 
 Log = Callable[[str], None]
 
@@ -117,6 +121,8 @@ class AdaptiveTickets:
         self.masks: MaskSet | None = None
         self.level: float | None = None
         self.metadata: dict[str, Any] = {}
+        self.thresholds: Thresholds | None = None  # calibrated detector thresholds, saved with the tickets
+        self.router: Router | None = None  # routes inputs given without a context (routed(x)); learned ones are saved
 
     # -- what is masked ----------------------------------------------------------------------
     def describe(self) -> str:
@@ -321,18 +327,28 @@ class AdaptiveTickets:
         """The routed model over the current masks (in evaluation mode)."""
         if self.masks is None:
             raise RuntimeError("no tickets yet: call fit() or extract() + retrain(), or AdaptiveTickets.load()")
-        return RoutedModel(self.model, self.masks).eval()
+        return RoutedModel(self.model, self.masks, router=self.router).eval()
 
     def save(self, directory: str | Path, metadata: Mapping[str, Any] | None = None) -> Path:
         """The shared weights, packed masks and recipe in ``directory`` (see ``io.save_tickets``)."""
         if self.masks is None:
             raise RuntimeError("nothing to save: call fit() or retrain() first")
         recipe = {"recipe": self.config.to_dict(), "masked": self.prunable, "sparsity": self.level}
-        return save_tickets(directory, self.model, self.masks, {**recipe, **(metadata or {})})
+        if self.thresholds is not None:
+            recipe["thresholds"] = self.thresholds.to_dict()
+        path = save_tickets(directory, self.model, self.masks, {**recipe, **(metadata or {})})
+        from .router import LearnedRouter
+
+        if isinstance(self.router, LearnedRouter):
+            self.router.save(path / "router")
+        return path
 
     @classmethod
-    def load(cls, directory: str | Path, model: nn.Module) -> AdaptiveTickets:
-        """Tickets saved by ``save`` loaded into ``model`` (same architecture), with the recipe that made them."""
+    def load(cls, directory: str | Path, model: nn.Module, features: Callable[[torch.Tensor], torch.Tensor] | None = None
+             ) -> AdaptiveTickets:
+        """Tickets saved by ``save`` loaded into ``model`` (same architecture), with the recipe that made them,
+        their calibrated thresholds and their learned router (``features``: the router's feature map when it
+        was not the default flattening) when they were saved."""
         masks, metadata = load_tickets(directory, model)
         try:
             config = _recipe_from_dict(metadata["recipe"])
@@ -345,6 +361,20 @@ class AdaptiveTickets:
             raise CheckpointError(f"{directory}: its masks cover {sorted(saved)[:4]}..., which the recipe's "
                                   f"patterns do not select in this model")
         tickets.masks, tickets.level, tickets.metadata = masks, metadata.get("sparsity"), metadata
+        if metadata.get("thresholds") is not None:
+            from .calibration import Thresholds
+
+            try:
+                tickets.thresholds = Thresholds.from_dict(metadata["thresholds"])
+            except (KeyError, TypeError, ValueError) as err:
+                raise CheckpointError(f"{directory}: its calibrated thresholds are unreadable ({err})") from None
+            if tickets.thresholds.num_contexts != masks.num_contexts:
+                raise CheckpointError(f"{directory}: {tickets.thresholds.num_contexts} thresholds for "
+                                      f"{masks.num_contexts} contexts")
+        if (Path(directory) / "router").is_dir():
+            from .router import LearnedRouter
+
+            tickets.router = LearnedRouter.load(Path(directory) / "router", features=features)
         tickets._initial = None  # the checkpoint holds trained weights, not the shared initialization
         return tickets
 

@@ -76,3 +76,22 @@ def stratified_subset(dataset: LabelledDataset, per_class: int | None, seed: int
     order = torch.randperm(len(dataset), generator=gen)
     picked = [order[dataset.labels[order] == c][:per_class] for c in range(len(dataset.class_names))]
     return dataset.subset(torch.cat(picked).sort().values)
+
+
+def stratified_holdout(dataset: LabelledDataset, fraction: float, seed: int) -> tuple[LabelledDataset, LabelledDataset]:
+    """``(kept, held_out)``: ``round(fraction * n_c)`` examples of every class c held out, at least one of
+    each class with two or more examples, drawn deterministically from ``seed``; a class's last example
+    is never held out (training needs every class)."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"fraction must be in [0, 1); got {fraction}")
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(dataset), generator=gen)
+    held = []
+    for c in range(len(dataset.class_names)):
+        members = order[dataset.labels[order] == c]
+        count = 0 if fraction == 0 else min(len(members) - 1, max(1, round(fraction * len(members))))
+        held.append(members[:max(count, 0)])
+    held_index = torch.cat(held).sort().values
+    keep = torch.ones(len(dataset), dtype=torch.bool)
+    keep[held_index] = False
+    return dataset.subset(keep.nonzero(as_tuple=True)[0]), dataset.subset(held_index)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..config import ExperimentConfig, SpeechConfig
-from ..data.labelled import Splits, as_splits, stratified_subset
+from ..data.labelled import Splits, as_splits, stratified_holdout, stratified_subset
 from ..registry import Registry
 from ..tasks.base import Task
 
@@ -69,12 +69,14 @@ def build_classification(config: ExperimentConfig) -> Task:
     if training.batch_size is None:
         raise ValueError("training.batch_size must be a number for classification")
     train_set = stratified_subset(splits.train, data.train_per_class, seed=config.seed)
+    train_set, calibration_set = stratified_holdout(train_set, data.calibration, seed=config.seed)
     test_set = stratified_subset(splits.test, data.test_per_class, seed=config.seed)
     context_of_class, context_names, partition = class_contexts(config, list(train_set.class_names))
     return ClassificationTask(train_set, test_set, context_of_class, context_names,
                               batch_size=training.batch_size, negative_ratio=training.negative_ratio,
                               model=config.model.name or "ghostnet", model_options=dict(config.model.options), partition=partition,
-                              context_members=None if partition is None else [list(c) for c in partition.clusters()])
+                              context_members=None if partition is None else [list(c) for c in partition.clusters()],
+                              calibration_set=calibration_set if len(calibration_set) else None)
 
 
 def class_contexts(config: ExperimentConfig, class_names: list[str]) -> tuple[list[int], list[str], Any]:

@@ -49,17 +49,17 @@ from ..training import State
 
 IDENTITY_FILE = "identity.json"
 LOCK_FILE, LOCK_OWNER_FILE = ".lock", ".lock.owner"
-IDENTITY_VERSION = 3  # 1: config.yaml alone; 2: without the model and θ₀
+IDENTITY_VERSION = 4  # 1: config.yaml alone; 2: without the model and θ₀; 3: before data.calibration
 
 
 def run_identity(config: ExperimentConfig, data_fingerprint: str, task: object | None = None,
                  model: torch.nn.Module | None = None) -> dict[str, Any]:
     """What determines a run's results: the config minus what does not (execution settings, methods,
-    levels, the run's name, where the data files lie), the task's class and the network's layout (a
+    levels, the run's name, where the data files lie, the deployment measurements), the task's class and the network's layout (a
     task handed in as an object is not described by the config), and a fingerprint of the data the
     task serves."""
     identity = config.to_dict()
-    for key in (*EXECUTION_SETTINGS, "methods", "name"):
+    for key in (*EXECUTION_SETTINGS, "methods", "name", "deploy"):
         identity.pop(key, None)
     identity["pruning"].pop("sparsities", None)
     identity["data"].pop("root", None)  # the data fingerprint covers the content, wherever it lies

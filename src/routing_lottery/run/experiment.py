@@ -21,7 +21,7 @@ from ..data.fingerprint import fingerprint
 from ..errors import ConfigError
 from ..masks import Mask, MaskSet
 from ..methods import METHODS, Method, Row
-from ..report import write_results
+from ..report import write_deployment, write_results
 from ..tasks.base import Task
 from ..tickets import AdaptiveTickets, Log, quiet
 from ..training import SILENT, ProgressSink, derive_seed
@@ -64,6 +64,7 @@ class Experiment:
         self.outputs = self.run.path / "outputs"
         self._single: list[Mask] | None = None
         self._contexts: dict[float, MaskSet] | None = None
+        self.deployment: list[Row] = []  # rows without an oracle (run.deploy), apart from the results
 
     @property
     def num_contexts(self) -> int:
@@ -130,7 +131,10 @@ class Experiment:
             for method in self.methods:
                 if method.per_level:
                     records += self.finished(method, level)
+        self.deployment = [r for r in records if "routing" in r]
+        records = [r for r in records if "routing" not in r]
         write_results(self.run.path, records, self.config, summary=contexts_note)
+        write_deployment(self.run.path, self.deployment, records, self.config)
         write_figures = getattr(self.task, "write_figures", None)
         if callable(write_figures):
             write_figures(self.outputs)
@@ -142,8 +146,9 @@ class Experiment:
         if method.needs_single:
             mask = self.shared_tickets.mask_at(self.single_rounds(), level)
             return {"single": fingerprint(MaskSet.from_tickets([mask]).packed())}
-        if method.needs_contexts:
-            return {"contexts": fingerprint(self.context_masks()[level].packed())}
+        if method.needs_contexts:  # routed methods: their deployment rows depend on the deploy settings too
+            return {"contexts": fingerprint(self.context_masks()[level].packed()),
+                    "deploy": self.config.to_dict()["deploy"]}
         return None
 
     def finished(self, method: Method, level: float) -> list[Row]:

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..config import ExperimentConfig
 from ..data.fingerprint import fingerprint
-from ..report import is_per_context_key, write_results
+from ..report import is_per_context_key, write_deployment, write_results
 from ..tasks.base import Task
 from ..tickets import Log, quiet
 from ..training import SILENT, ProgressSink
@@ -22,7 +22,7 @@ from .directory import RunDirectory, run_identity
 from .experiment import Experiment
 
 Row = dict[str, Any]
-_NOT_AVERAGED = ("experiment", "method", "sparsity", "image", "train_seconds")
+_NOT_AVERAGED = ("experiment", "method", "sparsity", "image", "train_seconds", "routing", "error_rate")
 
 
 class ImageSetExperiment:
@@ -61,30 +61,36 @@ class ImageSetExperiment:
 
     def _run_all(self) -> list[Row]:
         records: list[Row] = []
+        deployment: list[Row] = []
         for part in self.parts:
             self.log(f"image {part.run.path.name}")
             records += part.run_all()
+            deployment += part.deployment
         records += mean_over_parts(records)
+        deployment += mean_over_parts(deployment)
         self.summary = rtl_wins(records)
         write_results(self.run.path, records, self.config, summary=self.summary,
                       columns=["image", "psnr", "parameters", "storage_bytes"] if any("psnr" in r for r in records)
                       else None)
+        write_deployment(self.run.path, deployment, records, self.config)
         return records
 
 
 def mean_over_parts(records: Sequence[Row]) -> list[Row]:
-    """One ``image: "mean"`` row per (method, sparsity): the mean of every numeric metric shared by its parts.
+    """One ``image: "mean"`` row per (method, sparsity) -- and routing, for deployment rows: the mean of
+    every numeric metric shared by its parts.
 
     Per-context metrics are left out: contexts (regions) differ from part to part.
     """
-    groups: dict[tuple[str, float], list[Row]] = {}
+    groups: dict[tuple[Any, ...], list[Row]] = {}
     for r in records:
-        groups.setdefault((r["method"], r["sparsity"]), []).append(r)
+        groups.setdefault((r["method"], r["sparsity"], r.get("routing"), r.get("error_rate")), []).append(r)
     rows = []
-    for (method, level), rs in groups.items():
+    for (method, level, routing, rate), rs in groups.items():
         keys = [k for k in rs[0] if k not in _NOT_AVERAGED and not is_per_context_key(k)
                 and all(isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool) for r in rs)]
         row: Row = {"experiment": rs[0]["experiment"], "method": method, "sparsity": level, "image": "mean"}
+        row.update({k: v for k, v in (("routing", routing), ("error_rate", rate)) if v is not None})
         for k in keys:
             mean = sum(r[k] for r in rs) / len(rs)
             row[k] = round(mean) if all(isinstance(r[k], int) for r in rs) else mean

@@ -33,7 +33,16 @@ class Task(Protocol):
     Required: the attributes and methods below. Optional capabilities, used when present:
     ``write_figures(outputs) -> list[Path]`` (figures from the examples kept while scoring),
     ``partition`` (a ``contexts.partitions.Partition`` the contexts come from) and
-    ``context_members`` (the class names in each context). The runner builds the model under a
+    ``context_members`` (the class names in each context).
+
+    Deployment without an oracle (``run.deploy``), also optional: ``context_examples(split) ->
+    (inputs, contexts)`` for ``"train"`` and ``"test"`` (and ``"calibration"``, held out of the
+    training data, for detectors to calibrate), a ``chosen=`` argument to ``score_routed`` (one
+    context per test input, from a router or with injected errors; ``chosen`` equal to the true
+    contexts must score exactly as oracle routing), ``routers`` (the strategies that apply, default
+    ``("learned",)``), ``context_is_label`` (True: a wrong context is a wrong answer, no error
+    injection), ``router_features(inputs)`` (what a learned router sees) and
+    ``detector_scores(predict, split)`` ((N, K) one-vs-rest logits, for calibration). The runner builds the model under a
     seeded generator state (``build_model`` must not seed anything itself) and hands every
     scorer the directory where it may keep example outputs.
     """

@@ -54,7 +54,12 @@ class ClassificationTask:
     model_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"width": 0.5} for GhostNet
     context_members: list[list[str]] | None = None  # class names of each context when contexts group classes
     partition: Any = None  # the contexts.Partition the grouping came from, saved beside the results
+    calibration_set: LabelledDataset | None = None  # held out of the training data to calibrate the detectors
     shared_epoch_factor = 2  # a detector epoch shows each sample ~twice: the classifier trains twice as long
+    # The context is the label: oracle routing hands the answer in, so an inferred router *is* a K-way
+    # classifier (scored as one) and sending inputs to a wrong context on purpose measures nothing.
+    context_is_label = True
+    routers = ("detectors", "entropy", "learned")
 
     def __post_init__(self) -> None:
         num_classes = len(self.train_set.class_names)
@@ -72,6 +77,7 @@ class ClassificationTask:
             raise ValueError(f"negative_ratio must be > 0; got {self.negative_ratio}")
         self.train_context = lookup[self.train_set.labels]
         self.test_context = lookup[self.test_set.labels]
+        self.calibration_context = None if self.calibration_set is None else lookup[self.calibration_set.labels]
         sizes = torch.bincount(self.train_context, minlength=self.num_contexts)
         empty = [self.context_names[k] for k in range(self.num_contexts) if sizes[k] == 0]
         if empty:
@@ -90,7 +96,8 @@ class ClassificationTask:
     def data_fingerprint(self) -> str:
         """The examples, the context map and how they are served (batching, negatives, the model asked for)."""
         model = self.model if isinstance(self.model, str) else f"{self.model.__module__}.{self.model.__qualname__}"
-        return fingerprint([(d.inputs, d.labels, list(d.class_names)) for d in (self.train_set, self.test_set)],
+        splits = [d for d in (self.train_set, self.test_set, self.calibration_set) if d is not None]
+        return fingerprint([(d.inputs, d.labels, list(d.class_names)) for d in splits],
                            list(self.context_of_class), list(self.context_names),
                            [self.batch_size, self.negative_ratio, model, dict(self.model_options)])
 
@@ -121,8 +128,33 @@ class ClassificationTask:
     def score_shared(self, predict: SharedPredict, label: str = "", outputs: Path | None = None) -> list[Row]:
         return [self.score_classifier(self.logits(predict))]
 
-    def score_routed(self, predict: RoutedPredict, label: str = "", outputs: Path | None = None) -> list[Row]:
-        return [self.score_detectors([self.logits(lambda x: predict(k, x))[:, k] for k in range(self.num_contexts)])]
+    def score_routed(self, predict: RoutedPredict, label: str = "", outputs: Path | None = None,
+                     chosen: torch.Tensor | None = None) -> list[Row]:
+        """The paper's scoring -- every detector on every test input -- or, given ``chosen`` (a context
+        per test input from a router), the router's answer scored as a K-way classifier."""
+        if chosen is not None:
+            return [self.score_predictions(chosen)]
+        return [self.score_detectors(self.detector_scores(predict, "test").unbind(1))]
+
+    # -- deployment without an oracle (router.py, calibration.py) -----------------------------
+    def context_examples(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and true contexts of ``split``: ``train``, ``test`` or ``calibration``."""
+        if split == "train":
+            return self.train_set.inputs, self.train_context
+        if split == "test":
+            return self.test_set.inputs, self.test_context
+        if split == "calibration":
+            if self.calibration_set is None or self.calibration_context is None:
+                raise DataError("no calibration split: set data.calibration to a fraction of the training data "
+                                "to hold out (e.g. 0.1)")
+            return self.calibration_set.inputs, self.calibration_context
+        raise ValueError(f"split must be train, test or calibration; got {split!r}")
+
+    @torch.no_grad()
+    def detector_scores(self, predict: RoutedPredict, split: str = "test") -> torch.Tensor:
+        """(N, K) detector logits on ``split``: column k is subnetwork k's own output k."""
+        inputs, _ = self.context_examples(split)
+        return torch.stack([self.logits(lambda x: predict(k, x), inputs)[:, k] for k in range(self.num_contexts)], 1)
 
     # -- what each subnetwork trains on -----------------------------------------------------
     def classifier_stream(self) -> Stream:
@@ -160,9 +192,11 @@ class ClassificationTask:
 
     # -- scoring ----------------------------------------------------------------------------
     @torch.no_grad()
-    def logits(self, predict: SharedPredict) -> torch.Tensor:
-        """K logits for every test example, computed in evaluation batches (``predict`` moves them to its device)."""
-        chunks = [predict(x).float().cpu() for x in self.test_set.inputs.split(self.eval_batch_size)]
+    def logits(self, predict: SharedPredict, inputs: torch.Tensor | None = None) -> torch.Tensor:
+        """K logits for every test example (or row of ``inputs``), computed in evaluation batches
+        (``predict`` moves them to its device)."""
+        inputs = self.test_set.inputs if inputs is None else inputs
+        chunks = [predict(x).float().cpu() for x in inputs.split(self.eval_batch_size)]
         bad = [tuple(c.shape) for c in chunks if c.ndim != 2 or c.shape[1] != self.num_contexts]
         if bad:
             raise ValueError(f"the model must return (batch, {self.num_contexts}) logits, one per context; got {bad[0]}")
@@ -170,7 +204,11 @@ class ClassificationTask:
 
     def score_classifier(self, logits: torch.Tensor) -> dict[str, float]:
         """One-vs-rest metrics of a K-way classifier from its confusion matrix, macro-averaged."""
-        cm = confusion_matrix(logits.argmax(dim=1), self.test_context, self.num_contexts)
+        return self.score_predictions(logits.argmax(dim=1))
+
+    def score_predictions(self, predicted: torch.Tensor) -> dict[str, float]:
+        """One-vs-rest metrics of a K-way answer per test example (a classifier's, or a router's)."""
+        cm = confusion_matrix(torch.as_tensor(predicted).long().cpu(), self.test_context, self.num_contexts)
         return _with_per_context(one_vs_rest_from_confusion(cm))
 
     def score_detectors(self, detector_logits: Sequence[torch.Tensor]) -> dict[str, float]:

@@ -109,6 +109,11 @@ class InrTask:
     octaves: int = 8
     embed_dim: int = 16  # the single-mask baseline's region embedding
     shared_epoch_factor = 1  # every pixel is seen once per epoch by both the shared and the region streams
+    # A pixel's region is part of its input (the region map, column 2 of ``inputs``): routing needs no
+    # router, and inferred routing is oracle routing. Routing errors are still measured.
+    context_is_label = False
+    context_from_input = True
+    routers: tuple[str, ...] = ()
     coords: torch.Tensor = field(init=False, repr=False)
     region_ids: torch.Tensor = field(init=False, repr=False)
     inputs: torch.Tensor = field(init=False, repr=False)
@@ -173,8 +178,16 @@ class InrTask:
                      outputs: Path | None = None) -> list[dict]:
         return self._score(self.reconstruct(lambda k, x: predict(x)), label, outputs)
 
-    def score_routed(self, predict: PredictRegion, label: str = "", outputs: Path | None = None) -> list[dict]:
-        return self._score(self.reconstruct(predict), label, outputs)
+    def score_routed(self, predict: PredictRegion, label: str = "", outputs: Path | None = None,
+                     chosen: torch.Tensor | None = None) -> list[dict]:
+        """PSNR with every pixel reconstructed by its region's subnetwork, or by ``chosen[i]``'s."""
+        return self._score(self.reconstruct(predict, chosen=chosen), label, outputs)
+
+    def context_examples(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every pixel's inputs and region (an INR's training and test pixels are the same)."""
+        if split not in ("train", "test"):
+            raise ValueError(f"an INR has train and test pixels only (the same); got split {split!r}")
+        return self.inputs, self.region_ids
 
     def _score(self, reconstruction: torch.Tensor, label: str, outputs: Path | None) -> list[dict]:
         if outputs is not None and label:
@@ -234,16 +247,21 @@ class InrTask:
     # -- evaluation ---------------------------------------------------------------------------------
     @torch.no_grad()
     def reconstruct(self, predict_region: PredictRegion, clamp: bool = True,
-                    device: torch.device | str = "cpu") -> torch.Tensor:
+                    device: torch.device | str = "cpu", chosen: torch.Tensor | None = None) -> torch.Tensor:
         """The image ``(H, W, 3)`` with every pixel predicted exactly once, by its own region's predictor.
 
         ``predict_region(k, inputs)`` gets only region ``k``'s input rows (``(n, 3)``, see the
         module docstring) in chunks of ``eval_batch_size``: for RTL, ``lambda k, x:
         routed.subnetwork(x, k)``; for a single network, ``lambda k, x: net(x)``. Colours are
         clamped to [0, 1] when ``clamp`` (the image's range: clamping can only lower the error).
+        ``chosen`` (one region id per pixel) sends pixel i to ``chosen[i]``'s predictor instead of its
+        own region's (a router's choice, or injected routing errors).
         """
+        groups = self.region_index if chosen is None else _groups(chosen, self.num_contexts, self.num_pixels)
         out = torch.full((self.num_pixels, 3), math.nan)
-        for k, index in enumerate(self.region_index):
+        for k, index in enumerate(groups):
+            if not len(index):
+                continue
             for rows in index.split(self.eval_batch_size):
                 y = predict_region(k, self.inputs[rows].to(device))
                 if tuple(y.shape) != (len(rows), 3):
@@ -267,6 +285,14 @@ class InrTask:
         """PSNR (dB) over each region's pixels, by region id."""
         rec = self._as_flat(reconstruction)
         return [psnr(rec[i], self.targets[i]) for i in self.region_index]
+
+
+def _groups(chosen: torch.Tensor, num_contexts: int, rows: int) -> list[torch.Tensor]:
+    """Row indices per context of a routing ``chosen`` (one id per row), checked."""
+    chosen = torch.as_tensor(chosen).long().cpu()
+    if chosen.shape != (rows,) or (rows and not 0 <= int(chosen.min()) <= int(chosen.max()) < num_contexts):
+        raise ValueError(f"chosen must be {rows} context ids in 0..{num_contexts - 1}; got shape {tuple(chosen.shape)}")
+    return [(chosen == k).nonzero(as_tuple=True)[0] for k in range(num_contexts)]
 
 
 def save_grid(

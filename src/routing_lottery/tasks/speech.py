@@ -36,6 +36,7 @@ from ..data.speech import SpeechDataset, SpeechSplit
 from ..data.fingerprint import fingerprint
 from ..io import atomic_write_bytes
 from ..report import method_rank
+from ..router import spectrum_features
 from ..models.unet import MaskActivation, SpeechUNet
 from ..training import Batch, Stream
 from .base import RoutedPredict, Row, SharedPredict
@@ -69,6 +70,8 @@ class SpeechTask:
     # An environment's epoch shows each of its clips once, and so does an epoch of all data: the
     # shared stream needs no more epochs than the context streams for the same exposure per clip.
     shared_epoch_factor = 1
+    context_is_label = False  # the context (the environment) is not the output: routing errors cost quality
+    routers = ("learned",)  # the environment is inferred from the noisy input's spectrum (router_features)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.eval_batch_size < 1:
@@ -115,11 +118,14 @@ class SpeechTask:
     def score_shared(self, predict: SharedPredict, label: str = "", outputs: Path | None = None) -> list[Row]:
         return self._score(lambda k, noisy: predict(noisy), label, outputs)
 
-    def score_routed(self, predict: RoutedPredict, label: str = "", outputs: Path | None = None) -> list[Row]:
-        return self._score(predict, label, outputs)
+    def score_routed(self, predict: RoutedPredict, label: str = "", outputs: Path | None = None,
+                     chosen: torch.Tensor | None = None) -> list[Row]:
+        """SI-SNRi with every clip enhanced by its environment's subnetwork, or by ``chosen[i]``'s."""
+        return self._score(predict, label, outputs, chosen)
 
-    def _score(self, predict: RoutedPredict, label: str, outputs: Path | None) -> list[Row]:
-        enhanced = self.enhance(predict)
+    def _score(self, predict: RoutedPredict, label: str, outputs: Path | None,
+               chosen: torch.Tensor | None = None) -> list[Row]:
+        enhanced = self.enhance(predict, chosen=chosen)
         if outputs is not None and label:
             self._keep_examples(outputs / f"{label}.npz", enhanced)
         return environment_rows(enhanced, self.data.test)
@@ -195,6 +201,16 @@ class SpeechTask:
 
         return Stream(name, epoch, speech_loss, -(-len(index) // size))
 
+    # -- deployment without an oracle (router.py) ----------------------------------------------
+    def context_examples(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noisy clips and their environments of ``split`` (train or test)."""
+        clips = self.data.split(split)
+        return clips.noisy, clips.environment
+
+    # What a learned router sees of a clip: its log power per frequency bin, averaged over time (an
+    # acoustic environment is a noise spectrum; the waveform's phase says nothing of it).
+    router_features = staticmethod(spectrum_features)
+
     def _check_environment(self, k: int) -> None:
         if not 0 <= k < self.num_contexts:
             raise ValueError(f"environment id {k} is outside 0..{self.num_contexts - 1}")
@@ -202,12 +218,19 @@ class SpeechTask:
     # -- scoring ---------------------------------------------------------------------------
     @torch.no_grad()
     def enhance(self, predict_env: PredictEnvironment, split: str = "test",
-                device: torch.device | str = "cpu") -> torch.Tensor:
-        """Enhanced waveforms ``(N, T)`` for every clip of ``split``, each routed by its environment."""
+                device: torch.device | str = "cpu", chosen: torch.Tensor | None = None) -> torch.Tensor:
+        """Enhanced waveforms ``(N, T)`` for every clip of ``split``, each routed by its environment
+        (or by ``chosen[i]``: a router's choice, or injected routing errors)."""
         clips = self.data.split(split)
+        if chosen is not None:
+            chosen = torch.as_tensor(chosen).long().cpu()
+            if chosen.shape != (len(clips.noisy),) or not 0 <= int(chosen.min()) <= int(chosen.max()) < self.num_contexts:
+                raise ValueError(f"chosen must be {len(clips.noisy)} environment ids in 0..{self.num_contexts - 1}")
         out = torch.empty_like(clips.noisy)
         for k in range(self.num_contexts):
-            rows = clips.indices(k)
+            rows = clips.indices(k) if chosen is None else (chosen == k).nonzero(as_tuple=True)[0]
+            if not len(rows):
+                continue
             for part in rows.split(self.eval_batch_size):
                 enhanced = predict_env(k, clips.noisy[part].to(device)).float().cpu()
                 if enhanced.shape != (len(part), clips.noisy.shape[1]):

@@ -1,0 +1,179 @@
+"""Deployment without an oracle, wired into runs: calibration split, thresholds, routers, routing errors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from routing_lottery import AdaptiveTickets, LearnedRouter, PruningConfig, RTLConfig
+from routing_lottery.calibration import Thresholds, fit_thresholds
+from routing_lottery.cli import app, packaged_config
+from routing_lottery.config import load_config
+from routing_lottery.data.labelled import LabelledDataset, stratified_holdout
+from routing_lottery.data.regions import RegionImage
+from routing_lottery.errors import CheckpointError, ConfigError
+from routing_lottery.masks import MaskSet
+from routing_lottery.router import inject_errors
+from routing_lottery.run import build_tasks, make_runner
+from routing_lottery.run import deploy
+from routing_lottery.tasks.inr import InrTask
+
+TINY = {"data": {"train_per_class": 12, "test_per_class": 6, "image_size": 8, "calibration": 0.25},
+        "model": {"options": {"width": 0.25}}, "pruning": {"sparsities": [0.5], "step": 0.5},
+        "training": {"imp_epochs": 1, "epochs": 1, "batch_size": 32},
+        "methods": ["single_imp", "multi_imp", "rtl"]}
+
+
+def tiny_config(**changes):
+    return load_config(packaged_config("digits"), "smoke", {**TINY, **changes})
+
+
+# -- the calibration split ------------------------------------------------------------------------
+def test_holdout_is_stratified_disjoint_and_keeps_every_class():
+    labels = torch.tensor([0] * 10 + [1] * 4 + [2] * 1)
+    data = LabelledDataset(torch.arange(15.0)[:, None], labels, ("a", "b", "c"))
+    kept, held = stratified_holdout(data, 0.2, seed=0)
+    assert torch.bincount(held.labels, minlength=3).tolist() == [2, 1, 0]  # a single example is never held out
+    assert set(kept.inputs[:, 0].tolist()).isdisjoint(held.inputs[:, 0].tolist())
+    assert len(kept) + len(held) == 15 and set(kept.labels.tolist()) == {0, 1, 2}
+    assert torch.equal(stratified_holdout(data, 0.2, seed=0)[1].inputs, held.inputs)
+    assert len(stratified_holdout(data, 0.0, seed=0)[1]) == 0
+
+
+def test_the_calibration_split_is_neither_trained_on_nor_tested_on():
+    task = build_tasks(tiny_config())[0]
+    cal, _ = task.context_examples("calibration")
+    rows = {tuple(r.flatten().tolist()) for r in cal}
+    for split in ("train", "test"):
+        inputs, _ = task.context_examples(split)
+        assert rows.isdisjoint(tuple(r.flatten().tolist()) for r in inputs)
+    assert len(cal) == 10 * 3  # 25 % of 12 per class
+    with pytest.raises(ValueError, match="data.calibration"):
+        build_tasks(tiny_config(data={**TINY["data"], "calibration": 0.0}))[0].context_examples("calibration")
+
+
+def test_thresholds_are_fitted_on_calibration_scores_only(monkeypatch):
+    task = build_tasks(tiny_config(deploy={"calibration": "f1"}))[0]
+    seen = []
+    real = deploy.fit_thresholds
+
+    def spy(scores, contexts, *args, **kwargs):
+        seen.append((torch.as_tensor(scores).shape[0], torch.as_tensor(contexts).clone()))
+        return real(scores, contexts, *args, **kwargs)
+
+    monkeypatch.setattr(deploy, "fit_thresholds", spy)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    thresholds, _, _ = deploy.fit_run_thresholds(tiny_config(deploy={"calibration": "f1"}), task,
+                                                 lambda k, x: model(x))
+    (n, contexts), = seen
+    assert n == len(task.context_examples("calibration")[1]) != len(task.context_examples("test")[1])
+    assert torch.equal(contexts, task.context_examples("calibration")[1])
+    assert thresholds.num_contexts == 10
+
+
+def test_deploy_settings_are_validated_before_anything_runs():
+    for bad in ({"routers": ["oracle"]}, {"error_rates": [0.0]}, {"calibration": "accuracy"},
+                {"target_precision": 1.5}, {"delta": 1.0}, {"rule": "vote"}):
+        with pytest.raises(ConfigError, match="deploy"):
+            tiny_config(deploy=bad)
+    with pytest.raises(ConfigError, match="data.calibration"):
+        tiny_config(data={**TINY["data"], "calibration": 1.0})
+
+
+# -- thresholds and router travel with the tickets ------------------------------------------------
+def test_thresholds_and_router_round_trip_with_the_tickets(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    tickets = AdaptiveTickets(model, RTLConfig(pruning=PruningConfig(sparsities=(0.5,))))
+    masks = MaskSet.from_tickets([{n: (torch.rand(p.shape) > 0.5) for n, p in model.named_parameters()
+                                   if n in tickets.prunable} for _ in range(3)], ["a", "b", "c"])
+    tickets.masks, tickets.level = masks, 0.5
+    scores, contexts = torch.randn(60, 3), torch.arange(60) % 3
+    scores[torch.arange(60), contexts] += 2
+    tickets.thresholds = fit_thresholds(scores, contexts, "precision", target_precision=0.7)
+    x = torch.randn(90, 4) + 3 * torch.nn.functional.one_hot(torch.arange(90) % 3, 4).float()
+    tickets.router = LearnedRouter.fit(x, torch.arange(90) % 3, 3, seed=0)
+    tickets.save(tmp_path / "t")
+    loaded = AdaptiveTickets.load(tmp_path / "t", model)
+    assert loaded.thresholds == tickets.thresholds
+    assert torch.equal(loaded.router.logits(x), tickets.router.logits(x))
+    routed = loaded.routed
+    assert torch.equal(routed(x), routed(x, tickets.router.route(x)))  # no context: the saved router chooses
+
+    index = json.loads((tmp_path / "t" / "tickets.json").read_text())
+    assert Thresholds.from_dict(index["metadata"]["thresholds"]) == tickets.thresholds
+
+
+# -- routing errors -----------------------------------------------------------------------------
+def _inr_task() -> InrTask:
+    h, w = 6, 9
+    regions = np.zeros((h, w), dtype=np.int64)
+    regions[: h // 2, w // 3:] = 1
+    regions[h // 2:, w // 3:] = 2
+    pixels = np.random.default_rng(0).random((h, w, 3)).astype(np.float32)
+    return InrTask(RegionImage("toy", pixels, regions, ("left", "top right", "bottom right")), eval_batch_size=7)
+
+
+def test_zero_routing_errors_equal_oracle_routing_exactly_and_errors_cost():
+    task = _inr_task()
+    _, true = task.context_examples("test")
+    centers = torch.stack([task.targets[task.region_ids == k].mean(0) for k in range(3)])
+
+    def predict(k, x):  # region k's best constant colour, plus a little of the input so batches matter
+        return centers[k] + 1e-3 * x[:, :1]
+
+    oracle = task.score_routed(predict)
+    zero = task.score_routed(predict, chosen=inject_errors(true, 0.0, 3, torch.Generator().manual_seed(0)))
+    assert zero == oracle
+    worse = [task.score_routed(predict, chosen=inject_errors(true, f, 3, torch.Generator().manual_seed(0)))[0]["psnr"]
+             for f in (0.25, 0.5, 1.0)]
+    assert oracle[0]["psnr"] > worse[0] and worse[-1] < worse[0]
+
+
+def test_a_run_records_deployment_rows_beside_the_oracle_and_calibrate_refits(tmp_path):
+    config = tiny_config(deploy={"calibration": "precision", "target_precision": 0.6, "routers": ["detectors", "learned"]})
+    records = make_runner(config, tmp_path).run_all()
+    assert all("routing" not in r for r in records)  # the results table holds oracle rows only
+    rows = json.loads((tmp_path / "deployment.json").read_text())
+    kinds = {(r["method"], r["routing"]) for r in rows}
+    assert kinds == {("rtl", "calibrated"), ("rtl", "detectors"), ("rtl", "learned"), ("multi_imp", "learned")}
+    assert not any(r["routing"] == "errors" for r in rows)  # the context is the label: no error injection
+    learned = {r["method"]: r for r in rows if r["routing"] == "learned"}
+    assert learned["rtl"]["balanced_accuracy"] == learned["multi_imp"]["balanced_accuracy"]  # same router
+    assert all(0 <= r["routing_accuracy"] <= 1 for r in rows if "routing_accuracy" in r)
+    assert (tmp_path / "routing" / "rtl_0.5000_detectors.png").stat().st_size > 1000
+    assert (tmp_path / "calibration" / "rtl_0.5000.png").stat().st_size > 1000
+    assert "calibrated" in (tmp_path / "deployment.md").read_text()
+    saved = AdaptiveTickets.load(tmp_path / "checkpoints" / "rtl_0.5000", make_runner(config, tmp_path).model)
+    assert saved.thresholds is not None and saved.thresholds.objective == "precision"
+    assert saved.router is not None
+
+    result = CliRunner().invoke(app, ["calibrate", str(tmp_path), "--objective", "balanced_accuracy"])
+    assert result.exit_code == 0, result.output
+    refit = AdaptiveTickets.load(tmp_path / "checkpoints" / "rtl_0.5000", make_runner(config, tmp_path).model)
+    assert refit.thresholds.objective == "balanced_accuracy"
+    assert torch.equal(refit.masks.stacked[refit.masks.tensor_names[0]], saved.masks.stacked[saved.masks.tensor_names[0]])
+    table = json.loads((tmp_path / "calibration.json").read_text())
+    assert [r["routing"] for r in table] == ["logit 0", "calibrated"]
+    result = CliRunner().invoke(app, ["calibrate", str(tmp_path), "--objective", "recall"])
+    assert result.exit_code != 0 and "deploy.calibration" in result.output
+
+
+def test_calibrate_refuses_a_run_without_a_calibration_split(tmp_path):
+    config = tiny_config(data={**TINY["data"], "calibration": 0.0}, methods=["rtl"])
+    make_runner(config, tmp_path).run_all()
+    result = CliRunner().invoke(app, ["calibrate", str(tmp_path)])
+    assert result.exit_code != 0 and "data.calibration" in result.output
+
+
+def test_a_corrupt_saved_router_is_a_checkpoint_error(tmp_path):
+    x = torch.randn(30, 4)
+    router = LearnedRouter.fit(x, torch.arange(30) % 3, 3, seed=0)
+    router.save(tmp_path)
+    blob = bytearray((tmp_path / "router.safetensors").read_bytes())
+    blob[-1] ^= 1
+    (tmp_path / "router.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(CheckpointError, match="router.safetensors"):
+        LearnedRouter.load(tmp_path)
