@@ -177,3 +177,17 @@ def test_a_corrupt_saved_router_is_a_checkpoint_error(tmp_path):
     (tmp_path / "router.safetensors").write_bytes(bytes(blob))
     with pytest.raises(CheckpointError, match="router.safetensors"):
         LearnedRouter.load(tmp_path)
+
+
+def test_changing_deploy_settings_keeps_the_run_and_recomputes_only_routed_records(tmp_path):
+    config = tiny_config(methods=["single_imp", "rtl"], deploy={"routers": ["detectors"]})
+    make_runner(config, tmp_path).run_all()
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "records").glob("*.json")}
+    rounds = {p: p.stat().st_mtime_ns for p in (tmp_path / "imp").rglob("*.safetensors")}
+    make_runner(config.replace(deploy={"routers": ["learned"]}), tmp_path).run_all()  # not another run: resumes
+    after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "records").glob("*.json")}
+    assert all(p.stat().st_mtime_ns == t for p, t in rounds.items())
+    changed = {name for name in stamps if after[name] != stamps[name]}
+    assert changed and all(name.startswith("rtl") for name in changed)
+    rows = json.loads((tmp_path / "deployment.json").read_text())
+    assert {r["routing"] for r in rows} == {"calibrated", "learned"}
