@@ -77,6 +77,8 @@ def test_run_writes_every_method_and_level(finished_run, tmp_path):
     assert (run_path / "results.md").read_text().count("| RTL |") == 2
     assert "_context_" not in (run_path / "results.md").read_text()  # per-context breakdowns: JSON and CSV only
     assert "balanced_accuracy_context_9" in (run_path / "results.csv").read_text().splitlines()[0]
+    environment = json.loads((run_path / "environment.json").read_text())
+    assert environment["torch"] == torch.__version__ and environment["threads"] == torch.get_num_threads()
     # the RTL checkpoint loads back into a fresh model with masks at the target sparsity
     experiment = make_runner(config, tmp_path / "other")
     masks, meta = load_tickets(run_path / "checkpoints" / "rtl_0.6000", experiment.model)

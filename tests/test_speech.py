@@ -387,3 +387,16 @@ def test_check_task_passes_the_speech_task(tiny: speech_data.SpeechDataset, one_
     from routing_lottery import check_task
 
     check_task(SpeechTask(tiny, n_fft=256, hop_length=64))
+
+
+def test_routing_each_clip_by_its_own_environment_is_oracle_routing_exactly(tiny: speech_data.SpeechDataset) -> None:
+    task = SpeechTask(tiny, eval_batch_size=2)
+    weights = torch.linspace(0.5, 1.0, tiny.test.noisy.shape[1])
+
+    def predict(k: int, noisy: torch.Tensor) -> torch.Tensor:  # per-environment gain: the choice matters
+        return noisy * weights * (k + 1) / 3
+
+    _, environments = task.context_examples("test")
+    assert task.score_routed(predict, chosen=environments.clone()) == task.score_routed(predict)
+    wrong = (environments + 1) % task.num_contexts
+    assert task.score_routed(predict, chosen=wrong) != task.score_routed(predict)

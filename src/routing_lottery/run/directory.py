@@ -6,6 +6,8 @@ Layout::
                                     identity differs is refused, naming the settings that differ
     .lock, .lock.owner              held by the process running in the directory (pid, host, since)
     config.yaml                     the resolved config of the latest invocation (for people)
+    environment.json                library versions, thread count and device of the latest invocation
+    deployment.{json,md,png}        the methods without an oracle (``run.deploy``); routing/, calibration/ figures
     theta0.safetensors              the shared initialization θ₀ (rewind.safetensors when rewinding to θ_j)
     imp/<stream>/round_NNN.safetensors   the bit-packed mask after every IMP round, its pruned count, a checksum
     train/<method>_<level>.pt       joint-retraining state after the last finished epoch
@@ -50,6 +52,19 @@ from ..training import State
 IDENTITY_FILE = "identity.json"
 LOCK_FILE, LOCK_OWNER_FILE = ".lock", ".lock.owner"
 IDENTITY_VERSION = 4  # 1: config.yaml alone; 2: without the model and θ₀; 3: before data.calibration
+
+
+def software_environment(device: torch.device) -> dict[str, Any]:
+    """What besides the config decides a run's figures to the last bit: library versions, the thread
+    count and the device (float reductions run in another order on another count or device)."""
+    import platform
+
+    import numpy
+    import sklearn
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
+            "scikit-learn": sklearn.__version__, "threads": torch.get_num_threads(), "device": str(device),
+            "machine": platform.machine(), "system": platform.system()}
 
 
 def run_identity(config: ExperimentConfig, data_fingerprint: str, task: object | None = None,

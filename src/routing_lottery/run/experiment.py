@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..config import ExperimentConfig
-from ..io import atomic_write_text
+from ..io import atomic_write_json, atomic_write_text
 from ..data.fingerprint import fingerprint
 from ..errors import ConfigError
 from ..masks import Mask, MaskSet
@@ -25,7 +25,7 @@ from ..report import write_deployment, write_results
 from ..tasks.base import Task
 from ..tickets import AdaptiveTickets, Log, quiet
 from ..training import SILENT, ProgressSink, derive_seed
-from .directory import RunDirectory, resolve_device, run_identity
+from .directory import RunDirectory, resolve_device, run_identity, software_environment
 
 
 def seeded_models(task: Task, seed: int) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -58,6 +58,8 @@ class Experiment:
             shared, config, store=self.run, name="shared", progress=progress, log=log)
         self.check_partition()
         self.run.claim(run_identity(config, task.data_fingerprint(), task, model), config)
+        # Not part of the identity (a run may move between machines), but what its figures depend on.
+        atomic_write_json(self.run.path / "environment.json", software_environment(self.device))
         self.classifier = task.shared_stream()
         self.detectors = [task.context_stream(k) for k in range(self.num_contexts)]
         self.factor = task.shared_epoch_factor
@@ -65,6 +67,7 @@ class Experiment:
         self._single: list[Mask] | None = None
         self._contexts: dict[float, MaskSet] | None = None
         self.deployment: list[Row] = []  # rows without an oracle (run.deploy), apart from the results
+        self._learned_router: Any = None  # fitted once per run by run.deploy.learned_router
 
     @property
     def num_contexts(self) -> int:
