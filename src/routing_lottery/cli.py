@@ -162,6 +162,8 @@ def execute(config_path: Path, out: Path, scale: Optional[str], overrides: dict[
     print_table(records, title=f"{config.name} (written to {out})")
     if getattr(experiment, "summary", ""):
         console.print(experiment.summary)
+    if (out / "deployment.md").exists():
+        console.print(f"without an oracle (routers, routing errors, calibrated detectors): {out / 'deployment.md'}")
 
 
 HEADERS = {"balanced_accuracy": "bal. acc.", "precision": "prec.", "parameters": "params",
