@@ -191,3 +191,12 @@ def test_changing_deploy_settings_keeps_the_run_and_recomputes_only_routed_recor
     assert changed and all(name.startswith("rtl") for name in changed)
     rows = json.loads((tmp_path / "deployment.json").read_text())
     assert {r["routing"] for r in rows} == {"calibrated", "learned"}
+
+
+def test_routing_in_batches_equals_routing_at_once_for_tuple_inputs():
+    x = (torch.randn(40, 3), torch.randn(40, 2))
+    contexts = torch.arange(40) % 2
+    x[0][contexts == 1] += 4
+    router = LearnedRouter.fit(x, contexts, 2, seed=0)
+    chosen = deploy._choose(router, None, x, torch.device("cpu"), batch=7)
+    assert torch.equal(chosen, router.route(x)) and (chosen == contexts).float().mean() >= 0.95

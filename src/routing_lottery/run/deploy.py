@@ -75,9 +75,13 @@ def _routers(run: Experiment, routed: RoutedModel | None, thresholds: Thresholds
     return routers
 
 
-def _choose(router: Any, routed: RoutedModel | None, inputs: torch.Tensor, device: torch.device,
+def _choose(router: Any, routed: RoutedModel | None, inputs: Any, device: torch.device,
             batch: int) -> torch.Tensor:
-    chosen = [router(routed, x.to(device)).cpu() for x in inputs.split(batch)]
+    parts = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)  # multi-input models: a tuple
+    chosen = []
+    for start in range(0, len(parts[0]), batch):
+        x = tuple(p[start:start + batch].to(device) for p in parts)
+        chosen.append(router(routed, x if len(x) > 1 else x[0]).cpu())
     return torch.cat(chosen).long()
 
 
