@@ -19,8 +19,23 @@ from torch.func import functional_call, vmap
 
 from .masks import Mask, MaskSet
 
-if TYPE_CHECKING:  # for annotations only: router.py imports RoutedModel the same way, so there is no import cycle
+if TYPE_CHECKING:  # for annotations only: router.py imports this module at run time, so no import cycle
     from .router import Router
+
+Inputs = torch.Tensor | tuple[torch.Tensor, ...]
+"""A model's inputs: one tensor, or several (token ids and a padding mask, say) passed as ``model(*x)``."""
+
+
+def as_tuple(x: Inputs | list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """The input tensors of a batch as a tuple (a list is accepted too: torch's default collate turns a
+    sample's tuple of inputs into one)."""
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def lacks_batching_rule(err: RuntimeError) -> bool:
+    """Whether ``err`` is vmap meeting an op it cannot batch (recurrent layers, some custom kernels),
+    where running one item at a time still works -- unlike out-of-memory and other errors."""
+    return "atching rule" in str(err)
 
 
 def masked_forward(model: nn.Module, mask: Mapping[str, torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
@@ -110,7 +125,11 @@ class RoutedModel(nn.Module):
     def mask(self, k: int | str) -> Mask:
         """Float mask of context ``k`` (an index or a name; on the model's device)."""
         k = self.masks.check_context(k)
-        return {name: getattr(self, f"mask_{i}")[k] for i, name in enumerate(self.masks.tensor_names)}
+        return {name: stacked[k] for name, stacked in self.stacked_masks().items()}
+
+    def stacked_masks(self) -> dict[str, torch.Tensor]:
+        """Masked tensor name -> its K float masks stacked ``(K, *shape)``, on the model's device."""
+        return {name: getattr(self, f"mask_{i}") for i, name in enumerate(self.masks.tensor_names)}
 
     def subnetwork(self, x: torch.Tensor, k: int | str) -> torch.Tensor:
         """Forward a batch whose rows all belong to context ``k``."""
@@ -152,7 +171,7 @@ class RoutedModel(nn.Module):
                                  "or set a router that infers them, e.g. routed.router = LearnedRouter.fit(train_x, "
                                  "train_contexts, K), DetectorRouter() or EntropyRouter() (routing_lottery.router)")
             context = self.router(self, x)
-        inputs = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+        inputs = as_tuple(x)
         if isinstance(context, (int, str)) or (isinstance(context, torch.Tensor) and context.dim() == 0):
             return masked_forward(self.model, self.mask(context), *inputs)
         context = self.context_ids(context, inputs[0].shape[0])
@@ -168,7 +187,7 @@ class RoutedModel(nn.Module):
             try:
                 return self._vmapped(inputs[0], context.to(inputs[0].device), counts.to(inputs[0].device))
             except RuntimeError as err:
-                if "atching rule" not in str(err):  # out of memory and the like: not vmap's limits
+                if not lacks_batching_rule(err):
                     raise
                 # An op without a vmap batching rule (recurrent layers, some custom kernels): run the
                 # groups one by one from now on.
@@ -192,7 +211,7 @@ class RoutedModel(nn.Module):
         padded = x.new_zeros((self.num_contexts, int(counts.max()), *x.shape[1:]))
         padded[ctx, slot] = x[order]
         params = dict(self.model.named_parameters())
-        weights = {n: params[n] * getattr(self, f"mask_{i}") for i, n in enumerate(self.masks.tensor_names)}
+        weights = {n: params[n] * m for n, m in self.stacked_masks().items()}
 
         def run(w: dict[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
             return functional_call(self.model, w, (rows,), strict=False)

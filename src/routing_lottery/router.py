@@ -41,13 +41,11 @@ from torch.func import functional_call, grad, vmap
 
 from .errors import CheckpointError, DataError
 from .io import atomic_write_bytes, atomic_write_json, read_json
+from .routed import Inputs, _vmappable_attention, as_tuple, lacks_batching_rule
 
-if TYPE_CHECKING:  # routed.py imports this module's names for its annotations: no import cycle at run time
+if TYPE_CHECKING:
     from .calibration import Thresholds
     from .routed import RoutedModel
-
-Inputs = torch.Tensor | tuple[torch.Tensor, ...]
-"""A batch: one tensor, or a tuple of per-row tensors for multi-input models (as ``RoutedModel`` takes)."""
 
 STRATEGIES = ("detectors", "entropy", "learned")
 """The routers' names, as they appear in reports."""
@@ -67,10 +65,6 @@ class Router(Protocol):
     def __call__(self, routed: RoutedModel, x: Inputs) -> torch.Tensor:
         """(N,) int64 context ids in ``0..K-1`` for the N rows of ``x``."""
         ...
-
-
-def _as_inputs(x: Inputs) -> tuple[torch.Tensor, ...]:
-    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
 # -- detectors: K forward passes -------------------------------------------------------------------
@@ -130,7 +124,7 @@ class DetectorRouter:
         if self.thresholds is not None and self.thresholds.num_contexts != k_total:
             raise ValueError(f"thresholds are for {self.thresholds.num_contexts} detectors; "
                              f"the routed model has {k_total} contexts")
-        rows = _as_inputs(x)[0].shape[0]
+        rows = as_tuple(x)[0].shape[0]
         columns = []
         for k in range(k_total):
             outputs = routed(x, k)
@@ -146,7 +140,7 @@ class DetectorRouter:
         return torch.stack(columns, dim=1)
 
     def __call__(self, routed: RoutedModel, x: Inputs) -> torch.Tensor:
-        device = _as_inputs(x)[0].device
+        device = as_tuple(x)[0].device
         return self.scores(routed, x).argmax(dim=1).to(device=device, dtype=torch.long)
 
 
@@ -194,17 +188,14 @@ class EntropyRouter:
 
     def gradients(self, routed: RoutedModel, x: Inputs) -> torch.Tensor:
         """(N, K) ``dH_i/dalpha_ik`` at ``alpha = 1/K``: what ``__call__`` takes the argmin of."""
-        from .routed import _vmappable_attention
-
         if routed.training or routed.model.training:
             raise RuntimeError("EntropyRouter needs the routed model in evaluation mode (routed.eval()): one example "
                                "at a time in training mode would use batch-of-one BatchNorm statistics and move the "
                                "shared running statistics")
-        inputs = _as_inputs(x)
+        inputs = as_tuple(x)
         rows, k_total = inputs[0].shape[0], routed.num_contexts
         names = routed.masks.tensor_names
-        per_context = [routed.mask(k) for k in range(k_total)]
-        stacked = {n: torch.stack([m[n] for m in per_context]) for n in names}
+        stacked = routed.stacked_masks()
         params = {n: p.detach() for n, p in routed.model.named_parameters()}
         model = routed.model
         uncertainty = self.uncertainty
@@ -228,21 +219,21 @@ class EntropyRouter:
                         chunks.append(vmap(grad(one_example))(a, xs))
                         continue
                     except RuntimeError as err:
-                        if "atching rule" not in str(err):
+                        if not lacks_batching_rule(err):
                             raise
                         self._vmappable = False  # an op vmap cannot batch: one example at a time from now on
                 chunks.append(torch.stack([grad(one_example)(a[i], tuple(t[i] for t in xs)) for i in range(len(a))]))
         return torch.cat(chunks) if chunks else alpha.new_empty((0, k_total))
 
     def __call__(self, routed: RoutedModel, x: Inputs) -> torch.Tensor:
-        device = _as_inputs(x)[0].device
+        device = as_tuple(x)[0].device
         return self.gradients(routed, x).argmin(dim=1).to(device=device, dtype=torch.long)
 
 
 # -- learned: a classifier of its own ---------------------------------------------------------------
 def flatten_features(x: Inputs) -> torch.Tensor:
     """(N, F) float: each row flattened (for a tuple of per-row tensors, their flattenings side by side)."""
-    parts = _as_inputs(x)
+    parts = as_tuple(x)
     return torch.cat([t.reshape(len(t), -1).float() for t in parts], dim=1)
 
 
@@ -252,7 +243,7 @@ def spectrum_features(x: Inputs, n_fft: int = 1024, hop_length: int = 256) -> to
     For audio contexts (acoustic environments): an environment is a noise spectrum, and a
     waveform's samples (their phase) say nothing a linear router could use.
     """
-    (wave,) = _as_inputs(x)
+    (wave,) = as_tuple(x)
     if wave.dim() != 2:
         raise ValueError(f"spectrum_features expects waveforms (N, T); got shape {tuple(wave.shape)}")
     window = torch.hann_window(n_fft, device=wave.device)

@@ -42,7 +42,7 @@ from .io import CheckpointError, load_tickets, model_fingerprint, save_tickets
 from .masks import Mask, MaskSet, ones_like
 from .pruning import TensorFilter, describe_prunable, levels_reached, prunable_names, pruning_schedule
 from .recipe import RTLConfig
-from .routed import RoutedModel
+from .routed import RoutedModel, as_tuple
 from .training import SILENT, ProgressSink, State, Stream, derive_seed, extract_ticket, joint_retrain, snapshot, train
 
 if TYPE_CHECKING:
@@ -415,7 +415,7 @@ def tensor_stream(name: str, inputs: torch.Tensor | Sequence[torch.Tensor], targ
 
     ``inputs`` is a tensor ``(N, ...)`` or a tuple of them (a model taking several inputs).
     """
-    parts = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    parts = as_tuple(inputs)
     n = len(targets)
     if n == 0:
         raise ValueError(f"context {name!r} has no examples")

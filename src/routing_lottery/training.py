@@ -21,10 +21,7 @@ from torch import nn
 from .errors import ConfigError, DataError
 from .masks import Mask, MaskSet
 from .pruning import Scope, magnitude_prune
-from .routed import masked_forward
-
-Inputs = torch.Tensor | tuple[torch.Tensor, ...]
-"""A model's inputs: one tensor, or several (token ids and a padding mask, say) passed as ``model(*x)``."""
+from .routed import Inputs, as_tuple, masked_forward
 Batch = tuple[Inputs, torch.Tensor]
 State = dict[str, torch.Tensor]
 
@@ -110,20 +107,15 @@ def _float_mask(mask: Mapping[str, torch.Tensor] | None, model: nn.Module) -> di
     return {n: m.to(device=params[n].device, dtype=params[n].dtype) for n, m in (mask or {}).items()}
 
 
-def _as_tuple(x: Inputs | list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    # A list is accepted too: torch's default collate turns a sample's tuple of inputs into one.
-    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
-
-
 def _to_device(batch: Batch, device: torch.device) -> Batch:
     x, y = batch
-    inputs = tuple(t.to(device, non_blocking=True) for t in _as_tuple(x))
+    inputs = tuple(t.to(device, non_blocking=True) for t in as_tuple(x))
     return (inputs if isinstance(x, (tuple, list)) else inputs[0]), y.to(device, non_blocking=True)
 
 
 def _forward(model: nn.Module, fmask: Mapping[str, torch.Tensor], x: Inputs) -> torch.Tensor:
     """The subnetwork ``fmask`` (empty: the dense model) on one input tensor or a tuple of them."""
-    inputs = _as_tuple(x)
+    inputs = as_tuple(x)
     return masked_forward(model, fmask, *inputs) if fmask else model(*inputs)
 
 

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..calibration import Thresholds, decide, detector_metrics, fit_thresholds, plot_precision_recall
-from ..routed import RoutedModel
+from ..routed import RoutedModel, as_tuple
 from ..training import derive_seed, generator
 
 if TYPE_CHECKING:
@@ -77,7 +77,7 @@ def _routers(run: Experiment, routed: RoutedModel | None, thresholds: Thresholds
 
 def _choose(router: Any, routed: RoutedModel | None, inputs: Any, device: torch.device,
             batch: int) -> torch.Tensor:
-    parts = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)  # multi-input models: a tuple
+    parts = as_tuple(inputs)  # multi-input models: a tuple
     chosen = []
     for start in range(0, len(parts[0]), batch):
         x = tuple(p[start:start + batch].to(device) for p in parts)
