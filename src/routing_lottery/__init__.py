@@ -33,6 +33,7 @@ __version__ = "0.2.0"
 
 __all__ = [
     "AdaptiveTickets", "RTLConfig", "PruningConfig", "TrainingConfig", "OptimizerConfig", "Stream", "tensor_stream",
-    "RoutedModel", "DetectorRouter", "EntropyRouter", "LearnedRouter", "MaskSet", "LabelledDataset", "Splits", "ExperimentConfig", "DataConfig", "ModelConfig", "load_config", "run_experiment",
+    "RoutedModel", "DetectorRouter", "EntropyRouter", "LearnedRouter", "MaskSet", "LabelledDataset", "Splits",
+    "ExperimentConfig", "DataConfig", "ModelConfig", "load_config", "run_experiment",
     "make_runner", "check_task", "TaskContractError", "METHODS", "MODELS", "TASKS", "DATASETS",
 ]

@@ -256,11 +256,10 @@ def write_deployment(run_dir: str | Path, rows: Sequence[dict[str, Any]], record
     run_dir = Path(run_dir)
     ordered = sorted_records(sorted(rows, key=_routing_rank))
     atomic_write_json(run_dir / "deployment.json", ordered)
-    shown = aggregate_rows(ordered)
-    metric = primary_metric_key(aggregate_rows(records))
+    shown, oracle = aggregate_rows(ordered), aggregate_rows(records)
+    metric = primary_metric_key(oracle)
     columns = [c for c in DEPLOYMENT_COLUMNS[:2] + ((metric,) if metric else ()) + DEPLOYMENT_COLUMNS[2:]
                if any(c in r for r in shown)]
-    oracle = [{**r, "routing": "oracle"} for r in aggregate_rows(records)]
     figure = plot_routing_errors(records, ordered, run_dir / "deployment.png",
                                  title=f"Routing without an oracle: {getattr(config, 'name', 'experiment')}")
     text = (f"# Without an oracle: {getattr(config, 'name', 'experiment')}\n\n"
@@ -269,8 +268,8 @@ def write_deployment(run_dir: str | Path, rows: Sequence[dict[str, Any]], record
             "wrong context, `calibrated` fits a threshold per detector on the held-out calibration split. "
             "`relative_cost`: wall time of routing and scoring relative to oracle scoring; `routing_passes`: "
             "network forward passes per input spent to choose.\n\n"
-            + markdown_table(sorted_records(sorted(oracle + shown, key=_routing_rank)),
-                             [c for c in columns if c != "error_rate" or any("error_rate" in r for r in shown)]))
+            + markdown_table(sorted_records(sorted([{**r, "routing": "oracle"} for r in oracle] + shown,
+                                                   key=_routing_rank)), columns))
     if figure is not None:
         text += f"\n![routing errors]({figure.name})\n"
     atomic_write_text(run_dir / "deployment.md", text)

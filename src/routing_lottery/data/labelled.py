@@ -72,10 +72,14 @@ def stratified_subset(dataset: LabelledDataset, per_class: int | None, seed: int
         return dataset
     if per_class < 1:
         raise ValueError(f"per_class must be >= 1 or None; got {per_class}")
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(dataset), generator=gen)
-    picked = [order[dataset.labels[order] == c][:per_class] for c in range(len(dataset.class_names))]
+    picked = [members[:per_class] for members in _shuffled_by_class(dataset, seed)]
     return dataset.subset(torch.cat(picked).sort().values)
+
+
+def _shuffled_by_class(dataset: LabelledDataset, seed: int) -> list[torch.Tensor]:
+    """Each class's row indices, in one random order drawn from ``seed`` (the same order for every class)."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    return [order[dataset.labels[order] == c] for c in range(len(dataset.class_names))]
 
 
 def stratified_holdout(dataset: LabelledDataset, fraction: float, seed: int) -> tuple[LabelledDataset, LabelledDataset]:
@@ -84,13 +88,8 @@ def stratified_holdout(dataset: LabelledDataset, fraction: float, seed: int) -> 
     is never held out (training needs every class)."""
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"fraction must be in [0, 1); got {fraction}")
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(dataset), generator=gen)
-    held = []
-    for c in range(len(dataset.class_names)):
-        members = order[dataset.labels[order] == c]
-        count = 0 if fraction == 0 else min(len(members) - 1, max(1, round(fraction * len(members))))
-        held.append(members[:max(count, 0)])
+    held = [members[:min(len(members) - 1, max(1, round(fraction * len(members))))] if fraction and len(members) > 1
+            else members[:0] for members in _shuffled_by_class(dataset, seed)]
     held_index = torch.cat(held).sort().values
     keep = torch.ones(len(dataset), dtype=torch.bool)
     keep[held_index] = False

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import time
-
 import torch
 
 from ..masks import Mask
-from ..run.deploy import deployment_rows
+from ..run.deploy import routed_rows
 from ..routed import masked_forward
 from ..training import derive_seed, rewound, snapshot, train
 from . import METHODS, Row
@@ -95,11 +93,7 @@ class MultiImp:
                 current[0] = k
             return model(x.to(run.device))
 
-        start = time.perf_counter()
-        with torch.no_grad():
-            rows = run.task.score_routed(predict, f"{self.name}_{level:.4f}", run.outputs)
-        # Only a router of its own (learned) routes K separate networks; and routing errors.
-        rows += deployment_rows(run, self.name, level, predict, None, time.perf_counter() - start)
+        rows = routed_rows(run, self.name, level, predict, None)  # K networks: no router reads their masks
         return rows, independent_accounting(model, tickets.prunable, masks)
 
 

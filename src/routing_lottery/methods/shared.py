@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import time
-
 import torch
 
 from ..errors import CheckpointError
 from ..io import load_masks
 from ..masks import MaskSet
 from ..pruning import random_mask_like
-from ..run.deploy import deployment_rows, learned_router, supports_routing
+from ..run.deploy import learned_router, routed_rows, router_applies
 from ..training import generator
 from . import METHODS, Row
 from .accounting import Accounting, shared_accounting
@@ -38,10 +36,7 @@ class _JointlyRetrained:
         def predict(k: int, x: torch.Tensor) -> torch.Tensor:
             return routed(x.to(run.device), k)
 
-        start = time.perf_counter()
-        with torch.no_grad():
-            rows = run.task.score_routed(predict, f"{self.name}_{level:.4f}", run.outputs)
-        rows += deployment_rows(run, self.name, level, predict, routed, time.perf_counter() - start)
+        rows = routed_rows(run, self.name, level, predict, routed)
         self.keep(run, level)
         return rows, shared_accounting(run.tickets.model, run.tickets.prunable, masks)
 
@@ -67,8 +62,7 @@ class Rtl(_JointlyRetrained):
         return None
 
     def keep(self, run: Experiment, level: float) -> None:
-        if supports_routing(run.task) and "learned" in run.config.deploy.routers and "learned" in getattr(
-                run.task, "routers", ("learned",)):
+        if router_applies(run, "learned"):
             run.tickets.router = learned_router(run)  # saved with the tickets
         run.tickets.save(run.run.checkpoint_dir(self.name, level),
                          {"experiment": run.config.name, "context_members": getattr(run.task, "context_members", None)})

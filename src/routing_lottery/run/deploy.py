@@ -48,26 +48,29 @@ def supports_routing(task: Any) -> bool:
             and "chosen" in inspect.signature(score).parameters)
 
 
+def router_applies(run: Experiment, name: str) -> bool:
+    """Whether the run records router ``name``: the config asks for it and the task supports it."""
+    return (supports_routing(run.task) and name in run.config.deploy.routers
+            and name in getattr(run.task, "routers", ("learned",)))
+
+
 def learned_router(run: Experiment) -> Any:
     """The run's learned router, fitted once on the training contexts (it does not depend on the method)."""
-    router = getattr(run, "_learned_router", None)
-    if router is None:
+    if run._learned_router is None:
         from ..router import LearnedRouter, flatten_features
 
         inputs, contexts = run.task.context_examples("train")
         features = getattr(run.task, "router_features", flatten_features)
-        router = LearnedRouter.fit(inputs, contexts, len(run.task.context_names), features=features,
-                                   seed=derive_seed(run.config.seed, "router") % 2**32)
-        run._learned_router = router
-    return router
+        run._learned_router = LearnedRouter.fit(inputs, contexts, len(run.task.context_names), features=features,
+                                                seed=derive_seed(run.config.seed, "router") % 2**32)
+    return run._learned_router
 
 
 def _routers(run: Experiment, routed: RoutedModel | None, thresholds: Thresholds | None) -> dict[str, Any]:
     from ..router import DetectorRouter, EntropyRouter
 
-    wanted = [r for r in run.config.deploy.routers if r in getattr(run.task, "routers", ("learned",))]
     routers: dict[str, Any] = {}
-    for name in wanted:
+    for name in (r for r in run.config.deploy.routers if router_applies(run, r)):
         if name == "learned":
             routers[name] = learned_router(run)
         elif routed is not None:  # detectors and entropy read the K masks of one shared network
@@ -83,6 +86,18 @@ def _choose(router: Any, routed: RoutedModel | None, inputs: Any, device: torch.
         x = tuple(p[start:start + batch].to(device) for p in parts)
         chosen.append(router(routed, x if len(x) > 1 else x[0]).cpu())
     return torch.cat(chosen).long()
+
+
+def routed_rows(run: Experiment, method: str, level: float, predict: RoutedPredict,
+                routed: RoutedModel | None) -> list[Row]:
+    """A routed method's rows: the task's oracle scoring (timed), then its ``deployment_rows``.
+
+    ``predict(k, x)`` runs context k's subnetwork (or model); ``routed`` is the shared network with
+    its K masks (None for K separate models, which only a router of their own can route)."""
+    start = time.perf_counter()
+    with torch.no_grad():
+        rows = run.task.score_routed(predict, f"{method}_{level:.4f}", run.outputs)
+    return rows + deployment_rows(run, method, level, predict, routed, time.perf_counter() - start)
 
 
 def deployment_rows(run: Experiment, method: str, level: float, predict: RoutedPredict,
@@ -146,11 +161,9 @@ def fit_run_thresholds(run_config: Any, task: Any, predict: RoutedPredict) -> tu
     return thresholds, scores, contexts
 
 
-def calibrated_row(run_config: Any, task: Any, predict: RoutedPredict, thresholds: Thresholds) -> Row:
-    """Test metrics of the detectors under ``thresholds``, how often zero / one / several fire, and the
-    K-way answer of the configured rule (abstentions count as wrong)."""
-    scores = task.detector_scores(predict, "test")
-    _, contexts = task.context_examples("test")
+def calibrated_row(run_config: Any, thresholds: Thresholds, scores: torch.Tensor, contexts: torch.Tensor) -> Row:
+    """Test metrics of the detectors (``scores``: their test logits) under ``thresholds``, how often zero /
+    one / several fire, and the K-way answer of the configured rule (abstentions count as wrong)."""
     decision = decide(scores, thresholds, run_config.deploy.rule)
     n = len(contexts)
     return {**detector_metrics(scores, contexts, thresholds), "routing": "calibrated",
@@ -159,8 +172,10 @@ def calibrated_row(run_config: Any, task: Any, predict: RoutedPredict, threshold
             "decided_accuracy": float((decision.routed == contexts).float().mean())}
 
 
-def calibration_rows(run: Experiment, method: str, level: float, predict: RoutedPredict) -> tuple[list[Row], Thresholds]:
-    """Fit, score and draw one method's calibrated detectors at one level."""
+def calibration_rows(run: Experiment, method: str, level: float, predict: RoutedPredict,
+                     test_scores: torch.Tensor | None = None) -> tuple[list[Row], Thresholds]:
+    """Fit, score and draw one method's calibrated detectors at one level (``test_scores``: the
+    detectors' test logits when the caller has them already)."""
     thresholds, scores, contexts = fit_run_thresholds(run.config, run.task, predict)
     for k, message in enumerate(thresholds.messages):
         if message:
@@ -168,7 +183,10 @@ def calibration_rows(run: Experiment, method: str, level: float, predict: Routed
     plot_precision_recall(scores, contexts, thresholds, run.run.path / "calibration" / f"{method}_{level:.4f}.png",
                           names=list(run.task.context_names),
                           title=f"{method} at {level:.0%}: detectors on the calibration split")
-    return [calibrated_row(run.config, run.task, predict, thresholds)], thresholds
+    if test_scores is None:
+        test_scores = run.task.detector_scores(predict, "test")
+    _, test_contexts = run.task.context_examples("test")
+    return [calibrated_row(run.config, thresholds, test_scores, test_contexts)], thresholds
 
 
 def calibrate_run(run_dir: str | Path, deploy: Mapping[str, Any] | None = None, log: Callable[[str], None] = print
@@ -218,7 +236,7 @@ def calibrate_run(run_dir: str | Path, deploy: Mapping[str, Any] | None = None, 
             test_scores = task.detector_scores(predict, "test")
             _, test_contexts = task.context_examples("test")
             before = {**detector_metrics(test_scores, test_contexts, None), "routing": "logit 0"}
-            calibrated, thresholds = calibration_rows(experiment, "rtl", level, predict)
+            calibrated, thresholds = calibration_rows(experiment, "rtl", level, predict, test_scores)
             tickets.thresholds = thresholds
             kept = {k: v for k, v in tickets.metadata.items() if k not in ("recipe", "masked", "sparsity", "thresholds")}
             tickets.save(path, kept)

@@ -70,9 +70,9 @@ def software_environment(device: torch.device) -> dict[str, Any]:
 def run_identity(config: ExperimentConfig, data_fingerprint: str, task: object | None = None,
                  model: torch.nn.Module | None = None) -> dict[str, Any]:
     """What determines a run's results: the config minus what does not (execution settings, methods,
-    levels, the run's name, where the data files lie, the deployment measurements), the task's class and the network's layout (a
-    task handed in as an object is not described by the config), and a fingerprint of the data the
-    task serves."""
+    levels, the run's name, where the data files lie, the deployment measurements), the task's class
+    and the network's layout (a task handed in as an object is not described by the config), and a
+    fingerprint of the data the task serves."""
     identity = config.to_dict()
     for key in (*EXECUTION_SETTINGS, "methods", "name", "deploy"):
         identity.pop(key, None)

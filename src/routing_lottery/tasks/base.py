@@ -27,6 +27,15 @@ RoutedPredict = Callable[[int, torch.Tensor], torch.Tensor]
 Row = dict[str, Any]
 
 
+def rows_by_context(chosen: torch.Tensor, num_contexts: int, rows: int) -> list[torch.Tensor]:
+    """Row indices per context of a routing ``chosen`` (one context id per test row, from a router or
+    with injected errors), checked; what a task's ``score_routed(chosen=...)`` groups by."""
+    chosen = torch.as_tensor(chosen).long().cpu()
+    if chosen.shape != (rows,) or (rows and not 0 <= int(chosen.min()) <= int(chosen.max()) < num_contexts):
+        raise ValueError(f"chosen must be {rows} context ids in 0..{num_contexts - 1}; got shape {tuple(chosen.shape)}")
+    return [(chosen == k).nonzero(as_tuple=True)[0] for k in range(num_contexts)]
+
+
 class Task(Protocol):
     """What the runner needs of an experiment's data; ``check_task(task)`` tests a task against it.
 
@@ -42,9 +51,10 @@ class Task(Protocol):
     contexts must score exactly as oracle routing), ``routers`` (the strategies that apply, default
     ``("learned",)``), ``context_is_label`` (True: a wrong context is a wrong answer, no error
     injection), ``router_features(inputs)`` (what a learned router sees) and
-    ``detector_scores(predict, split)`` ((N, K) one-vs-rest logits, for calibration). The runner builds the model under a
-    seeded generator state (``build_model`` must not seed anything itself) and hands every
-    scorer the directory where it may keep example outputs.
+    ``detector_scores(predict, split)`` ((N, K) one-vs-rest logits, for calibration).
+
+    The runner builds the model under a seeded generator state (``build_model`` must not seed
+    anything itself) and hands every scorer the directory where it may keep example outputs.
     """
 
     context_names: Sequence[str]

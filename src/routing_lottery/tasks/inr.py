@@ -42,6 +42,7 @@ from ..io import atomic_write_bytes
 from ..methods import method_label
 from ..report import method_rank, per_context_key
 from ..training import Batch, Stream
+from .base import rows_by_context
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -257,7 +258,7 @@ class InrTask:
         ``chosen`` (one region id per pixel) sends pixel i to ``chosen[i]``'s predictor instead of its
         own region's (a router's choice, or injected routing errors).
         """
-        groups = self.region_index if chosen is None else _groups(chosen, self.num_contexts, self.num_pixels)
+        groups = self.region_index if chosen is None else rows_by_context(chosen, self.num_contexts, self.num_pixels)
         out = torch.full((self.num_pixels, 3), math.nan)
         for k, index in enumerate(groups):
             if not len(index):
@@ -285,14 +286,6 @@ class InrTask:
         """PSNR (dB) over each region's pixels, by region id."""
         rec = self._as_flat(reconstruction)
         return [psnr(rec[i], self.targets[i]) for i in self.region_index]
-
-
-def _groups(chosen: torch.Tensor, num_contexts: int, rows: int) -> list[torch.Tensor]:
-    """Row indices per context of a routing ``chosen`` (one id per row), checked."""
-    chosen = torch.as_tensor(chosen).long().cpu()
-    if chosen.shape != (rows,) or (rows and not 0 <= int(chosen.min()) <= int(chosen.max()) < num_contexts):
-        raise ValueError(f"chosen must be {rows} context ids in 0..{num_contexts - 1}; got shape {tuple(chosen.shape)}")
-    return [(chosen == k).nonzero(as_tuple=True)[0] for k in range(num_contexts)]
 
 
 def save_grid(

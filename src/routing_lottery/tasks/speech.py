@@ -39,7 +39,7 @@ from ..report import method_rank
 from ..router import spectrum_features
 from ..models.unet import MaskActivation, SpeechUNet
 from ..training import Batch, Stream
-from .base import RoutedPredict, Row, SharedPredict
+from .base import RoutedPredict, Row, SharedPredict, rows_by_context
 
 PredictEnvironment = RoutedPredict
 """``(environment id, noisy (B, T)) -> enhanced (B, T)``: a method's routed enhancer.
@@ -222,13 +222,10 @@ class SpeechTask:
         """Enhanced waveforms ``(N, T)`` for every clip of ``split``, each routed by its environment
         (or by ``chosen[i]``: a router's choice, or injected routing errors)."""
         clips = self.data.split(split)
-        if chosen is not None:
-            chosen = torch.as_tensor(chosen).long().cpu()
-            if chosen.shape != (len(clips.noisy),) or not 0 <= int(chosen.min()) <= int(chosen.max()) < self.num_contexts:
-                raise ValueError(f"chosen must be {len(clips.noisy)} environment ids in 0..{self.num_contexts - 1}")
+        groups = ([clips.indices(k) for k in range(self.num_contexts)] if chosen is None
+                  else rows_by_context(chosen, self.num_contexts, len(clips.noisy)))
         out = torch.empty_like(clips.noisy)
-        for k in range(self.num_contexts):
-            rows = clips.indices(k) if chosen is None else (chosen == k).nonzero(as_tuple=True)[0]
+        for k, rows in enumerate(groups):
             if not len(rows):
                 continue
             for part in rows.split(self.eval_batch_size):
