@@ -200,3 +200,40 @@ def test_routing_in_batches_equals_routing_at_once_for_tuple_inputs():
     router = LearnedRouter.fit(x, contexts, 2, seed=0)
     chosen = deploy._choose(router, None, x, torch.device("cpu"), batch=7)
     assert torch.equal(chosen, router.route(x)) and (chosen == contexts).float().mean() >= 0.95
+
+
+def test_the_argmax_classifier_row_equals_a_hand_computation():
+    """Three detectors on six test rows; the most confident detector's context is the answer."""
+    from types import SimpleNamespace
+
+    from routing_lottery.tasks.classification import ClassificationTask
+
+    names = ("a", "b", "c")
+    train = LabelledDataset(torch.zeros(6, 2), torch.tensor([0, 0, 1, 1, 2, 2]), names)
+    test = LabelledDataset(torch.arange(6, dtype=torch.float32).repeat(2, 1).T, torch.tensor([0, 0, 1, 1, 2, 2]), names)
+    task = ClassificationTask(train, test, context_of_class=[0, 1, 2], context_names=names)
+    # detector k's logit per test row (rows 0..5); every detector fires on most rows (logit > 0), so the
+    # detector metrics and the argmax answer differ
+    logits = torch.tensor([[3.0, 1.0, 2.0],  # true a -> a
+                           [1.0, 2.0, 0.5],  # true a -> b
+                           [0.5, 4.0, 1.0],  # true b -> b
+                           [2.0, 1.0, 3.0],  # true b -> c
+                           [1.0, 0.5, 5.0],  # true c -> c
+                           [1.0, 0.2, 3.0]])  # true c -> c
+
+    def predict(k, x):  # subnetwork k: its own output k carries detector k's logit; the others are noise
+        out = torch.full((len(x), 3), -9.0)
+        out[:, k] = logits[x[:, 0].long(), k]
+        return out
+
+    [row] = deploy.argmax_rows(SimpleNamespace(task=task), "rtl", predict)
+    assert row["method"] == "rtl+argmax"
+    # predictions a, b, b, c, c, c: per class (tp, fp, fn, tn) a (1,0,1,4), b (1,1,1,3), c (2,1,0,3)
+    recall = [1 / 2, 1 / 2, 2 / 2]
+    precision = [1 / 1, 1 / 2, 2 / 3]
+    specificity = [4 / 4, 3 / 4, 3 / 4]
+    assert row["recall"] == pytest.approx(sum(recall) / 3)
+    assert row["precision"] == pytest.approx(sum(precision) / 3)
+    assert row["balanced_accuracy"] == pytest.approx(sum((r + s) / 2 for r, s in zip(recall, specificity)) / 3)
+    # a task whose context is not the label gets no such row
+    assert deploy.argmax_rows(SimpleNamespace(task=SimpleNamespace(context_is_label=False)), "rtl", predict) == []

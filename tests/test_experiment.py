@@ -61,7 +61,10 @@ def test_run_writes_every_method_and_level(finished_run, tmp_path):
     config = tiny_config()
     run_path, records = finished_run
     keys = {(r["method"], r["sparsity"]) for r in records}
-    assert keys == {("dense", 0.0)} | {(m, s) for m in ("single_imp", "multi_imp", "rtl", "random") for s in (0.3, 0.6)}
+    routed = ("multi_imp", "rtl", "random")
+    assert keys == ({("dense", 0.0)} | {(m, s) for m in ("single_imp", *routed) for s in (0.3, 0.6)}
+                    | {(f"{m}+argmax", s) for m in routed for s in (0.3, 0.6)})  # routed detectors as one classifier
+    assert {r["seed"] for r in records} == {config.seed}
     for r in records:
         assert {"experiment", "balanced_accuracy", "precision", "recall", "parameters", "storage_bytes"} <= r.keys()
         assert 0 <= r["balanced_accuracy"] <= 1
@@ -72,9 +75,11 @@ def test_run_writes_every_method_and_level(finished_run, tmp_path):
     assert by[("single_imp", 0.3)]["parameters"] == round(0.7 * total)
     assert by[("multi_imp", 0.6)]["parameters"] == 10 * round(0.4 * total)
     assert round(0.4 * total) <= by[("rtl", 0.6)]["parameters"] <= 10 * round(0.4 * total)
+    order = ["dense", "single_imp", "multi_imp", "multi_imp+argmax", "rtl", "rtl+argmax", "random", "random+argmax"]
     assert json.loads((run_path / "results.json").read_text()) == sorted(
-        records, key=lambda r: (r["sparsity"], ["dense", "single_imp", "multi_imp", "rtl", "random"].index(r["method"])))
+        records, key=lambda r: (r["sparsity"], order.index(r["method"])))
     assert (run_path / "results.md").read_text().count("| RTL |") == 2
+    assert (run_path / "results.md").read_text().count("| RTL, argmax |") == 2
     assert "_context_" not in (run_path / "results.md").read_text()  # per-context breakdowns: JSON and CSV only
     assert "balanced_accuracy_context_9" in (run_path / "results.csv").read_text().splitlines()[0]
     environment = json.loads((run_path / "environment.json").read_text())
@@ -230,7 +235,7 @@ def test_adding_a_level_reuses_stage_one_and_finished_records(tmp_path, monkeypa
     assert resumes == [0] * 11  # single + 10 contexts each continued after their one round on disk
     assert all(p.stat().st_mtime_ns == t for p, t in rounds.items())  # no round rewritten
     assert all(_record_stamps(tmp_path)[name] == t for name, t in records.items())  # 30 % records reused
-    assert {(r["method"], r["sparsity"]) for r in wider} == {(m, s) for m in ("single_imp", "rtl") for s in (0.3, 0.6)}
+    assert {(r["method"], r["sparsity"]) for r in wider} == {(m, s) for m in ("single_imp", "rtl", "rtl+argmax") for s in (0.3, 0.6)}
 
 
 def test_a_level_inserted_below_recomputes_what_it_changes(tmp_path):

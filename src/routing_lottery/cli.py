@@ -24,7 +24,7 @@ from .training import SILENT
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Routing the Lottery: one shared weight tensor, one pruning mask per data context.")
 console = Console()
-console.width = max(console.width, 110)  # tables stay readable in logs and narrow terminals
+console.width = max(console.width, 140)  # tables (with seed intervals) stay readable in logs and narrow terminals
 
 
 class RichProgress:
@@ -93,6 +93,8 @@ def packaged_config(name: str) -> Path:
 
 PACKAGED_CONFIGS = ", ".join(sorted(p.stem for p in packaged_config("digits").parent.glob("*.yaml")))
 CONFIG_HELP = f"A YAML config file, or a packaged config: {PACKAGED_CONFIGS}."
+SEEDS_HELP = ("Run this many seeds (seed, seed+1, ...), each a full run in DIR/seeds/<seed>; tables then show the mean "
+              "and a 95 % interval, with paired tests of RTL against the baselines.")
 DEVICE_HELP = ("Where to train: auto (CUDA when present, else CPU), cpu, cuda, cuda:N, mps. "
                "Not part of the run's identity: a run moved to another device resumes.")
 
@@ -173,7 +175,7 @@ HEADERS = {"balanced_accuracy": "bal. acc.", "precision": "prec.", "parameters":
 
 def print_table(records: list[dict[str, Any]], title: str) -> None:
     from .methods import method_label
-    from .report import format_cell, metric_keys, sorted_records
+    from .report import metric_keys, record_cell, sorted_records
 
     rows = sorted_records(records)
     if any(r.get("image") == "mean" for r in rows):  # INR: the mean over images (per image in results.csv)
@@ -184,7 +186,7 @@ def print_table(records: list[dict[str, Any]], title: str) -> None:
         table.add_column(HEADERS.get(h, h.replace("_", " ")), justify="left" if h == "method" else "right",
                          no_wrap=h == "method")
     for r in rows:
-        table.add_row(f"{r['sparsity']:.0%}", method_label(r["method"]), *[format_cell(k, r.get(k)) for k in keys])
+        table.add_row(f"{r['sparsity']:.0%}", method_label(r["method"]), *[record_cell(r, k) for k in keys])
     console.print(table)
 
 
@@ -195,9 +197,10 @@ def demo(
     scale: Optional[str] = typer.Option(None, metavar="SCALE", help="A scale defined in the digits config."),
     set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a setting, e.g. --set training.epochs=4."),
     device: Optional[str] = typer.Option(None, metavar="DEVICE", help=DEVICE_HELP),
+    seeds: Optional[int] = typer.Option(None, min=1, metavar="N", help=SEEDS_HELP),
 ) -> None:
     """Table 1 on scikit-learn's bundled handwritten digits: dense, single IMP, multiple IMP, RTL, random."""
-    execute(packaged_config("digits"), out, scale, with_overrides(parse_overrides(set_), None, device))
+    execute(packaged_config("digits"), out, scale, with_overrides(parse_overrides(set_), None, device, seeds))
 
 
 @app.command()
@@ -209,24 +212,29 @@ def run(
     data: Optional[Path] = typer.Option(None, metavar="DIR", help="Directory holding the dataset files (sets data.root)."),
     set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a setting, e.g. --set training.epochs=4."),
     device: Optional[str] = typer.Option(None, metavar="DEVICE", help=DEVICE_HELP),
+    seeds: Optional[int] = typer.Option(None, min=1, metavar="N", help=SEEDS_HELP),
 ) -> None:
     """Run (or resume) any experiment config."""
-    path, overrides = config_and_overrides(config, data, set_, device)
+    path, overrides = config_and_overrides(config, data, set_, device, seeds)
     execute(path, out or Path("runs") / path.stem, scale, overrides)
 
 
-def config_and_overrides(config: str, data: Optional[Path], pairs: list[str],
-                         device: Optional[str] = None) -> tuple[Path, dict[str, Any]]:
+def config_and_overrides(config: str, data: Optional[Path], pairs: list[str], device: Optional[str] = None,
+                         seeds: Optional[int] = None) -> tuple[Path, dict[str, Any]]:
     """The config file a command names, and its ``--set`` overrides with ``--data`` as ``data.root``."""
-    return resolve_config(config), with_overrides(parse_overrides(pairs), data, device)
+    return resolve_config(config), with_overrides(parse_overrides(pairs), data, device, seeds)
 
 
-def with_overrides(overrides: dict[str, Any], data: Optional[Path], device: Optional[str]) -> dict[str, Any]:
-    """``--set`` overrides plus the options that are settings too: ``--data`` (data.root), ``--device``."""
+def with_overrides(overrides: dict[str, Any], data: Optional[Path], device: Optional[str],
+                   seeds: Optional[int] = None) -> dict[str, Any]:
+    """``--set`` overrides plus the options that are settings too: ``--data`` (data.root), ``--device``,
+    ``--seeds`` (replicates)."""
     if data is not None:
         overrides.setdefault("data", {})["root"] = str(data)
     if device is not None:
         overrides["device"] = device
+    if seeds is not None:
+        overrides["replicates"] = seeds
     return overrides
 
 
@@ -249,24 +257,31 @@ def sweep(
     scale: Optional[str] = typer.Option(None, metavar="SCALE", help="smoke or full (as the config defines)."),
     data: Optional[Path] = typer.Option(None, metavar="DIR", help="Directory holding the dataset files (sets data.root)."),
     levels: str = typer.Option(DEFAULT_SWEEP, help="Comma-separated sparsity levels."),
+    methods: Optional[str] = typer.Option(None, metavar="LIST", help="Comma-separated methods (default: the config's, "
+                                          "for the equal-storage comparison); rtl alone is the fastest collapse sweep."),
     threshold: float = typer.Option(3.0, help="Collapse rule: robust residuals off the trend that raise the warning."),
     set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a setting, e.g. --set training.epochs=4."),
     device: Optional[str] = typer.Option(None, metavar="DEVICE", help=DEVICE_HELP),
+    seeds: Optional[int] = typer.Option(None, min=1, metavar="N", help=SEEDS_HELP),
 ) -> None:
-    """RTL at increasing sparsity: warn of subnetwork collapse from the masks alone, then measure the metric."""
-    from .diagnose import DiagnoseSettings, diagnose_run, mask_collapse_warning
+    """Every method at increasing sparsity: warn of subnetwork collapse from the masks alone, measure the metric,
+    compare at equal storage, and study which label-free signal warned first."""
+    from .diagnose import DiagnoseSettings, mask_collapse_warning
     from .diagnostics.collapse import CollapseSettings
+    from .sweep import write_sweep_report
 
-    path, overrides = config_and_overrides(config, data, set_, device)
-    overrides["methods"] = ["rtl"]
+    path, overrides = config_and_overrides(config, data, set_, device, seeds)
+    if methods is not None:
+        overrides["methods"] = [m.strip() for m in methods.split(",") if m.strip()]
+        if "rtl" not in overrides["methods"]:
+            raise typer.BadParameter("--methods must include rtl: the sweep studies RTL's masks")
     overrides.setdefault("pruning", {})["sparsities"] = sweep_levels(levels)
     out = out or Path("runs") / f"{path.stem}-sweep"
     settings = DiagnoseSettings(collapse=CollapseSettings(threshold=threshold), layer_heatmaps=False)
 
     def before_evaluation(experiment: Any) -> None:
-        if not hasattr(experiment, "context_masks"):
-            raise ValueError("rtl sweep runs one experiment's tickets; an INR run fits one network per image: "
-                             "run it with `rtl run` at the sweep's levels, then `rtl diagnose` it")
+        if not hasattr(experiment, "context_masks"):  # several seeds or images: each is diagnosed after its run
+            return
         masks = experiment.context_masks()
         warning, scores = mask_collapse_warning(masks, settings.collapse)
         curve = ", ".join(f"{lv:.0%} {sc:.3f}" for lv, sc in zip(masks, scores))
@@ -274,8 +289,10 @@ def sweep(
         console.print(f"  [bold yellow]{warning.message()}[/bold yellow]" if warning.fired else f"  {warning.message()}")
 
     execute(path, out, scale, overrides, before=before_evaluation)
-    summary = diagnose_run(out, settings, log=lambda m: console.print(f"  {m}"))
-    console.print(f"[bold]{summary['verdict']}[/bold]\nreport: {out / 'report.md'}")
+    found = write_sweep_report(out, settings, log=lambda m: console.print(f"  {escape(m)}"))
+    for name, verdict in found["verdicts"].items():
+        console.print(f"[bold]{escape(name)}[/bold]: {escape(verdict)}")
+    console.print(f"report: {out / 'report.md'}")
 
 
 @app.command()

@@ -128,6 +128,9 @@ class ExperimentConfig(RTLConfig):
     speech: SpeechConfig | None = None  # task: speech only
     deploy: DeployConfig = field(default_factory=DeployConfig)
     threads: int | None = None  # torch CPU threads (None: torch's default); small models run faster on 1
+    # seeds seed, seed+1, ..., each a full run in <out>/seeds/<seed>; tables then report the mean, a 95 %
+    # interval and paired tests across them (statistics.py). 1: one run in <out> itself
+    replicates: int = 1
 
     def __post_init__(self) -> None:
         from .methods import METHODS
@@ -144,6 +147,8 @@ class ExperimentConfig(RTLConfig):
                 raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or another torch device; got {self.device!r}") from None
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1; got {self.threads}")
+        if self.replicates < 1:
+            raise ConfigError(f"replicates must be >= 1 (the number of seeds); got {self.replicates}")
         # Names are resolved now, before a run directory is claimed, so a typo costs nothing.
         from .models import MODELS
         from .run.builders import DATASETS, TASKS

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from .io import atomic_write_json, atomic_write_text
-from .methods import METHODS, method_label
+from .methods import ARGMAX, METHODS, method_label
 
-ID_KEYS = ("experiment", "method", "sparsity")
+ID_KEYS = ("experiment", "seed", "method", "sparsity")
 ACCOUNTING_KEYS = ("parameters", "dense_parameters", "storage_bytes", "train_seconds")
 _PER_CONTEXT = re.compile(r".+_context_\d+$")
 
@@ -41,10 +41,28 @@ def is_per_context_key(key: str) -> bool:
     return _PER_CONTEXT.fullmatch(key) is not None
 
 
-def method_rank(method: str) -> int:
-    """A method's place in tables: registration order (dense, single IMP, multiple IMP, RTL, random, then users')."""
+LOW, HIGH = "_low", "_high"
+SUMMARY_KEYS = ("n", "seeds")  # a summary record's count of seeds and their list (seeds.summarize_seeds)
+
+
+def is_interval_key(key: str, record: dict[str, Any]) -> bool:
+    """Whether ``key`` is the low or high end of an interval ``record`` carries (``<metric>_low``)."""
+    return any(key.endswith(end) and key.removesuffix(end) in record for end in (LOW, HIGH))
+
+
+def method_rank(method: str) -> float:
+    """A method's place in tables: registration order (dense, single IMP, multiple IMP, RTL, random, then users');
+    a method's argmax rows right after its own."""
+    if method.endswith(ARGMAX):
+        return method_rank(method.removesuffix(ARGMAX)) + 0.5
     names = METHODS.names()
     return names.index(method) if method in names else len(names)
+
+
+def method_style(method: str) -> int:
+    """A method's colour and marker index in figures, the same in every figure (argmax rows their own)."""
+    rank = int(method_rank(method))
+    return rank + len(METHODS.names()) if method.endswith(ARGMAX) else rank
 
 
 def sorted_records(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -55,12 +73,14 @@ def sorted_records(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def metric_keys(records: Sequence[dict[str, Any]], per_context: bool = False) -> list[str]:
     """Metric columns in first-seen order, after the identifying keys and before accounting.
 
-    Per-context breakdowns (``per_context_key``) only with ``per_context=True`` (the CSV).
+    Per-context breakdowns (``per_context_key``), interval ends and the seed count only with
+    ``per_context=True`` (the CSV); a table shows an interval inside its metric's cell.
     """
     keys: list[str] = []
     for r in records:
         keys += [k for k in r if k not in ID_KEYS and k not in ACCOUNTING_KEYS and k not in keys
-                 and (per_context or not is_per_context_key(k))]
+                 and k != "seeds" and (per_context or not (is_per_context_key(k) or is_interval_key(k, r)
+                                                           or k in SUMMARY_KEYS))]
     return keys + [k for k in ACCOUNTING_KEYS if any(k in r for r in records)]
 
 
@@ -72,9 +92,17 @@ def markdown_table(records: Sequence[dict[str, Any]], columns: Sequence[str] | N
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [f"{r['sparsity']:.0%}", method_label(r["method"])]
-        cells += [format_cell(k, r.get(k)) for k in keys]
+        cells += [record_cell(r, k) for k in keys]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def record_cell(record: dict[str, Any], key: str) -> str:
+    """``record[key]`` for a table; a metric with an interval (a summary over seeds) as ``mean ± half-width``."""
+    value, low, high = record.get(key), record.get(key + LOW), record.get(key + HIGH)
+    if key in ACCOUNTING_KEYS or not isinstance(value, float) or low is None or high is None:
+        return format_cell(key, value)
+    return f"{value:.3f} ± {(high - low) / 2:.3f}"
 
 
 def format_cell(key: str, value: Any) -> str:
@@ -150,16 +178,23 @@ def primary_metric_key(records: Sequence[dict[str, Any]], columns: Sequence[str]
     return next((k for k in keys if any(_is_number(r.get(k)) for r in records)), None)
 
 
-def _method_series(rows: Sequence[dict[str, Any]], metric: str) -> dict[str, list[tuple[float, float, float | None]]]:
-    """method -> [(sparsity, metric, parameters)] in table order, the mean where a (method, sparsity) repeats."""
+Point = tuple[float, float, "float | None", "tuple[float, float] | None"]  # sparsity, metric, parameters, interval
+
+
+def _method_series(rows: Sequence[dict[str, Any]], metric: str) -> dict[str, list[Point]]:
+    """method -> [(sparsity, metric, parameters, interval)] in table order, the mean where a (method,
+    sparsity) repeats; the interval where a lone row carries one (a summary over seeds)."""
     groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
     for r in sorted_records(rows):
         if _is_number(r.get(metric)) and math.isfinite(r[metric]):
             groups.setdefault((r["method"], float(r["sparsity"])), []).append(r)
-    series: dict[str, list[tuple[float, float, float | None]]] = {}
+    series: dict[str, list[Point]] = {}
     for (method, level), rs in groups.items():
         params = [float(r["parameters"]) for r in rs if _is_number(r.get("parameters")) and r["parameters"] > 0]
-        point = (level, sum(float(r[metric]) for r in rs) / len(rs), sum(params) / len(params) if params else None)
+        ends = (rs[0].get(metric + LOW), rs[0].get(metric + HIGH))
+        interval = (float(ends[0]), float(ends[1])) if len(rs) == 1 and all(_is_number(e) for e in ends) else None
+        point = (level, sum(float(r[metric]) for r in rs) / len(rs), sum(params) / len(params) if params else None,
+                 interval)
         series.setdefault(method, []).append(point)
     return dict(sorted(series.items(), key=lambda item: method_rank(item[0])))
 
@@ -194,25 +229,35 @@ def plot_results(records: Sequence[dict[str, Any]], path: str | Path, columns: S
 
     from .diagnostics.figures import save_png
 
-    with_params = any(p is not None for points in series.values() for _, _, p in points)
+    with_params = any(p is not None for points in series.values() for _, _, p, _ in points)
     fig = Figure(figsize=(11.5 if with_params else 6.5, 4.4), layout="constrained")
     axes = fig.subplots(1, 2 if with_params else 1, squeeze=False)[0]
     by_sparsity = axes[0]
     colors = colormaps["tab10"]
     markers = "osD^vPX*<>"
     for method, points in series.items():
-        style = {"color": colors(method_rank(method) % colors.N), "marker": markers[method_rank(method) % len(markers)]}
+        style = {"color": colors(method_style(method) % colors.N), "marker": markers[method_style(method) % len(markers)]}
         label = method_label(method)
-        levels, values, params = zip(*points)
+        levels, values, params, intervals = zip(*points)
         reference = all(level == 0.0 for level in levels)
         if reference:  # no sparsity axis of its own: a line every pruned method is measured against
             by_sparsity.axhline(values[0], color=style["color"], ls="--", lw=1.5, label=label)
+            if intervals[0] is not None:
+                by_sparsity.axhspan(*intervals[0], color=style["color"], alpha=0.12, lw=0)
         else:
             by_sparsity.plot(levels, values, lw=1.8, ms=6, label=label, **style)
+            banded = [(lv, iv) for lv, iv in zip(levels, intervals) if iv is not None]
+            if banded:  # the seeds' 95 % intervals
+                by_sparsity.fill_between([lv for lv, _ in banded], [iv[0] for _, iv in banded],
+                                         [iv[1] for _, iv in banded], color=style["color"], alpha=0.15, lw=0)
         if with_params:
-            kept = [(p, v) for p, v in zip(params, values) if p is not None]
+            kept = [(p, v, iv) for p, v, iv in zip(params, values, intervals) if p is not None]
             if kept:
-                axes[1].plot(*zip(*kept), lw=0 if reference else 1.8, ms=7 if reference else 6, label=label, **style)
+                xs, ys, ivs = zip(*kept)
+                axes[1].plot(xs, ys, lw=0 if reference else 1.8, ms=7 if reference else 6, label=label, **style)
+                if any(iv is not None for iv in ivs):
+                    err = [[y - iv[0] if iv else 0.0 for y, iv in zip(ys, ivs)], [iv[1] - y if iv else 0.0 for y, iv in zip(ys, ivs)]]
+                    axes[1].errorbar(xs, ys, yerr=err, fmt="none", ecolor=style["color"], elinewidth=1.2, capsize=3)
             if reference:
                 axes[1].axhline(values[0], color=style["color"], ls="--", lw=1, alpha=0.6)
     by_sparsity.set_xlabel("sparsity (share of prunable weights removed)")
@@ -302,13 +347,13 @@ def plot_routing_errors(records: Sequence[dict[str, Any]], rows: Sequence[dict[s
     for ax, level in zip(axes, levels):
         for r in oracle:
             if r["method"] == "dense" or (r["method"] == "single_imp" and float(r["sparsity"]) == level):
-                ax.axhline(r[metric], color=colors(method_rank(r["method"]) % colors.N), ls="--" if r["method"] == "dense"
+                ax.axhline(r[metric], color=colors(method_style(r["method"]) % colors.N), ls="--" if r["method"] == "dense"
                            else ":", lw=1.5, label=f"{method_label(r['method'])} (no router)")
         for method in sorted({r["method"] for r in errors}, key=method_rank):
             start = [r[metric] for r in oracle if r["method"] == method and float(r["sparsity"]) == level]
             curve = sorted((r["error_rate"], r[metric]) for r in errors if r["method"] == method
                            and float(r["sparsity"]) == level)
-            color = colors(method_rank(method) % colors.N)
+            color = colors(method_style(method) % colors.N)
             ax.plot(*zip(*([(0.0, start[0])] if start else []) + curve), marker="o", color=color, lw=1.8,
                     label=method_label(method))
             for r in deployed:

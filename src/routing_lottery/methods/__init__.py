@@ -50,9 +50,15 @@ _BUILT_IN = ("routing_lottery.methods.baselines", "routing_lottery.methods.share
 METHODS: Registry[Method] = Registry("method", loaders=_BUILT_IN)
 
 
+ARGMAX = "+argmax"
+"""Suffix of a routed method's rows scored as one K-way classifier (the most confident detector wins)."""
+
+
 def method_label(name: str) -> str:
     """A method's name in tables (its registered label, else the name itself)."""
+    if name.endswith(ARGMAX):
+        return f"{method_label(name.removesuffix(ARGMAX))}, argmax"
     return METHODS.get(name).label if name in METHODS else name
 
 
-__all__ = ["METHODS", "Method", "Accounting", "method_label"]
+__all__ = ["ARGMAX", "METHODS", "Method", "Accounting", "method_label"]

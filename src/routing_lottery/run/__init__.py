@@ -16,17 +16,26 @@ from .builders import DATASETS, TASKS, build_tasks
 from .directory import RunDirectory, run_identity
 from .experiment import Experiment
 from .images import ImageSetExperiment
+from .replicates import Replicates
 
 
 def make_runner(config: ExperimentConfig, out: str | Path, progress: ProgressSink = SILENT, log: Log = quiet,
-                tasks: Task | Sequence[Task] | None = None) -> Experiment | ImageSetExperiment:
-    """The runner of ``config`` in ``out``: one experiment, or one per part when the task has several.
+                tasks: Task | Sequence[Task] | None = None) -> Experiment | ImageSetExperiment | Replicates:
+    """The runner of ``config`` in ``out``: one experiment, or one per part when the task has several,
+    or one such runner per seed when ``config.replicates`` > 1 (``Replicates``).
 
     ``tasks`` gives the task object(s) directly (Python users with their own Task); otherwise the
-    config's ``task`` names the builder.
+    config's ``task`` names the builder (built anew for every seed).
     """
     if config.threads is not None:
         torch.set_num_threads(config.threads)
+    if config.replicates > 1:
+        return Replicates(config, out, lambda c, o: _runner(c, o, progress, log, tasks), log)
+    return _runner(config, out, progress, log, tasks)
+
+
+def _runner(config: ExperimentConfig, out: str | Path, progress: ProgressSink, log: Log,
+            tasks: Task | Sequence[Task] | None) -> Experiment | ImageSetExperiment:
     if tasks is None:
         built = build_tasks(config)
     else:
@@ -42,5 +51,5 @@ def run_experiment(config: ExperimentConfig, out: str | Path, progress: Progress
     return make_runner(config, out, progress, log, tasks).run_all()
 
 
-__all__ = ["DATASETS", "TASKS", "Experiment", "ImageSetExperiment", "RunDirectory", "build_tasks", "make_runner",
+__all__ = ["DATASETS", "TASKS", "Experiment", "ImageSetExperiment", "Replicates", "RunDirectory", "build_tasks", "make_runner",
            "run_experiment", "run_identity"]

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..calibration import Thresholds, decide, detector_metrics, fit_thresholds, plot_precision_recall
+from ..methods import ARGMAX
 from ..routed import RoutedModel, as_tuple
 from ..training import derive_seed, generator
 
@@ -97,7 +98,20 @@ def routed_rows(run: Experiment, method: str, level: float, predict: RoutedPredi
     start = time.perf_counter()
     with torch.no_grad():
         rows = run.task.score_routed(predict, f"{method}_{level:.4f}", run.outputs)
-    return rows + deployment_rows(run, method, level, predict, routed, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    return rows + argmax_rows(run, method, predict) + deployment_rows(run, method, level, predict, routed, seconds)
+
+
+def argmax_rows(run: Experiment, method: str, predict: RoutedPredict) -> list[Row]:
+    """Where the context is the label: the K detectors as one K-way classifier (the most confident
+    detector's context is the answer), scored like the dense and single-IMP classifiers -- the
+    like-for-like comparison the detector metrics alone lack. A results row, method ``<method>+argmax``."""
+    task = run.task
+    if not (getattr(task, "context_is_label", False) and callable(getattr(task, "detector_scores", None))
+            and callable(getattr(task, "score_predictions", None))):
+        return []
+    scores = task.detector_scores(predict, "test")
+    return [{**task.score_predictions(scores.argmax(dim=1)), "method": method + ARGMAX}]
 
 
 def deployment_rows(run: Experiment, method: str, level: float, predict: RoutedPredict,

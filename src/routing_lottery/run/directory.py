@@ -67,22 +67,29 @@ def software_environment(device: torch.device) -> dict[str, Any]:
             "machine": platform.machine(), "system": platform.system()}
 
 
+def identity_settings(config: ExperimentConfig) -> dict[str, Any]:
+    """The settings that decide a run's results: the config minus execution settings, methods, levels,
+    the run's name, where the data files lie, the deployment measurements and the replicate count
+    (each replicate is a run of its own seed)."""
+    identity = config.to_dict()
+    for key in (*EXECUTION_SETTINGS, "methods", "name", "deploy", "replicates"):
+        identity.pop(key, None)
+    identity["pruning"].pop("sparsities", None)
+    identity["data"].pop("root", None)  # the data fingerprint covers the content, wherever it lies
+    if identity.get("speech"):
+        identity["speech"].pop("noise_root", None)
+    return identity
+
+
 def run_identity(config: ExperimentConfig, data_fingerprint: str, task: object | None = None,
                  model: torch.nn.Module | None = None) -> dict[str, Any]:
     """What determines a run's results: the config minus what does not (execution settings, methods,
     levels, the run's name, where the data files lie, the deployment measurements), the task's class
     and the network's layout (a task handed in as an object is not described by the config), and a
     fingerprint of the data the task serves."""
-    identity = config.to_dict()
-    for key in (*EXECUTION_SETTINGS, "methods", "name", "deploy"):
-        identity.pop(key, None)
-    identity["pruning"].pop("sparsities", None)
-    identity["data"].pop("root", None)  # the data fingerprint covers the content, wherever it lies
-    if identity.get("speech"):
-        identity["speech"].pop("noise_root", None)
     from ..tickets import model_identity
 
-    return {"version": IDENTITY_VERSION, "config": identity,
+    return {"version": IDENTITY_VERSION, "config": identity_settings(config),
             "task_class": None if task is None else f"{type(task).__module__}.{type(task).__qualname__}",
             "model": None if model is None else model_identity(model),
             "theta0": None if model is None else fingerprint(model.state_dict()),

@@ -164,12 +164,13 @@ class Experiment:
             rows = None
         if rows is not None:
             self.progress.advance(method.steps(self), f"{method.name} {level:.0%} (on disk)")
-            return [{**r, "experiment": self.config.name} for r in rows]  # the name is not part of the identity
+            # the name is not part of the identity; the seed is (records written before it was recorded lack it)
+            return [{**r, "experiment": self.config.name, "seed": self.config.seed} for r in rows]
         self.log(f"{method.name} at {level:.0%} sparsity")
         start = time.perf_counter()
         rows, accounting = method.fit(self, level)
         seconds = round(time.perf_counter() - start, 2)
-        records = [{"experiment": self.config.name, "method": method.name, "sparsity": level, **row,
+        records = [{"experiment": self.config.name, "seed": self.config.seed, "method": method.name, "sparsity": level, **row,
                     **vars(accounting), "train_seconds": seconds} for row in rows]
         self.run.save_record(method.name, level, basis, records)
         return records

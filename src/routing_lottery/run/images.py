@@ -22,7 +22,7 @@ from .directory import RunDirectory, run_identity
 from .experiment import Experiment
 
 Row = dict[str, Any]
-_NOT_AVERAGED = ("experiment", "method", "sparsity", "image", "train_seconds", "routing", "error_rate")
+_NOT_AVERAGED = ("experiment", "seed", "method", "sparsity", "image", "train_seconds", "routing", "error_rate")
 
 
 class ImageSetExperiment:
@@ -41,6 +41,7 @@ class ImageSetExperiment:
         self.parts = [Experiment(config, self.run.path / "images" / n, t, progress, log) for n, t in zip(names, tasks)]
         self.run.claim(identity, config)
         self.summary = ""
+        self.deployment: list[Row] = []
 
     @property
     def description(self) -> str:
@@ -68,6 +69,7 @@ class ImageSetExperiment:
             deployment += part.deployment
         records += mean_over_parts(records)
         deployment += mean_over_parts(deployment)
+        self.deployment = deployment
         self.summary = rtl_wins(records)
         write_results(self.run.path, records, self.config, summary=self.summary,
                       columns=["image", "psnr", "parameters", "storage_bytes"] if any("psnr" in r for r in records)
@@ -90,7 +92,8 @@ def mean_over_parts(records: Sequence[Row]) -> list[Row]:
         keys = [k for k in rs[0] if k not in _NOT_AVERAGED and not is_per_context_key(k)
                 and all(isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool) for r in rs)]
         row: Row = {"experiment": rs[0]["experiment"], "method": method, "sparsity": level, "image": "mean"}
-        row.update({k: v for k, v in (("routing", routing), ("error_rate", rate)) if v is not None})
+        row.update({k: v for k, v in (("seed", rs[0].get("seed")), ("routing", routing), ("error_rate", rate))
+                    if v is not None})
         for k in keys:
             mean = sum(r[k] for r in rs) / len(rs)
             row[k] = round(mean) if all(isinstance(r[k], int) for r in rs) else mean
