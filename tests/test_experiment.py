@@ -171,8 +171,9 @@ def test_diagnose_on_a_run_without_tickets_is_a_clear_error(tmp_path):
 def test_sweep_warns_from_masks_before_evaluating(tmp_path):
     out = tmp_path / "sweep"
     result = CliRunner().invoke(app, ["sweep", "digits", "--scale", "smoke", "--out", str(out), "--levels",
-                                      "0.2,0.36,0.49,0.59,0.67,0.74", "--set", "pruning.step=0.2",
-                                      "--set", "data.train_per_class=12", "--set", "data.test_per_class=6"])
+                                      "0.2,0.36,0.49,0.59,0.67,0.74", "--set", "pruning.step=0.2", "--methods",
+                                      "single_imp,rtl", "--set", "data.train_per_class=12", "--set",
+                                      "data.test_per_class=6"])
     assert result.exit_code == 0, result.output
     assert result.output.index("similarity score by sparsity") < result.output.index("rtl at 20% sparsity")
     summary = json.loads((out / "diagnostics" / "summary.json").read_text())
@@ -183,6 +184,15 @@ def test_sweep_warns_from_masks_before_evaluating(tmp_path):
     mean_curve = [sum(v[i] for v in per_context.values()) / 10 for i in range(6)]
     assert mean_curve == pytest.approx(summary["metric"]["values"])
     assert (out / "diagnostics" / "collapse_sweep.png").stat().st_size > 1000
+    # the sweep's own sections: RTL against the single mask at equal storage, and the collapse study
+    report = (out / "report.md").read_text()
+    assert "## Equal storage" in report and "## Collapse study" in report and (out / "pareto.png").exists()
+    budgets = json.loads((out / "pareto.json").read_text())
+    assert [b["sparsity"] for b in budgets] == [0.2, 0.36, 0.49, 0.59, 0.67, 0.74]
+    assert all(b["other_parameters"] is None or b["other_parameters"] <= b["budget"] for b in budgets)
+    study = json.loads((out / "study.json").read_text())
+    assert len(study["runs"]) == 1 and set(study["runs"][0]["signals"]) == {"score", "slope", "deep", "layers", "union"}
+    assert study["runs"][0]["signals"]["score"]["fired"] == summary["collapse"]["level"]  # the same rule as diagnose
 
 
 def test_diagnose_aligns_masks_with_wordnet_for_named_contexts(tmp_path):

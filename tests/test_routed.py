@@ -151,3 +151,34 @@ def test_routed_inference_leaves_batchnorm_statistics_alone():
     routed(torch.randn(8, 3) * 5 + 3, torch.tensor([0, 1] * 4))
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     assert not routed.training and not net.training
+
+
+def test_inference_weights_are_materialized_once_bit_for_bit_and_dropped_when_weights_change():
+    model = toy_model()
+    masks = _masks(model)
+    routed = RoutedModel(model, masks)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        first = routed.masked_weights()
+        assert routed.masked_weights() is first  # kept between calls
+        for n, stacked in masks.stacked.items():
+            assert torch.equal(first[n], params[n] * stacked.float())  # exactly w * m, per context
+        x = torch.randn(6, 4)
+        assert torch.equal(routed(x, 1), masked_forward(model, routed.mask(1), x))
+    # a training step through the routed model changes the weights: the next inference sees the new ones
+    routed.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    routed(torch.randn(8, 4), 0).pow(2).mean().backward()
+    optimizer.step()
+    routed.eval()
+    with torch.no_grad():
+        after = routed.masked_weights()
+        assert after is not first
+        assert all(torch.equal(after[n], params[n] * s.float()) for n, s in masks.stacked.items())
+        model[0].weight.mul_(2.0)  # an in-place change outside any training step
+        assert torch.equal(routed.masked_weights()["0.weight"], params["0.weight"] * masks.stacked["0.weight"].float())
+    # with autograd on, weights are multiplied in afresh (gradients must reach w)
+    assert routed.masked_weights()["0.weight"].requires_grad
+    uncached = RoutedModel(model, masks, materialize=False)
+    with torch.no_grad():
+        assert uncached.masked_weights() is not uncached.masked_weights()  # materialize=False: no copy kept

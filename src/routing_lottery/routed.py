@@ -97,11 +97,15 @@ class RoutedModel(nn.Module):
     >>> logits = routed(images)                         # contexts chosen by the router
     """
 
-    def __init__(self, model: nn.Module, masks: MaskSet, vmap_below: int = 512, router: Router | None = None) -> None:
+    def __init__(self, model: nn.Module, masks: MaskSet, vmap_below: int = 512, router: Router | None = None,
+                 materialize: bool = True) -> None:
         super().__init__()
         self.vmap_below = vmap_below
         self.router = router
+        self.materialize = materialize
         self._vmappable = True
+        self._weights: dict[str, torch.Tensor] | None = None  # masked_weights' cache and what it was made from
+        self._weights_key: tuple[tuple[int, ...], ...] = ()
         params = dict(model.named_parameters())
         missing = [n for n in masks.tensor_names if n not in params]
         if missing:
@@ -131,9 +135,39 @@ class RoutedModel(nn.Module):
         """Masked tensor name -> its K float masks stacked ``(K, *shape)``, on the model's device."""
         return {name: getattr(self, f"mask_{i}") for i, name in enumerate(self.masks.tensor_names)}
 
+    def masked_weights(self) -> dict[str, torch.Tensor]:
+        """Masked tensor name -> the K subnetworks' weights ``w * m_k`` stacked ``(K, *shape)``.
+
+        At inference (evaluation mode, autograd off, ``materialize``) they are computed once and
+        kept: the masks never change there, so multiplying them in at every call is wasted work.
+        The cache is keyed on each weight's storage and version counter, which every in-place
+        change bumps (an optimizer step, ``load_state_dict``, ``apply_mask_``), and on the masks';
+        ``.train()`` drops it. It costs K copies of the masked weights in memory;
+        ``materialize=False`` trades that back for a multiply per call.
+        """
+        params = dict(self.model.named_parameters())
+        stacked = self.stacked_masks()
+        if self.training or torch.is_grad_enabled() or not self.materialize:
+            return {n: params[n] * m for n, m in stacked.items()}
+        key = tuple((params[n].data_ptr(), params[n]._version, m.data_ptr(), m._version) for n, m in stacked.items())
+        if self._weights is None or key != self._weights_key:
+            self._weights = {n: params[n].detach() * m for n, m in stacked.items()}
+            self._weights_key = key
+        return self._weights
+
+    def train(self, mode: bool = True) -> RoutedModel:
+        if mode:
+            self._weights, self._weights_key = None, ()  # weights are about to change: do not hold a stale copy
+        return super().train(mode)
+
+    def _run(self, k: int, *inputs: torch.Tensor) -> torch.Tensor:
+        """Context ``k``'s subnetwork on ``inputs`` (its masked weights from ``masked_weights``)."""
+        weights = {n: w[k] for n, w in self.masked_weights().items()}
+        return functional_call(self.model, weights, inputs, strict=False)
+
     def subnetwork(self, x: torch.Tensor, k: int | str) -> torch.Tensor:
         """Forward a batch whose rows all belong to context ``k``."""
-        return masked_forward(self.model, self.mask(k), x)
+        return self._run(self.masks.check_context(k), *as_tuple(x))
 
     def standalone(self, k: int | str) -> nn.Module:
         """Subnetwork ``k`` as an ordinary module: a copy of the model with ``weight * mask_k`` baked in.
@@ -173,13 +207,13 @@ class RoutedModel(nn.Module):
             context = self.router(self, x)
         inputs = as_tuple(x)
         if isinstance(context, (int, str)) or (isinstance(context, torch.Tensor) and context.dim() == 0):
-            return masked_forward(self.model, self.mask(context), *inputs)
+            return self._run(self.masks.check_context(context), *inputs)
         context = self.context_ids(context, inputs[0].shape[0])
         present = torch.unique(context).tolist()
         for k in present:
             self.masks.check_context(k)
         if len(present) == 1:
-            return masked_forward(self.model, self.mask(present[0]), *inputs)
+            return self._run(present[0], *inputs)
         counts = torch.bincount(context.cpu(), minlength=self.num_contexts)
         largest = int(counts.max())
         if (self._vmappable and len(inputs) == 1 and not self.training and largest < self.vmap_below
@@ -195,7 +229,7 @@ class RoutedModel(nn.Module):
         out: torch.Tensor | None = None
         for k in present:
             rows = (context == k).nonzero(as_tuple=True)[0].to(inputs[0].device)
-            y = masked_forward(self.model, self.mask(k), *(t[rows] for t in inputs))
+            y = self._run(k, *(t[rows] for t in inputs))
             if out is None:
                 out = y.new_empty((inputs[0].shape[0], *y.shape[1:]))
             out[rows] = y
@@ -210,8 +244,7 @@ class RoutedModel(nn.Module):
         ctx = context[order]
         padded = x.new_zeros((self.num_contexts, int(counts.max()), *x.shape[1:]))
         padded[ctx, slot] = x[order]
-        params = dict(self.model.named_parameters())
-        weights = {n: params[n] * m for n, m in self.stacked_masks().items()}
+        weights = self.masked_weights()
 
         def run(w: dict[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
             return functional_call(self.model, w, (rows,), strict=False)

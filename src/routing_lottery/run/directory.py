@@ -60,10 +60,11 @@ def software_environment(device: torch.device) -> dict[str, Any]:
     import platform
 
     import numpy
+    import scipy
     import sklearn
 
     return {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
-            "scikit-learn": sklearn.__version__, "threads": torch.get_num_threads(), "device": str(device),
+            "scipy": scipy.__version__, "scikit-learn": sklearn.__version__, "threads": torch.get_num_threads(), "device": str(device),
             "machine": platform.machine(), "system": platform.system()}
 
 
