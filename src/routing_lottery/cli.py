@@ -336,6 +336,33 @@ def calibrate(
     console.print(f"written: {run_dir / 'calibration.md'}")
 
 
+@app.command()
+@reports_errors
+def export(
+    run_dir: Path = typer.Argument(..., help="A finished run with RTL checkpoints (for several seeds or images: one "
+                                             "of them, RUN/seeds/<s> or RUN/images/<name>)."),
+    context: str = typer.Option(..., metavar="NAME", help="The context to export (its name or index)."),
+    sparsity: Optional[float] = typer.Option(None, help="The RTL level to export (default: the highest)."),
+    out: Optional[Path] = typer.Option(None, metavar="DIR", help="Export directory (default RUN/export/<context>_<level>)."),
+) -> None:
+    """One context's subnetwork as files that run without this library: compact weights (kept values + 1-bit mask),
+    a standalone loader, a torch.export program, and export.json with sizes, checksums and a verification."""
+    from .export import export_run
+
+    index = export_run(run_dir, context, sparsity, out)
+    table = Table(title=f"{index['context']} at {index['sparsity']:.0%} sparsity (density {index['density']:.1%})")
+    for h in ("file", "bytes", "sha256"):
+        table.add_column(h, justify="right" if h == "bytes" else "left")
+    for f in index["files"]:
+        table.add_row(f["file"], f"{f['bytes']:,}", f["sha256"][:16] + "...")
+    console.print(table)
+    v = index["verification"]
+    console.print(f"dense state as safetensors: {index['dense_file_bytes']:,} bytes; compact weights: "
+                  f"{index['compact_ratio']:.2f}x of it. "
+                  f"Outputs on {v['rows']} inputs of this context equal the routed model's (max |diff| "
+                  f"{v['max_abs_diff']:.2g}). {escape(index['program'])}")
+
+
 def print_similarity(run_dir: Path, summary: dict[str, Any]) -> None:
     """The similarity score by level and depth group, then the collapse verdict."""
     table = Table(title=f"mask similarity ({run_dir})")
