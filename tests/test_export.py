@@ -105,3 +105,15 @@ def test_rtl_export_on_a_finished_run(tmp_path):
     assert abs(index["density"] - 0.5) < 0.01
     result = CliRunner().invoke(app, ["export", str(tmp_path / "run"), "--context", "seven", "--sparsity", "0.9"])
     assert result.exit_code == 2 and "no RTL checkpoint at sparsity 0.9" in " ".join(result.output.split())
+
+
+def test_kernels_are_chosen_per_layer_and_the_prepared_module_computes_the_same(tmp_path):
+    routed = _routed()
+    x = torch.randn(32, 4)
+    index = export_context(routed, "a", tmp_path, x[:2], verify=x, kernels=True)
+    layers = {c["layer"]: c for c in index["kernels"]["layers"]}
+    assert set(layers) == {"0", "2"} and all(c["kernel"] in ("dense", "csr", "bsr") for c in layers.values())
+    assert index["kernels"]["speedup"] > 0 and index["kernels"]["batch"] == 32
+    prepared = torch.load(tmp_path / "prepared.pt", weights_only=False)
+    with torch.no_grad():
+        assert torch.allclose(prepared(x), routed(x, "a"), atol=1e-5)

@@ -344,12 +344,14 @@ def export(
     context: str = typer.Option(..., metavar="NAME", help="The context to export (its name or index)."),
     sparsity: Optional[float] = typer.Option(None, help="The RTL level to export (default: the highest)."),
     out: Optional[Path] = typer.Option(None, metavar="DIR", help="Export directory (default RUN/export/<context>_<level>)."),
+    kernels: bool = typer.Option(False, "--kernels", help="Also pick dense, CSR or BSR per layer by timing them on this "
+                                                          "machine (prepared.pt) and report the measured speed-up."),
 ) -> None:
     """One context's subnetwork as files that run without this library: compact weights (kept values + 1-bit mask),
     a standalone loader, a torch.export program, and export.json with sizes, checksums and a verification."""
     from .export import export_run
 
-    index = export_run(run_dir, context, sparsity, out)
+    index = export_run(run_dir, context, sparsity, out, kernels=kernels)
     table = Table(title=f"{index['context']} at {index['sparsity']:.0%} sparsity (density {index['density']:.1%})")
     for h in ("file", "bytes", "sha256"):
         table.add_column(h, justify="right" if h == "bytes" else "left")
@@ -361,6 +363,18 @@ def export(
                   f"{index['compact_ratio']:.2f}x of it. "
                   f"Outputs on {v['rows']} inputs of this context equal the routed model's (max |diff| "
                   f"{v['max_abs_diff']:.2g}). {escape(index['program'])}")
+    if "kernels" in index:
+        import dataclasses
+
+        from .kernels import KernelChoice, choices_markdown
+
+        k = index["kernels"]
+        fields = {f.name for f in dataclasses.fields(KernelChoice)}
+        console.print(choices_markdown([KernelChoice(**{**{f: c[f] for f in fields},
+                                                        "block": tuple(c["block"]) if c["block"] else None})
+                                        for c in k["layers"]]))
+        console.print(f"prepared.pt on {k['batch']} rows, {k['threads']} thread(s): {k['speedup']:.2f}x the dense "
+                      "subnetwork's speed (median of 7 interleaved calls)")
 
 
 def print_similarity(run_dir: Path, summary: dict[str, Any]) -> None:

@@ -34,6 +34,7 @@ from .routed import RoutedModel, as_tuple
 
 FORMAT = "routing-lottery-compact/1"
 WEIGHTS_FILE, LOADER_FILE, PROGRAM_FILE, INDEX_FILE = "weights.safetensors", "load_weights.py", "model.pt2", "export.json"
+PREPARED_FILE = "prepared.pt"
 
 
 def compact_digest(tensors: dict) -> str:
@@ -121,7 +122,8 @@ def _file_entry(path: Path) -> dict[str, Any]:
 
 
 def export_context(routed: RoutedModel, context: int | str, out: str | Path, example: Any,
-                   verify: Any | None = None, metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                   verify: Any | None = None, metadata: Mapping[str, Any] | None = None,
+                   kernels: bool = False) -> dict[str, Any]:
     """Write context ``context``'s subnetwork to ``out`` (see the module docstring); return ``export.json``.
 
     Parameters
@@ -132,6 +134,10 @@ def export_context(routed: RoutedModel, context: int | str, out: str | Path, exa
     example : inputs of the right shape for ``torch.export`` (a tensor or a tuple of tensors).
     verify : inputs of that context to compare outputs on (default: ``example``).
     metadata : extra fields for ``export.json`` (the run, the level).
+    kernels : also choose dense, CSR or BSR per layer by measuring on ``verify`` (``kernels.prepare``),
+        save the prepared module as ``prepared.pt`` (``torch.load(..., weights_only=False)``; it needs
+        ``routing_lottery.kernels`` to unpickle) and record each layer's choice and the whole
+        module's measured speed against the dense one.
     """
     from safetensors.torch import save as safetensors_save
 
@@ -171,11 +177,39 @@ def export_context(routed: RoutedModel, context: int | str, out: str | Path, exa
              "files": [_file_entry(out / f) for f in (WEIGHTS_FILE, LOADER_FILE, PROGRAM_FILE) if (out / f).exists()],
              "program": program_note or "model.pt2 (torch.export.load)", "verification": verification}
     index["compact_ratio"] = index["files"][0]["bytes"] / dense_bytes
+    if kernels:
+        index["kernels"] = _prepare_kernels(module.cpu(), check, out)
+        index["files"].append(_file_entry(out / PREPARED_FILE))
     atomic_write_json(out / INDEX_FILE, index)
     if not verification["equal"]:
         raise CheckpointError(f"{out}: the exported subnetwork's outputs differ from the routed model's "
                               f"(max |diff| {verification['max_abs_diff']:.3g}); the export is kept for inspection")
     return index
+
+
+def _prepare_kernels(module: nn.Module, inputs: tuple[torch.Tensor, ...], out: Path) -> dict[str, Any]:
+    """Per-layer kernels for ``module`` measured on ``inputs``; the prepared module saved and checked."""
+    import io
+    import statistics
+
+    from .kernels import prepare
+
+    prepared, choices = prepare(module, inputs)
+    with torch.no_grad():
+        if not torch.allclose(prepared(*inputs), module(*inputs), atol=1e-4, rtol=1e-4):
+            raise CheckpointError("the kernel-prepared subnetwork's outputs differ from the dense one's")
+        timings: dict[str, list[float]] = {"dense": [], "prepared": []}
+        for _ in range(7):  # interleaved, so load on the machine hits both alike
+            for name, net in (("dense", module), ("prepared", prepared)):
+                start = time.perf_counter()
+                net(*inputs)
+                timings[name].append(time.perf_counter() - start)
+    buffer = io.BytesIO()
+    torch.save(prepared, buffer)
+    atomic_write_bytes(out / PREPARED_FILE, buffer.getvalue())
+    dense, fast = statistics.median(timings["dense"]), statistics.median(timings["prepared"])
+    return {"batch": int(inputs[0].shape[0]), "threads": torch.get_num_threads(), "dense_seconds": dense,
+            "prepared_seconds": fast, "speedup": dense / fast, "layers": [c.to_dict() for c in choices]}
 
 
 def verify_export(out: Path, routed: RoutedModel, k: int, inputs: tuple[torch.Tensor, ...],
@@ -201,7 +235,7 @@ def verify_export(out: Path, routed: RoutedModel, k: int, inputs: tuple[torch.Te
 
 
 def export_run(run_dir: str | Path, context: str, level: float | None = None, out: str | Path | None = None,
-               rows: int = 256) -> dict[str, Any]:
+               rows: int = 256, kernels: bool = False) -> dict[str, Any]:
     """``rtl export``: context ``context`` of a finished run's RTL tickets at ``level`` (default: the highest)."""
     from .config import load_config
     from .diagnose import rtl_checkpoints
@@ -231,7 +265,8 @@ def export_run(run_dir: str | Path, context: str, level: float | None = None, ou
     out = Path(out) if out is not None else run_dir / "export" / f"{routed.masks.context_names[k]}_{level:.4f}"
     return export_context(routed, k, out, example[:2] if isinstance(example, torch.Tensor) else
                           tuple(t[:2] for t in example), verify=example,
-                          metadata={"run": str(run_dir), "sparsity": level, "experiment": config.name})
+                          metadata={"run": str(run_dir), "sparsity": level, "experiment": config.name},
+                          kernels=kernels)
 
 
 def _context_inputs(task: Any, k: int, rows: int) -> Any:
