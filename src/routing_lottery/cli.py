@@ -93,6 +93,8 @@ def packaged_config(name: str) -> Path:
 
 PACKAGED_CONFIGS = ", ".join(sorted(p.stem for p in packaged_config("digits").parent.glob("*.yaml")))
 CONFIG_HELP = f"A YAML config file, or a packaged config: {PACKAGED_CONFIGS}."
+WORKERS_HELP = ("Processes for stage 1 (the per-context and single-mask IMP runs), each with the cores shared out "
+                "(or --set threads=T each).")
 SEEDS_HELP = ("Run this many seeds (seed, seed+1, ...), each a full run in DIR/seeds/<seed>; tables then show the mean "
               "and a 95 % interval, with paired tests of RTL against the baselines.")
 DEVICE_HELP = ("Where to train: auto (CUDA when present, else CPU), cpu, cuda, cuda:N, mps. "
@@ -198,9 +200,10 @@ def demo(
     set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a setting, e.g. --set training.epochs=4."),
     device: Optional[str] = typer.Option(None, metavar="DEVICE", help=DEVICE_HELP),
     seeds: Optional[int] = typer.Option(None, min=1, metavar="N", help=SEEDS_HELP),
+    workers: Optional[int] = typer.Option(None, min=1, metavar="N", help=WORKERS_HELP),
 ) -> None:
     """Table 1 on scikit-learn's bundled handwritten digits: dense, single IMP, multiple IMP, RTL, random."""
-    execute(packaged_config("digits"), out, scale, with_overrides(parse_overrides(set_), None, device, seeds))
+    execute(packaged_config("digits"), out, scale, with_overrides(parse_overrides(set_), None, device, seeds, workers))
 
 
 @app.command()
@@ -213,22 +216,25 @@ def run(
     set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a setting, e.g. --set training.epochs=4."),
     device: Optional[str] = typer.Option(None, metavar="DEVICE", help=DEVICE_HELP),
     seeds: Optional[int] = typer.Option(None, min=1, metavar="N", help=SEEDS_HELP),
+    workers: Optional[int] = typer.Option(None, min=1, metavar="N", help=WORKERS_HELP),
 ) -> None:
     """Run (or resume) any experiment config."""
-    path, overrides = config_and_overrides(config, data, set_, device, seeds)
+    path, overrides = config_and_overrides(config, data, set_, device, seeds, workers)
     execute(path, out or Path("runs") / path.stem, scale, overrides)
 
 
 def config_and_overrides(config: str, data: Optional[Path], pairs: list[str], device: Optional[str] = None,
-                         seeds: Optional[int] = None) -> tuple[Path, dict[str, Any]]:
+                         seeds: Optional[int] = None, workers: Optional[int] = None) -> tuple[Path, dict[str, Any]]:
     """The config file a command names, and its ``--set`` overrides with ``--data`` as ``data.root``."""
-    return resolve_config(config), with_overrides(parse_overrides(pairs), data, device, seeds)
+    return resolve_config(config), with_overrides(parse_overrides(pairs), data, device, seeds, workers)
 
 
 def with_overrides(overrides: dict[str, Any], data: Optional[Path], device: Optional[str],
-                   seeds: Optional[int] = None) -> dict[str, Any]:
+                   seeds: Optional[int] = None, workers: Optional[int] = None) -> dict[str, Any]:
     """``--set`` overrides plus the options that are settings too: ``--data`` (data.root), ``--device``,
-    ``--seeds`` (replicates)."""
+    ``--seeds`` (replicates), ``--workers``."""
+    if workers is not None:
+        overrides["workers"] = workers
     if data is not None:
         overrides.setdefault("data", {})["root"] = str(data)
     if device is not None:
@@ -263,6 +269,7 @@ def sweep(
     set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a setting, e.g. --set training.epochs=4."),
     device: Optional[str] = typer.Option(None, metavar="DEVICE", help=DEVICE_HELP),
     seeds: Optional[int] = typer.Option(None, min=1, metavar="N", help=SEEDS_HELP),
+    workers: Optional[int] = typer.Option(None, min=1, metavar="N", help=WORKERS_HELP),
 ) -> None:
     """Every method at increasing sparsity: warn of subnetwork collapse from the masks alone, measure the metric,
     compare at equal storage, and study which label-free signal warned first."""
@@ -270,7 +277,7 @@ def sweep(
     from .diagnostics.collapse import CollapseSettings
     from .sweep import write_sweep_report
 
-    path, overrides = config_and_overrides(config, data, set_, device, seeds)
+    path, overrides = config_and_overrides(config, data, set_, device, seeds, workers)
     if methods is not None:
         overrides["methods"] = [m.strip() for m in methods.split(",") if m.strip()]
         if "rtl" not in overrides["methods"]:

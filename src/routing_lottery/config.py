@@ -111,7 +111,7 @@ class DeployConfig:
             raise ConfigError(f"deploy.rule must be one of {list(RULES)}; got {self.rule!r}")
 
 
-EXECUTION_SETTINGS = ("device", "threads")
+EXECUTION_SETTINGS = ("device", "threads", "workers")
 """Settings that decide where and how fast a run goes, never its results (left out of its identity)."""
 
 
@@ -131,6 +131,9 @@ class ExperimentConfig(RTLConfig):
     # seeds seed, seed+1, ..., each a full run in <out>/seeds/<seed>; tables then report the mean, a 95 %
     # interval and paired tests across them (statistics.py). 1: one run in <out> itself
     replicates: int = 1
+    # processes for stage 1 (the per-context and single-mask IMP runs, run.workers); each gets threads, or
+    # the cores shared out. The masks do not depend on it (for the same threads per process)
+    workers: int = 1
 
     def __post_init__(self) -> None:
         from .methods import METHODS
@@ -147,6 +150,8 @@ class ExperimentConfig(RTLConfig):
                 raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or another torch device; got {self.device!r}") from None
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1; got {self.threads}")
+        if self.workers < 1:
+            raise ConfigError(f"workers must be >= 1; got {self.workers}")
         if self.replicates < 1:
             raise ConfigError(f"replicates must be >= 1 (the number of seeds); got {self.replicates}")
         # Names are resolved now, before a run directory is claimed, so a typo costs nothing.

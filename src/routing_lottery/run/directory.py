@@ -125,9 +125,10 @@ class RunDirectory:
     through ``log``, deleted and recomputed: corruption costs time, never a wrong result.
     """
 
-    def __init__(self, path: str | Path, log: Callable[[str], None] = lambda message: None) -> None:
+    def __init__(self, path: str | Path, log: Callable[[str], None] = lambda message: None, lock: bool = True) -> None:
         self.path = Path(path)
         self.log = log
+        self.lock = lock  # False: a worker process writing under the lock its parent holds (run.workers)
         self._lock: filelock.FileLock | None = None
 
     # -- ownership -------------------------------------------------------------------------
@@ -140,6 +141,9 @@ class RunDirectory:
         if self.path.exists() and not self.path.is_dir():
             raise ConfigError(f"{self.path} is a file, not a run directory")
         self.path.mkdir(parents=True, exist_ok=True)
+        if not self.lock:
+            yield
+            return
         if self._lock is None:
             self._lock = filelock.FileLock(str(self.path / LOCK_FILE), timeout=0)
         owner = self.path / LOCK_OWNER_FILE
@@ -183,9 +187,11 @@ class RunDirectory:
             elif (self.path / "config.yaml").exists():
                 raise ConfigError(f"{self.path} holds a run from an older routing-lottery (no {IDENTITY_FILE}); "
                                   "choose another output directory")
+            elif not self.lock:
+                raise ConfigError(f"{self.path}: a worker joins a run its parent claimed; there is none here")
             else:
                 atomic_write_json(path, identity)
-            if config is not None:
+            if config is not None and self.lock:  # a worker's config differs in execution settings only
                 atomic_write_text(self.path / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
         return resuming
 

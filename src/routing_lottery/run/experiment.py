@@ -41,9 +41,9 @@ class Experiment:
     """Dense, single IMP, multiple IMP, RTL and the random control (or the configured subset) on one task."""
 
     def __init__(self, config: ExperimentConfig, out: str | Path, task: Task, progress: ProgressSink = SILENT,
-                 log: Log = quiet) -> None:
+                 log: Log = quiet, lock: bool = True) -> None:
         self.config, self.task, self.progress, self.log = config, task, progress, log
-        self.run = RunDirectory(out, log=log)
+        self.run = RunDirectory(out, log=log, lock=lock)
         self.device = resolve_device(config.device)
         self.methods: list[Method] = [METHODS.get(m) for m in config.methods]
         model, shared = seeded_models(task, derive_seed(config.seed, "init"))
@@ -58,8 +58,8 @@ class Experiment:
             shared, config, store=self.run, name="shared", progress=progress, log=log)
         self.check_partition()
         self.run.claim(run_identity(config, task.data_fingerprint(), task, model), config)
-        # Not part of the identity (a run may move between machines), but what its figures depend on.
-        atomic_write_json(self.run.path / "environment.json", software_environment(self.device))
+        if lock:  # not part of the identity (a run may move between machines), but what its figures depend on
+            atomic_write_json(self.run.path / "environment.json", software_environment(self.device))
         self.classifier = task.shared_stream()
         self.detectors = [task.context_stream(k) for k in range(self.num_contexts)]
         self.factor = task.shared_epoch_factor
@@ -121,6 +121,10 @@ class Experiment:
 
     def _run_all(self) -> list[Row]:
         self.log("masks:\n" + self.tickets.describe())
+        if self.config.workers > 1:  # stage 1 in worker processes; below, it is found on disk
+            from .workers import run_stage_one
+
+            run_stage_one(self, self.config.workers)
         if any(m.needs_single for m in self.methods):
             self.single_rounds()
         if any(m.needs_contexts for m in self.methods):
