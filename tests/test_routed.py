@@ -182,3 +182,31 @@ def test_inference_weights_are_materialized_once_bit_for_bit_and_dropped_when_we
     uncached = RoutedModel(model, masks, materialize=False)
     with torch.no_grad():
         assert uncached.masked_weights() is not uncached.masked_weights()  # materialize=False: no copy kept
+
+
+def test_the_batched_path_folds_batchnorm_and_equals_per_context_forwards():
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 16, 3))
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):  # non-trivial running statistics
+            model(torch.randn(8, 2, 4, 4) * 3 + 1)
+    params = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(0)
+    half = {n: torch.rand(params[n].shape, generator=g) > 0.5 for n in ("0.weight", "4.weight")}
+    routed = RoutedModel(model, MaskSet.from_tickets([random_mask_like(half, g) for _ in range(3)]))
+    x = torch.randn(12, 2, 4, 4)
+    context = torch.tensor([0, 1, 2] * 4)
+    with torch.no_grad():
+        mixed = routed(x, context)
+        assert routed._batched is not None  # the vmapped path ran on the folded copy
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in routed._batched[1].modules())
+        expected = torch.stack([routed(x[i:i + 1], int(context[i]))[0] for i in range(12)])
+        torch.testing.assert_close(mixed, expected, atol=1e-5, rtol=1e-5)
+        assert set(routed.state_dict()) == {f"model.{k}" for k in model.state_dict()}  # the copy is not a submodule
+        model[1].running_mean.add_(1.0)  # new statistics: the folded copy is remade
+        again = routed(x, context)
+        expected = torch.stack([routed(x[i:i + 1], int(context[i]))[0] for i in range(12)])
+        torch.testing.assert_close(again, expected, atol=1e-5, rtol=1e-5)
