@@ -51,8 +51,10 @@ def test_cli_smoke_run_records_every_method_and_level(smoke_runs, example):
     assert result.exit_code == 0, result.output
     records = json.loads((out / "results.json").read_text())
     levels = config_of(example).pruning.sparsities
+    routed = ("multi_imp", "rtl", "random")  # also scored as one K-way classifier (argmax of their detectors)
     assert {(r["method"], r["sparsity"]) for r in records} == (
-        {("dense", 0.0)} | {(m, s) for m in METHODS if m != "dense" for s in levels})
+        {("dense", 0.0)} | {(m, s) for m in METHODS if m != "dense" for s in levels}
+        | {(f"{m}+argmax", s) for m in routed for s in levels})
     by = {(r["method"], r["sparsity"]): r for r in records}
     total = by[("dense", 0.0)]["parameters"]
     for s in levels:
@@ -71,7 +73,7 @@ def test_rtl_script_finds_the_example_code_from_the_repository_root(tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     records = json.loads((tmp_path / "results.json").read_text())
-    assert len(records) == 1 + 4 * len(config_of("tabular").pruning.sparsities)
+    assert len(records) == 1 + 7 * len(config_of("tabular").pruning.sparsities)  # 4 methods + 3 argmax rows per level
 
 
 @pytest.mark.parametrize("example", EXAMPLES)

@@ -256,6 +256,8 @@ def budget_markdown(rows: Sequence[Row], metric: str) -> str:
     lines = [f"| sparsity | {ours} budget (parameters) | compared with | {ours} {metric} | other {metric} | verdict |",
              "|---|---|---|---|---|---|"]
     for r in rows:
+        if r["verdict"] == NO_POINT:  # nothing to compare: counted in the method's summary line only
+            continue
         other = method_label(r["method"])
         if r["other_sparsity"] is not None:
             other += f" at {r['other_sparsity']:.0%} ({int(round(r['other_parameters'])):,})"

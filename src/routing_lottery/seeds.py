@@ -50,8 +50,11 @@ def summarize_seeds(records: Sequence[Row]) -> list[Row]:
             if is_per_context_key(k) or all(isinstance(r[k], bool) for r in rows):
                 summary[k] = sum(values) / len(values)
                 continue
-            interval = mean_interval(values)
             whole = all(isinstance(r[k], int) and not isinstance(r[k], bool) for r in rows)
+            if whole and len(set(values)) == 1:  # a count every seed agrees on (passes, parameters): itself
+                summary[k] = rows[0][k]
+                continue
+            interval = mean_interval(values)
             summary[k] = round(interval.mean) if whole and interval.low is None else interval.mean
             if interval.low is not None:
                 summary[k + LOW], summary[k + HIGH] = interval.low, interval.high
