@@ -193,6 +193,10 @@ def test_sweep_warns_from_masks_before_evaluating(tmp_path):
     study = json.loads((out / "study.json").read_text())
     assert len(study["runs"]) == 1 and set(study["runs"][0]["signals"]) == {"score", "slope", "deep", "layers", "union"}
     assert study["runs"][0]["signals"]["score"]["fired"] == summary["collapse"]["level"]  # the same rule as diagnose
+    # rtl study gathers sweeps (here one) into one table per signal and experiment
+    result = CliRunner().invoke(app, ["study", str(out), "--out", str(tmp_path / "study")])
+    assert result.exit_code == 0, result.output
+    assert "| score | digits | 1 |" in (tmp_path / "study" / "study.md").read_text()
 
 
 def test_diagnose_aligns_masks_with_wordnet_for_named_contexts(tmp_path):

@@ -304,6 +304,22 @@ def sweep(
 
 @app.command()
 @reports_errors
+def study(
+    sweeps: list[Path] = typer.Argument(..., help="Finished sweep directories (rtl sweep), of one or more experiments."),
+    out: Path = typer.Option(Path("runs/study"), metavar="DIR", help="Where study.md and study.json go."),
+    threshold: float = typer.Option(3.0, help="Collapse rule: robust residuals off the trend that raise a warning."),
+) -> None:
+    """Which label-free signal warned of collapse before the metric dropped: each signal's lead, per experiment."""
+    from .diagnose import DiagnoseSettings
+    from .diagnostics.collapse import CollapseSettings
+    from .sweep import study_sweeps
+
+    study_sweeps(list(sweeps), out, DiagnoseSettings(collapse=CollapseSettings(threshold=threshold)))
+    console.print((out / "study.md").read_text())
+
+
+@app.command()
+@reports_errors
 def diagnose(
     run_dir: Path = typer.Argument(..., help="A finished run directory with RTL checkpoints."),
     threshold: float = typer.Option(3.0, help="Collapse rule: robust residuals off the trend that raise the warning."),

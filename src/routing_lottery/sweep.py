@@ -73,3 +73,20 @@ def write_sweep_report(out: str | Path, settings: DiagnoseSettings, log: Log = l
     head = (out / "report.md").read_text() if out in parts else f"# Sweep: {out.name}\n"
     atomic_write_text(out / "report.md", head.rstrip("\n") + "\n\n" + "\n".join(sections))
     return {"verdicts": verdicts, "study": study, "runs": entries}
+
+
+def study_sweeps(directories: list[str | Path], out: str | Path, settings: DiagnoseSettings) -> list[dict[str, Any]]:
+    """The collapse study over finished sweeps of several experiments: ``study.json`` and ``study.md`` in ``out``."""
+    entries = []
+    for directory in directories:
+        parts = sweep_parts(Path(directory))
+        if not parts:
+            raise FileNotFoundError(f"{directory} holds no RTL checkpoints: is it a finished sweep?")
+        entries += [e for e in (study_run(p, settings.collapse) for p in parts) if e is not None]
+    rows = study_table(entries)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "study.json", {"runs": entries, "summary": rows})
+    atomic_write_text(out / "study.md", "# Collapse study\n\n" + (study_markdown(rows) or "No run had enough levels "
+                                                                    "and a metric at each.\n"))
+    return rows
