@@ -210,3 +210,38 @@ def test_the_batched_path_folds_batchnorm_and_equals_per_context_forwards():
         again = routed(x, context)
         expected = torch.stack([routed(x[i:i + 1], int(context[i]))[0] for i in range(12)])
         torch.testing.assert_close(again, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_the_weight_cache_never_serves_stale_or_unkeyable_weights():
+    from torch import nn
+
+    model = toy_model()
+    masks = _masks(model)
+    routed = RoutedModel(model, masks)
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        before = routed(x, 1)
+        model[0].weight.data.mul_(3.0)  # bypasses the version counter (as fused optimizers may)
+        routed.refresh()
+        assert torch.equal(routed(x, 1), masked_forward(model, routed.mask(1), x))
+        assert not torch.equal(routed(x, 1), before)
+    with torch.enable_grad():  # a call with autograd on drops the copies: training may follow
+        routed(x, 0)
+        assert routed._weights is None
+    with torch.inference_mode():  # inference tensors have no version counter: computed afresh, no error
+        fresh = RoutedModel(toy_model(), _masks(toy_model()))
+        out = fresh(torch.randn(3, 4), torch.tensor([0, 1, 2]))
+        assert out.shape == (3, 3)
+    # a BatchNorm whose weight is masked is not folded (its mask would be dropped)
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    params = dict(net.named_parameters())
+    g = torch.Generator().manual_seed(2)
+    half = {n: torch.rand(params[n].shape, generator=g) > 0.5 for n in ("0.weight", "1.weight", "3.weight")}
+    masked_bn = RoutedModel(net, MaskSet.from_tickets([random_mask_like(half, g) for _ in range(3)]))
+    xs, ctx = torch.randn(9, 4), torch.tensor([0, 1, 2] * 3)
+    with torch.no_grad():
+        mixed = masked_bn(xs, ctx)
+        assert isinstance(masked_bn._batched[1][1], nn.BatchNorm1d)
+        rows = torch.stack([masked_bn(xs[i:i + 1], int(ctx[i]))[0] for i in range(9)])
+    torch.testing.assert_close(mixed, rows, atol=1e-5, rtol=1e-5)

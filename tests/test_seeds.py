@@ -142,3 +142,11 @@ def test_a_killed_replicate_run_resumes_seed_by_seed(tmp_path, monkeypatch):
 def test_replicates_must_be_positive():
     with pytest.raises(ConfigError, match="replicates must be >= 1"):
         load_config(packaged_config("digits"), "smoke", {"replicates": 0})
+
+
+def test_a_diverged_seed_shows_and_labels_do_not_split_groups():
+    rows = [{"method": "rtl", "sparsity": 0.5, "seed": s, "psnr": v, "note": f"seed {s}", "kind": "mlp"}
+            for s, v in enumerate([30.0, float("nan"), 31.0])]
+    [summary] = summarize_seeds(rows)
+    assert summary["n"] == 3 and math.isnan(summary["psnr"]) and summary["psnr_nonfinite"] == 1
+    assert summary["kind"] == "mlp" and "note" not in summary  # agreed labels kept, differing ones dropped

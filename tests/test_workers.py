@@ -99,3 +99,19 @@ def test_a_run_killed_in_stage_one_resumes_to_the_same_masks(one_process, tmp_pa
 def test_a_worker_cannot_claim_a_directory_its_parent_did_not(tmp_path):
     with pytest.raises(ConfigError, match="a worker joins a run its parent claimed"):
         RunDirectory(tmp_path, lock=False).claim({"version": 4})
+
+
+def test_workers_refuse_a_task_they_cannot_rebuild(tmp_path):
+    from routing_lottery.run import build_tasks
+
+    config = tiny(workers=2)
+    with pytest.raises(ConfigError, match="cannot be rebuilt there"):
+        make_runner(config, tmp_path, tasks=build_tasks(config)[0])
+
+
+def test_one_run_and_a_run_of_seeds_do_not_share_a_directory(tmp_path):
+    from routing_lottery.run.directory import IDENTITY_VERSION
+
+    RunDirectory(tmp_path).claim({"version": IDENTITY_VERSION, "replicates_of": {"seed": 0}})
+    with pytest.raises(ConfigError, match="holds a run of several seeds; one run needs another output directory"):
+        RunDirectory(tmp_path).claim({"version": IDENTITY_VERSION, "config": {}})

@@ -283,6 +283,10 @@ def sweep(
         if "rtl" not in overrides["methods"]:
             raise typer.BadParameter("--methods must include rtl: the sweep studies RTL's masks")
     overrides.setdefault("pruning", {})["sparsities"] = sweep_levels(levels)
+    from .config import load_config
+
+    if "rtl" not in load_config(path, scale, overrides).methods:  # refused now, not after the sweep trained
+        raise typer.BadParameter("the config's methods lack rtl, whose masks the sweep studies; add it with --methods")
     out = out or Path("runs") / f"{path.stem}-sweep"
     settings = DiagnoseSettings(collapse=CollapseSettings(threshold=threshold), layer_heatmaps=False)
 

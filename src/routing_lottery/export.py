@@ -260,7 +260,9 @@ def export_run(run_dir: str | Path, context: str, level: float | None = None, ou
         raise ConfigError(f"{run_dir}: cannot tell which of the config's parts this run is; export from its own directory")
     tickets = AdaptiveTickets.load(checkpoints[level], task.build_model())
     routed = tickets.routed
-    k = routed.masks.check_context(context if not context.isdigit() else int(context))
+    # a name first (contexts may be named "0", "1", ...), else an index
+    k = routed.masks.check_context(context if context in routed.masks.context_names or not context.isdigit()
+                                   else int(context))
     example = _context_inputs(task, k, rows)
     out = Path(out) if out is not None else run_dir / "export" / f"{routed.masks.context_names[k]}_{level:.4f}"
     return export_context(routed, k, out, example[:2] if isinstance(example, torch.Tensor) else

@@ -95,14 +95,20 @@ class _FrozenBatchNorm(nn.Module):
         return torch.addcmul(self.shift.view(view), x, self.scale.view(view))
 
 
-def _inference_copy(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` for batched evaluation: every BatchNorm that normalizes with running
-    statistics folded into ``_FrozenBatchNorm`` (masked tensors are passed in at call time)."""
+def _inference_copy(model: nn.Module, masked: set[str]) -> nn.Module:
+    """A copy of ``model`` for batched evaluation: every plain BatchNorm that normalizes with running
+    statistics folded into ``_FrozenBatchNorm``. Left as they are: BatchNorms with a masked
+    parameter (the mask is passed in at call time, a folded copy would drop it) and subclasses
+    with a ``forward`` of their own (fused activations, say)."""
     copy_ = copy.deepcopy(model).eval()
-    for parent in list(copy_.modules()):
+    for prefix, parent in list(copy_.named_modules()):
         for name, child in list(parent.named_children()):
-            if (isinstance(child, nn.modules.batchnorm._BatchNorm) and child.track_running_stats
-                    and child.running_mean is not None and child.running_var is not None):
+            path = f"{prefix}.{name}" if prefix else name
+            if (isinstance(child, nn.modules.batchnorm._BatchNorm)
+                    and type(child).forward is nn.modules.batchnorm._BatchNorm.forward
+                    and child.track_running_stats and child.running_mean is not None
+                    and child.running_var is not None
+                    and not any(f"{path}.{p}" in masked for p, _ in child.named_parameters())):
                 setattr(parent, name, _FrozenBatchNorm(child))
     return copy_
 
@@ -179,14 +185,16 @@ class RoutedModel(nn.Module):
 
         At inference (evaluation mode, autograd off, ``materialize``) they are computed once and
         kept: the masks never change there, so multiplying them in at every call is wasted work.
-        The cache is keyed on each weight's storage and version counter, which every in-place
-        change bumps (an optimizer step, ``load_state_dict``, ``apply_mask_``), and on the masks';
-        ``.train()`` drops it. It costs K copies of the masked weights in memory;
+        The copy is keyed on each weight's storage and version counter, which in-place changes
+        through autograd bump (a standard optimizer step, ``load_state_dict``, ``apply_mask_``), and
+        on the masks'; ``.train()`` and any call with autograd on drop it. Changes that bypass the
+        version counter (``p.data`` edits, fused optimizers stepping a model used in evaluation
+        mode) need ``refresh()``. It costs K copies of the masked weights in memory;
         ``materialize=False`` trades that back for a multiply per call.
         """
         params = dict(self.model.named_parameters())
         stacked = self.stacked_masks()
-        if self.training or torch.is_grad_enabled() or not self.materialize:
+        if not self._cacheable():
             return {n: params[n] * m for n, m in stacked.items()}
         key = tuple((params[n].data_ptr(), params[n]._version, m.data_ptr(), m._version) for n, m in stacked.items())
         if self._weights is None or key != self._weights_key:
@@ -194,24 +202,43 @@ class RoutedModel(nn.Module):
             self._weights_key = key
         return self._weights
 
+    def _cacheable(self) -> bool:
+        """Whether this call may use (and keep) materialized copies: evaluation, autograd off, and no
+        inference-mode tensors (they have no version counter to key a cache on)."""
+        if self.training or torch.is_grad_enabled() or not self.materialize:
+            self.refresh()  # weights may be about to change: never serve a copy made before
+            return False
+        if torch.is_inference_mode_enabled() or any(t.is_inference() for t in (*self.model.parameters(),
+                                                                              *self.stacked_masks().values())):
+            return False
+        return True
+
+    def refresh(self) -> None:
+        """Drop the materialized weights and the folded inference copy; the next call remakes them."""
+        self._weights, self._weights_key, self._batched = None, (), None
+
     def _batched_model(self) -> nn.Module:
         """The module the vmapped path calls: at inference, ``_inference_copy`` of the model, remade
         whenever any of its parameters or buffers changed (the same version keys as ``masked_weights``)."""
-        if not self.materialize or torch.is_grad_enabled():
+        if not self._cacheable() or any(t.is_inference() for t in self.model.buffers()):
             return self.model
         key = tuple((t.data_ptr(), t._version) for t in (*self.model.parameters(), *self.model.buffers()))
         if self._batched is None or self._batched[0] != key:
-            self._batched = (key, _inference_copy(self.model))
+            self._batched = (key, _inference_copy(self.model, set(self.masks.tensor_names)))
         return self._batched[1]
 
     def train(self, mode: bool = True) -> RoutedModel:
         if mode:  # weights are about to change: do not hold stale copies
-            self._weights, self._weights_key, self._batched = None, (), None
+            self.refresh()
         return super().train(mode)
 
     def _run(self, k: int, *inputs: torch.Tensor) -> torch.Tensor:
-        """Context ``k``'s subnetwork on ``inputs`` (its masked weights from ``masked_weights``)."""
-        weights = {n: w[k] for n, w in self.masked_weights().items()}
+        """Context ``k``'s subnetwork on ``inputs``: its materialized weights at inference, else ``w * m_k``."""
+        if self._cacheable():
+            weights = {n: w[k] for n, w in self.masked_weights().items()}
+        else:
+            params = dict(self.model.named_parameters())
+            weights = {n: params[n] * m[k] for n, m in self.stacked_masks().items()}
         return functional_call(self.model, weights, inputs, strict=False)
 
     def subnetwork(self, x: torch.Tensor, k: int | str) -> torch.Tensor:

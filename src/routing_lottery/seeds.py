@@ -18,41 +18,58 @@ from .report import HIGH, LOW, aggregate_rows, is_per_context_key, primary_metri
 from .statistics import Interval, mean_interval, paired_test
 
 Row = dict[str, Any]
-GROUPING_NUMBERS = ("sparsity", "error_rate")  # numbers that name a group, never averaged
 COMPARISONS = (("rtl", "single_imp"), ("rtl", "multi_imp"), ("rtl" + ARGMAX, "single_imp"))
 """Paired differences reported by default: RTL against one shared mask and against K models, and RTL's
 detectors as one K-way classifier against the single-mask classifier (where the context is the label)."""
+
+
+GROUP_KEYS = ("experiment", "method", "sparsity", "image", "environment", "routing", "error_rate", "objective")
+"""The keys that name a group of records (a row of a table); every other key is measured or carried."""
 
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not (isinstance(value, float) and not math.isfinite(value))
 
 
-def _group_key(record: Row) -> tuple[tuple[str, Any], ...]:
-    return tuple((k, v) for k, v in record.items()
-                 if k != "seed" and (k in GROUPING_NUMBERS or isinstance(v, str) or v is None))
+def _is_numeric(value: Any) -> bool:
+    """A number, finite or not (a diverged seed's NaN must show, not vanish)."""
+    return isinstance(value, (int, float))
 
 
 def summarize_seeds(records: Sequence[Row]) -> list[Row]:
-    """One summary record per group of records that differ only in their seed and measurements."""
-    groups: dict[tuple[tuple[str, Any], ...], list[Row]] = {}
+    """One summary record per group of records that differ only in their seed and measurements.
+
+    Records group by ``GROUP_KEYS``. A key that is a number in every record of a group is
+    measured; one that is not a finite number in some seed gives NaN with ``<key>_nonfinite``,
+    the count of such seeds (a diverged seed is shown, not averaged away). Other values are kept
+    where every seed agrees on them.
+    """
+    groups: dict[tuple[Any, ...], list[Row]] = {}
     for r in records:
-        groups.setdefault(_group_key(r), []).append(r)
+        groups.setdefault(tuple(r.get(k) for k in GROUP_KEYS), []).append(r)
     out = []
     for key, rows in groups.items():
-        summary: Row = dict(key)
+        summary: Row = {k: v for k, v in zip(GROUP_KEYS, key) if any(k in r for r in rows)}
         summary["n"] = len(rows)
         summary["seeds"] = sorted({r["seed"] for r in rows if "seed" in r})
-        measured = [k for k in rows[0] if k not in summary and k != "seed"
-                    and all(_is_number(r.get(k)) for r in rows)]
-        for k in measured:
-            values = [float(r[k]) for r in rows]
-            if is_per_context_key(k) or all(isinstance(r[k], bool) for r in rows):
-                summary[k] = sum(values) / len(values)
+        keys = list(dict.fromkeys(k for r in rows for k in r if k not in summary and k != "seed"))
+        for k in keys:
+            present = [r.get(k) for r in rows]
+            if not all(_is_numeric(v) for v in present):
+                if all(v == present[0] for v in present):  # a label every seed agrees on
+                    summary[k] = present[0]
                 continue
-            whole = all(isinstance(r[k], int) and not isinstance(r[k], bool) for r in rows)
+            values = [float(v) for v in present]
+            bad = sum(not math.isfinite(v) for v in values)
+            if bad:
+                summary[k], summary[k + "_nonfinite"] = math.nan, bad
+                continue
+            whole = all(isinstance(v, int) and not isinstance(v, bool) for v in present)
             if whole and len(set(values)) == 1:  # a count every seed agrees on (passes, parameters): itself
-                summary[k] = rows[0][k]
+                summary[k] = present[0]
+                continue
+            if is_per_context_key(k) or all(isinstance(v, bool) for v in present):
+                summary[k] = sum(values) / len(values)  # a flag: the share of seeds where it held
                 continue
             interval = mean_interval(values)
             summary[k] = round(interval.mean) if whole and interval.low is None else interval.mean

@@ -29,6 +29,12 @@ def make_runner(config: ExperimentConfig, out: str | Path, progress: ProgressSin
     """
     if config.threads is not None:
         torch.set_num_threads(config.threads)
+    if tasks is not None and config.workers > 1:
+        from ..errors import ConfigError
+
+        raise ConfigError("workers > 1 rebuilds the task from the config in each worker process; a task handed in "
+                          "as an object cannot be rebuilt there: register it (TASKS) and name it in the config, "
+                          "or run with workers=1")
     if config.replicates > 1:
         return Replicates(config, out, lambda c, o: _runner(c, o, progress, log, tasks), log)
     return _runner(config, out, progress, log, tasks)

@@ -178,11 +178,17 @@ class RunDirectory:
                     raise ConfigError(f"{self.path} holds a run from another routing-lottery version (identity "
                                       f"version {found.get('version') if isinstance(found, dict) else '?'}, this one "
                                       f"writes {IDENTITY_VERSION}); choose another output directory")
+                if ("replicates_of" in found) != ("replicates_of" in identity):
+                    held, wanted = (("a run of several seeds", "one run") if "replicates_of" in found
+                                    else ("one run", "a run of several seeds"))
+                    raise ConfigError(f"{self.path} holds {held}; {wanted} needs another output directory "
+                                      "(a single run's seed can be one of the seeds: copy it to DIR/seeds/<seed>)")
                 if found != json.loads(json.dumps(identity)):
                     diff = "; ".join(identity_diff(found, identity)[:8])
                     raise ConfigError(f"{self.path} holds a run of different data or settings ({diff}); "
                                       "choose another output directory to start a new run")
-                for litter in remove_stale_temp_files(self.path):
+                # only the lock holder may clean up: a worker would delete a sibling's half-written file
+                for litter in (remove_stale_temp_files(self.path) if self.lock else []):
                     self.log(f"removed {litter.relative_to(self.path)}, left by a run killed while writing it")
             elif (self.path / "config.yaml").exists():
                 raise ConfigError(f"{self.path} holds a run from an older routing-lottery (no {IDENTITY_FILE}); "

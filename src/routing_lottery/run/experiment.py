@@ -121,14 +121,19 @@ class Experiment:
 
     def _run_all(self) -> list[Row]:
         self.log("masks:\n" + self.tickets.describe())
-        if self.config.workers > 1:  # stage 1 in worker processes; below, it is found on disk
+        if self.config.workers > 1:  # stage 1 in worker processes (their steps drawn as they go); then from disk
             from .workers import run_stage_one
 
             run_stage_one(self, self.config.workers)
-        if any(m.needs_single for m in self.methods):
-            self.single_rounds()
-        if any(m.needs_contexts for m in self.methods):
-            self.context_masks()
+            for tickets in {id(t): t for t in (self.tickets, self.shared_tickets)}.values():
+                tickets.progress = SILENT  # loading the workers' rounds must not count their steps twice
+        try:
+            if any(m.needs_single for m in self.methods):
+                self.single_rounds()
+            if any(m.needs_contexts for m in self.methods):
+                self.context_masks()
+        finally:
+            self.tickets.progress = self.shared_tickets.progress = self.progress
         contexts_note = self.save_partition()
         records: list[Row] = []
         for method in self.methods:

@@ -43,7 +43,9 @@ class Replicates:
         # The settings every seed shares (the seed and the count left out): raising --seeds resumes.
         self.run.claim({"version": IDENTITY_VERSION, "replicates_of": identity_settings(config.replace(seed=0))},
                        config)
-        self.parts: dict[int, Any] = {self.seeds[0]: self.part(self.seeds[0])}  # refuses a bad config before training
+        first = self.part(self.seeds[0])  # refuses a bad config before any training
+        self.parts: dict[int, Any] = {self.seeds[0]: first}
+        self._description, self._levels, self._steps = first.description, first.levels, first.planned_steps()
         self.summary = ""
         self.deployment: list[Row] = []
 
@@ -53,14 +55,14 @@ class Replicates:
 
     @property
     def description(self) -> str:
-        return f"{len(self.seeds)} seeds ({self.seeds[0]}..{self.seeds[-1]}), each: {self.parts[self.seeds[0]].description}"
+        return f"{len(self.seeds)} seeds ({self.seeds[0]}..{self.seeds[-1]}), each: {self._description}"
 
     @property
     def levels(self) -> list[float]:
-        return self.parts[self.seeds[0]].levels
+        return self._levels
 
     def planned_steps(self) -> int:
-        return self.parts[self.seeds[0]].planned_steps() * len(self.seeds)
+        return self._steps * len(self.seeds)
 
     def run_all(self) -> list[Row]:
         with self.run.locked():

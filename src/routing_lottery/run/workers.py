@@ -164,7 +164,11 @@ def _worker(config: dict[str, Any], out: str, jobs: Sequence[Job], rank: int, me
         if settings.threads is not None:
             torch.set_num_threads(settings.threads)
         tasks = build_tasks(settings)  # an image set: this part is the one named like its directory
-        task = tasks[0] if len(tasks) == 1 else next(t for t in tasks if getattr(t, "name", None) == Path(out).name)
+        task = tasks[0] if len(tasks) == 1 else next((t for t in tasks if getattr(t, "name", None) == Path(out).name),
+                                                     None)
+        if task is None:
+            raise ValueError(f"no part of the config's task is named {Path(out).name!r}; parts of a run over "
+                             "several parts need names for workers to find theirs")
         experiment = Experiment(settings, Path(out), task, progress=_QueueProgress(messages, rank),
                                 log=lambda m: messages.put(("log", rank, m)), lock=False)
         for kind, k in jobs:
