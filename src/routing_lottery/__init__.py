@@ -16,29 +16,18 @@ multiple IMP, random control), resumably, on a built-in or user task; ``check_ta
 tests a user's task against the contract first.
 """
 
-import os as _os
-import sys as _sys
-
-if "torch" not in _sys.modules:
-    # Idle OpenMP threads sleep instead of spinning (unless the user chose): a run beside another
-    # run, or beside any busy process, otherwise burns its cores waiting. Measured here, two
-    # 2-thread trainings at once on 2 already busy cores: 123-127 s each with OpenMP's default,
-    # 29-30 s each passive. It changes scheduling only, never a result. OpenMP reads it when torch
-    # loads, so it must come first.
-    _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from .config import DataConfig, ExperimentConfig, ModelConfig, load_config  # noqa: E402
-from .data.labelled import LabelledDataset, Splits  # noqa: E402
-from .masks import MaskSet  # noqa: E402
-from .methods import METHODS  # noqa: E402
-from .models import MODELS  # noqa: E402
-from .recipe import PruningConfig, RTLConfig, TrainingConfig  # noqa: E402
-from .routed import RoutedModel  # noqa: E402
-from .router import DetectorRouter, EntropyRouter, LearnedRouter  # noqa: E402
-from .run import DATASETS, TASKS, make_runner, run_experiment  # noqa: E402
-from .tasks.checks import TaskContractError, check_task  # noqa: E402
-from .tickets import AdaptiveTickets, tensor_stream  # noqa: E402
-from .training import OptimizerConfig, Stream  # noqa: E402
+from .config import DataConfig, ExperimentConfig, ModelConfig, load_config
+from .data.labelled import LabelledDataset, Splits
+from .masks import MaskSet
+from .methods import METHODS
+from .models import MODELS
+from .recipe import PruningConfig, RTLConfig, TrainingConfig
+from .routed import RoutedModel
+from .router import DetectorRouter, EntropyRouter, LearnedRouter
+from .run import DATASETS, TASKS, make_runner, run_experiment
+from .tasks.checks import TaskContractError, check_task
+from .tickets import AdaptiveTickets, tensor_stream
+from .training import OptimizerConfig, Stream
 
 __version__ = "0.2.0"
 
