@@ -192,10 +192,15 @@ class RoutedModel(nn.Module):
         mode) need ``refresh()``. It costs K copies of the masked weights in memory;
         ``materialize=False`` trades that back for a multiply per call.
         """
+        if not self._cacheable():
+            params = dict(self.model.named_parameters())
+            return {n: params[n] * m for n, m in self.stacked_masks().items()}
+        return self._materialized()
+
+    def _materialized(self) -> dict[str, torch.Tensor]:
+        """``masked_weights``' kept copy, remade when a weight or mask changed (callers checked ``_cacheable``)."""
         params = dict(self.model.named_parameters())
         stacked = self.stacked_masks()
-        if not self._cacheable():
-            return {n: params[n] * m for n, m in stacked.items()}
         key = tuple((params[n].data_ptr(), params[n]._version, m.data_ptr(), m._version) for n, m in stacked.items())
         if self._weights is None or key != self._weights_key:
             self._weights = {n: params[n].detach() * m for n, m in stacked.items()}
@@ -219,8 +224,9 @@ class RoutedModel(nn.Module):
 
     def _batched_model(self) -> nn.Module:
         """The module the vmapped path calls: at inference, ``_inference_copy`` of the model, remade
-        whenever any of its parameters or buffers changed (the same version keys as ``masked_weights``)."""
-        if not self._cacheable() or any(t.is_inference() for t in self.model.buffers()):
+        whenever any of its parameters or buffers changed (the same version keys as ``masked_weights``;
+        callers checked ``_cacheable``)."""
+        if any(t.is_inference() for t in self.model.buffers()):
             return self.model
         key = tuple((t.data_ptr(), t._version) for t in (*self.model.parameters(), *self.model.buffers()))
         if self._batched is None or self._batched[0] != key:
@@ -235,7 +241,7 @@ class RoutedModel(nn.Module):
     def _run(self, k: int, *inputs: torch.Tensor) -> torch.Tensor:
         """Context ``k``'s subnetwork on ``inputs``: its materialized weights at inference, else ``w * m_k``."""
         if self._cacheable():
-            weights = {n: w[k] for n, w in self.masked_weights().items()}
+            weights = {n: w[k] for n, w in self._materialized().items()}
         else:
             params = dict(self.model.named_parameters())
             weights = {n: params[n] * m[k] for n, m in self.stacked_masks().items()}
@@ -320,8 +326,9 @@ class RoutedModel(nn.Module):
         ctx = context[order]
         padded = x.new_zeros((self.num_contexts, int(counts.max()), *x.shape[1:]))
         padded[ctx, slot] = x[order]
-        weights = self.masked_weights()
-        model = self._batched_model()
+        cacheable = self._cacheable()  # checked once per call: it walks every parameter
+        weights = self._materialized() if cacheable else self.masked_weights()
+        model = self._batched_model() if cacheable else self.model
 
         def run(w: dict[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
             return functional_call(model, w, (rows,), strict=False)
