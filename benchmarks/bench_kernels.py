@@ -12,6 +12,13 @@ comes from this run.
    images, batch 32, random unstructured masks on its prunable weights (every conv but the
    squeeze-excite ones) at 50 and 90 %; the whole prepared forward against the dense forward.
 
+3. **Channel tickets on the demo network**: 25 / 50 / 75 % of its prunable channels removed
+   (``ChannelStructure.prune``, layerwise, on its initial weights: speed does not depend on which
+   channels go) and the network sliced (``channels.slice_model``); the sliced forward against the
+   dense one, its safetensors file against the dense file. Limits beside them: the ratio of
+   multiply-accumulates (a forward that cost nothing but arithmetic) and of parameters. Targets:
+   at 50 %, >= 1.6x faster and <= 0.5x the file.
+
 Each row prints dense ms, prepared ms, their ratio dense / prepared (> 1 is faster), the kernels
 chosen and the physical limit 1 / density (a kernel that skipped every zero for free). Targets,
 from the issue: never slower than dense at 50 % (ratio >= 0.95, leaving 5 % for timing noise) and
@@ -187,13 +194,90 @@ def bench_ghostnet(quick: bool, threads: int) -> None:
                     f"for those layers the ratio would be <= {ceiling:.1f}x; max |diff| {err:.1e}")
 
 
+# -- 3. channel tickets, sliced ------------------------------------------------------------------
+CHANNEL_SPEED, CHANNEL_SIZE = 1.6, 0.5  # ">= 1.6x faster than dense and <= 0.5x its file size" at 50 % of channels
+
+
+def state_bytes(model: nn.Module) -> int:
+    """Bytes of the model's state dict as one safetensors file (what an export writes)."""
+    from safetensors.torch import save
+
+    return len(save({n: v.detach().contiguous() for n, v in model.state_dict().items()}))
+
+
+def bench_channels(quick: bool, threads: int) -> None:
+    print("\n[3] channel tickets: GhostNetTruncated sliced (batch 32): the demo network (w0.5, 1x16x16) at 25 / 50 / 75 "
+          "% of its channels, the full-scale one (w1.0, 3x32x32) at 50 %", flush=True)
+    rounds, inner, warmup = (20, 3, 3) if quick else (40, 5, 5)
+    print(f"  {'network':>9}  {'channels':>8}  {'dense ms':>9}  {'sliced ms':>9}  {'speed-up':>8}  {'MAC limit':>9}  "
+          f"{'file':>6}  {'params':>6}  groups (channels)")
+    for label, width, shape, levels in (("demo", 0.5, (1, 16, 16), (0.25, 0.5, 0.75)), ("full", 1.0, (3, 32, 32), (0.5,))):
+        for sparsity in levels:
+            channel_row(label, width, shape, sparsity, (rounds, inner, warmup))
+
+
+def channel_row(label: str, width: float, shape: tuple[int, int, int], sparsity: float,
+                timing: tuple[int, int, int]) -> None:
+    """One sliced network against its dense one: speed, multiply-accumulates, file and parameters."""
+    from routing_lottery.channels import ChannelStructure, slice_model
+
+    x = torch.randn(32, *shape, generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(0)
+    dense = GhostNetTruncated(num_classes=10, in_channels=shape[0], width=width).eval()
+    structure = ChannelStructure.trace(dense, x[:2], prunable_names(dense))
+    mask = structure.prune(dict(dense.named_parameters()), structure.ones(), round(sparsity * structure.total),
+                           "layerwise")
+    with torch.no_grad():
+        for n, p in dense.named_parameters():
+            if n in mask:
+                p.mul_(mask[n].to(p.dtype))
+        sliced = slice_model(dense, structure, structure.channels(mask), x[:2])
+        err = float((sliced(x) - dense(x)).abs().max())
+    limit = conv_macs(dense, x) / conv_macs(sliced, x)
+    t = interleaved({"dense": lambda: dense(x), "sliced": lambda: sliced(x)}, *timing)
+    size = state_bytes(sliced) / state_bytes(dense)
+    params = sum(p.numel() for p in sliced.parameters()) / sum(p.numel() for p in dense.parameters())
+    print(f"  {label:>9}  {sparsity:>8.0%}  {ms(t['dense']):>9}  {ms(t['sliced']):>9}  {t['dense'] / t['sliced']:>7.2f}x  "
+          f"{limit:>8.2f}x  {size:>5.2f}x  {params:>5.2f}x  {len(structure.groups)} ({structure.total})", flush=True)
+    detail = {"section": "channels", "network": label, "sparsity": sparsity, "dense_s": t["dense"],
+              "sliced_s": t["sliced"], "file_ratio": size, "parameter_ratio": params, "max_abs_err": err}
+    target = CHANNEL_SPEED if sparsity == 0.5 and label == "demo" else None
+    report(f"channel ticket, {label} @ {sparsity:.0%} of channels: dense / sliced", t["dense"] / t["sliced"], target,
+           {**detail, "limit": limit}, note=f"multiply-accumulates {limit:.2f}x fewer; max |diff| {err:.1e}")
+    if sparsity == 0.5 and label == "demo":
+        passed = size <= CHANNEL_SIZE
+        RESULTS.append({"name": "channel ticket, demo @ 50% of channels: file / dense file", "ratio": round(size, 4),
+                        **detail, "target": CHANNEL_SIZE, "pass": passed, "limit": params, "lower": True})
+        print(f"  channel ticket, demo @ 50% of channels: file {size:.2f}x the dense file, parameters {params:.2f}x "
+              f"(target <= {CHANNEL_SIZE}x)  {'PASS' if passed else 'FAIL'}", flush=True)
+
+
+def conv_macs(model: nn.Module, x: torch.Tensor) -> int:
+    """Multiply-accumulates of the model's convolutions and linear layers on ``x`` (forward hooks)."""
+    total = [0]
+
+    def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        if isinstance(module, nn.Conv2d):
+            per = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            total[0] += output.numel() * per
+        elif isinstance(module, nn.Linear):
+            total[0] += output.numel() * module.in_features
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    return total[0]
+
+
 # -- main -----------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and rounds (~20 s)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures as JSON")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for measuring and timing (default 1)")
-    parser.add_argument("--only", nargs="*", choices=["linear", "ghostnet"], help="run only these sections")
+    parser.add_argument("--only", nargs="*", choices=["linear", "ghostnet", "channels"], help="run only these sections")
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
@@ -202,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"kernels.prepare benchmark ({'quick' if args.quick else 'full'}): torch {torch.__version__}, "
           f"{torch.get_num_threads()} thread(s)")
     failed = False
-    for name, fn in {"linear": bench_linear, "ghostnet": bench_ghostnet}.items():
+    for name, fn in {"linear": bench_linear, "ghostnet": bench_ghostnet, "channels": bench_channels}.items():
         if args.only is None or name in args.only:
             try:
                 fn(args.quick, args.threads)
@@ -219,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         if "skipped" in r:
             print(f"  {r['name']:<{width}}  {'-':>7}  {'':>7}  {'':>9}  SKIPPED ({r['skipped']})")
             continue
-        target = "-" if r["target"] is None else f">= {r['target']:g}x"
+        target = "-" if r["target"] is None else f"{'<=' if r.get('lower') else '>='} {r['target']:g}x"
         verdict = "ref" if r["pass"] is None else ("PASS" if r["pass"] else "FAIL")
         print(f"  {r['name']:<{width}}  {r['ratio']:>6.2f}x  {r['limit']:>6.2f}x  {target:>9}  {verdict}")
     if args.json:

@@ -163,7 +163,8 @@ def execute(config_path: Path, out: Path, scale: Optional[str], overrides: dict[
             before(experiment)
         records = experiment.run_all()
     log(f"finished in {time.perf_counter() - start:.1f} s")
-    print_table(records, title=f"{config.name} (written to {out})")
+    tickets = "channel tickets" if config.pruning.granularity == "channel" else "weight tickets"
+    print_table(records, title=f"{config.name}, {tickets} (written to {out})")
     if getattr(experiment, "summary", ""):
         console.print(experiment.summary)
     if (out / "deployment.md").exists():
@@ -379,7 +380,9 @@ def export(
     from .export import export_run
 
     index = export_run(run_dir, context, sparsity, out, kernels=kernels)
-    table = Table(title=f"{index['context']} at {index['sparsity']:.0%} sparsity (density {index['density']:.1%})")
+    kept = (f"channel ticket sliced to {index['parameters']:,} of {index['dense_parameters']:,} parameters"
+            if index.get("granularity") == "channel" else f"density {index['density']:.1%}")
+    table = Table(title=f"{index['context']} at {index['sparsity']:.0%} sparsity ({kept})")
     for h in ("file", "bytes", "sha256"):
         table.add_column(h, justify="right" if h == "bytes" else "left")
     for f in index["files"]:

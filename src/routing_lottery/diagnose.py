@@ -26,7 +26,8 @@ import numpy as np
 from .diagnostics.collapse import CollapseSettings, CollapseWarning, detect_collapse, metric_drop_level
 from .diagnostics.semantic import MantelResult, WordNetUnavailable, layer_alignment, semantic_similarity_matrix
 from .diagnostics.similarity import ALL_WEIGHTS, SimilarityReport, depth_groups, similarity_report
-from .io import atomic_write_json, atomic_write_text, load_masks, read_json
+from .channels import channel_view
+from .io import CheckpointError, atomic_write_json, atomic_write_text, load_masks, read_json
 from .masks import MaskSet
 from .report import markdown_table, per_context_values
 
@@ -62,7 +63,15 @@ def load_level_masks(run_dir: Path) -> tuple[dict[float, MaskSet], dict[str, Any
     if not checkpoints:
         raise FileNotFoundError(f"{run_dir} holds no RTL checkpoints (checkpoints/rtl_*): run it with method rtl first")
     loaded = {level: load_masks(path) for level, path in checkpoints.items()}
-    return {level: masks for level, (masks, _) in loaded.items()}, next(iter(loaded.values()))[1]
+    masks = {level: masks for level, (masks, _) in loaded.items()}
+    metadata = next(iter(loaded.values()))[1]
+    groups = metadata.get("channel_groups")
+    if groups:  # channel tickets: similarity over the channels each context keeps, not the weights they span
+        try:
+            masks = {level: channel_view(m, groups) for level, m in masks.items()}
+        except (KeyError, TypeError, ValueError, IndexError) as err:
+            raise CheckpointError(f"{run_dir}: unreadable channel_groups in the ticket metadata ({err})") from None
+    return masks, metadata
 
 
 def mask_collapse_warning(masks: dict[float, MaskSet], settings: CollapseSettings) -> tuple[CollapseWarning, list[float]]:

@@ -17,6 +17,7 @@ export directory holds
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import time
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .channels import ChannelStructure, slice_model
 from .errors import CheckpointError, ConfigError
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .routed import RoutedModel, as_tuple
@@ -123,7 +125,7 @@ def _file_entry(path: Path) -> dict[str, Any]:
 
 def export_context(routed: RoutedModel, context: int | str, out: str | Path, example: Any,
                    verify: Any | None = None, metadata: Mapping[str, Any] | None = None,
-                   kernels: bool = False) -> dict[str, Any]:
+                   kernels: bool = False, channels: ChannelStructure | None = None) -> dict[str, Any]:
     """Write context ``context``'s subnetwork to ``out`` (see the module docstring); return ``export.json``.
 
     Parameters
@@ -138,6 +140,9 @@ def export_context(routed: RoutedModel, context: int | str, out: str | Path, exa
         save the prepared module as ``prepared.pt`` (``torch.load(..., weights_only=False)``; it needs
         ``routing_lottery.kernels`` to unpickle) and record each layer's choice and the whole
         module's measured speed against the dense one.
+    channels : for channel tickets, their ``ChannelStructure``: the subnetwork is sliced into a
+        smaller dense network (``channels.slice_model``), whose state dict is ``weights.safetensors``
+        (no masks left to store) and whose architecture travels in ``model.pt2``.
     """
     from safetensors.torch import save as safetensors_save
 
@@ -147,6 +152,13 @@ def export_context(routed: RoutedModel, context: int | str, out: str | Path, exa
     out.mkdir(parents=True, exist_ok=True)
     module = routed.standalone(k).eval()
     mask = {n: m.bool() for n, m in routed.mask(k).items()}
+    # the same state written densely in the same format: what the compact file is measured against
+    dense_bytes = len(safetensors_save({n: v.detach().cpu().contiguous() for n, v in module.state_dict().items()}))
+    dense_parameters = sum(p.numel() for p in module.parameters())
+    sliced = None
+    if channels is not None:
+        sliced = slice_model(module, channels, _channels_of(channels, mask), example)
+        module, mask = sliced, {}
     tensors, meta = compact_state(module, mask)
     atomic_write_bytes(out / WEIGHTS_FILE, safetensors_save(tensors, metadata=meta))
     atomic_write_text(out / LOADER_FILE, '"""Rebuild the dense state dict of a routing-lottery compact export (needs torch, '
@@ -166,17 +178,21 @@ def export_context(routed: RoutedModel, context: int | str, out: str | Path, exa
         (out / PROGRAM_FILE).unlink(missing_ok=True)
         program_note = f"torch.export failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
     check = tuple(t.detach().cpu() for t in as_tuple(verify if verify is not None else example))
-    verification = verify_export(out, routed, k, check)
+    verification = verify_export(out, routed, k, check, into=sliced)
     masked = sum(m.numel() for m in mask.values())
     kept = sum(int(m.sum()) for m in mask.values())
-    # the same state written densely in the same format: what the compact file is measured against
-    dense_bytes = len(safetensors_save({n: v.detach().cpu().contiguous() for n, v in module.state_dict().items()}))
     index = {"format": FORMAT, "context": name, "context_index": k, **dict(metadata or {}),
+             "granularity": "weight" if channels is None else "channel",
              "masked_weights": masked, "kept_weights": kept, "density": kept / max(masked, 1),
+             "parameters": sum(p.numel() for p in module.parameters()), "dense_parameters": dense_parameters,
              "dense_file_bytes": dense_bytes,
              "files": [_file_entry(out / f) for f in (WEIGHTS_FILE, LOADER_FILE, PROGRAM_FILE) if (out / f).exists()],
              "program": program_note or "model.pt2 (torch.export.load)", "verification": verification}
     index["compact_ratio"] = index["files"][0]["bytes"] / dense_bytes
+    if sliced is not None:
+        index["sliced_shapes"] = {n: list(p.shape) for n, p in sliced.named_parameters()}
+        index["loader"] = ("the weights are the sliced network's state dict; its architecture is in model.pt2 "
+                           "(sliced_shapes lists each tensor's new shape)")
     if kernels:
         index["kernels"] = _prepare_kernels(module.cpu(), check, out)
         index["files"].append(_file_entry(out / PREPARED_FILE))
@@ -213,12 +229,16 @@ def _prepare_kernels(module: nn.Module, inputs: tuple[torch.Tensor, ...], out: P
 
 
 def verify_export(out: Path, routed: RoutedModel, k: int, inputs: tuple[torch.Tensor, ...],
-                  atol: float = 1e-5, rtol: float = 1e-4) -> dict[str, Any]:
-    """Reload the exported files and compare their outputs with ``routed(inputs, k)``."""
+                  atol: float = 1e-5, rtol: float = 1e-4, into: nn.Module | None = None) -> dict[str, Any]:
+    """Reload the exported files and compare their outputs with ``routed(inputs, k)``.
+
+    ``into``: the network the weights file is loaded into (default: the routed model's own
+    architecture; for channel tickets, the sliced network).
+    """
     with torch.no_grad():
         device = next(routed.model.parameters()).device
         expected = routed(tuple(t.to(device) for t in inputs) if len(inputs) > 1 else inputs[0].to(device), k).cpu()
-        module = routed.standalone(k).cpu().eval()
+        module = (copy.deepcopy(into) if into is not None else routed.standalone(k)).cpu().eval()
         module.load_state_dict(load_compact_state(str(out / WEIGHTS_FILE)))
         from_weights = module(*inputs)
         diffs = {"weights": float((from_weights - expected).abs().max())}
@@ -260,15 +280,35 @@ def export_run(run_dir: str | Path, context: str, level: float | None = None, ou
         raise ConfigError(f"{run_dir}: cannot tell which of the config's parts this run is; export from its own directory")
     tickets = AdaptiveTickets.load(checkpoints[level], task.build_model())
     routed = tickets.routed
+    channels = None
     # a name first (contexts may be named "0", "1", ...), else an index
     k = routed.masks.check_context(context if context in routed.masks.context_names or not context.isdigit()
                                    else int(context))
     example = _context_inputs(task, k, rows)
+    first = example[:2] if isinstance(example, torch.Tensor) else tuple(t[:2] for t in example)
+    if config.pruning.granularity == "channel":
+        from .channels import ChannelStructure
+
+        # the groups are a function of the architecture and the recipe's roots: traced again here
+        channels = ChannelStructure.trace(tickets.model, first, tickets.selected)
     out = Path(out) if out is not None else run_dir / "export" / f"{routed.masks.context_names[k]}_{level:.4f}"
-    return export_context(routed, k, out, example[:2] if isinstance(example, torch.Tensor) else
-                          tuple(t[:2] for t in example), verify=example,
+    return export_context(routed, k, out, first, verify=example,
                           metadata={"run": str(run_dir), "sparsity": level, "experiment": config.name},
-                          kernels=kernels)
+                          kernels=kernels, channels=channels)
+
+
+def _channels_of(structure: ChannelStructure, mask: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The channels ``mask`` keeps, after checking it is a channel ticket of ``structure`` (no stray weight)."""
+    if set(mask) != set(structure.names):
+        extra, missing = sorted(set(mask) - set(structure.names)), sorted(set(structure.names) - set(mask))
+        raise ValueError(f"these masks are not channel tickets of this model's traced groups: they also cover "
+                         f"{extra[:3]} and lack {missing[:3]} (made by another version of the trace?)")
+    keep = structure.channels(mask)
+    rebuilt = structure.expand(keep)
+    if any(not torch.equal(rebuilt[n], mask[n].cpu()) for n in mask):
+        raise ValueError("these masks are not whole channels of this model's groups (weight tickets?): "
+                         "export them without channels=")
+    return keep
 
 
 def _context_inputs(task: Any, k: int, rows: int) -> Any:

@@ -223,6 +223,38 @@ def random_mask_like(mask: Mapping[str, torch.Tensor], generator: torch.Generato
     return out
 
 
+class WeightStructure:
+    """The paper's granularity: every weight of the masked tensors is its own unit.
+
+    The interface the IMP loop and the random control use for any granularity (see
+    ``channels.ChannelStructure`` for whole channels): the masked tensors, how many units they
+    hold, the all-ones mask, counts, pruning and a random mask with the same counts.
+    """
+
+    granularity = "weight"
+
+    def __init__(self, params: Mapping[str, torch.Tensor]) -> None:
+        self.names = list(params)
+        self.shapes = {n: tuple(p.shape) for n, p in params.items()}
+        self.total = sum(math.prod(s) for s in self.shapes.values())
+
+    def ones(self) -> Mask:
+        return {n: torch.ones(s, dtype=torch.bool) for n, s in self.shapes.items()}
+
+    def count(self, mask: Mapping[str, torch.Tensor]) -> int:
+        return count(mask)
+
+    def prune(self, weights: Mapping[str, torch.Tensor], mask: Mapping[str, torch.Tensor], num_to_prune: int,
+              scope: Scope = "global") -> Mask:
+        return magnitude_prune(weights, mask, num_to_prune, scope)
+
+    def random_like(self, mask: Mapping[str, torch.Tensor], generator: torch.Generator) -> Mask:
+        return random_mask_like(mask, generator)
+
+    def describe(self, model: nn.Module) -> str:
+        return describe_prunable(model, self.names)
+
+
 def levels_reached(schedule: Sequence[int], total: int, levels: Sequence[float]) -> dict[float, int]:
     """Map each requested sparsity level to the index of the round that reaches it."""
     index = {pruned: r for r, pruned in enumerate(schedule)}
@@ -231,5 +263,5 @@ def levels_reached(schedule: Sequence[int], total: int, levels: Sequence[float])
 
 __all__ = [
     "PRUNABLE_TYPES", "Scope", "TensorFilter", "default_prunable_names", "prunable_names", "describe_prunable", "validate_sparsity", "target_count", "magnitude_prune",
-    "pruning_schedule", "random_mask_like", "levels_reached", "validate_step",
+    "pruning_schedule", "random_mask_like", "levels_reached", "validate_step", "WeightStructure",
 ]

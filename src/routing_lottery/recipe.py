@@ -22,6 +22,9 @@ class PruningConfig:
     sparsities: tuple[float, ...] = (0.25, 0.5, 0.75)
     step: int | float = 4096  # weights per IMP round (int, the paper: 4,096) or fraction of survivors (float)
     scope: Literal["global", "layerwise"] = "global"
+    # weight: the paper's unstructured masks; channel: whole output channels with every coupled slice
+    # (channels.ChannelStructure), sliceable into a smaller dense network. Levels and step count channels.
+    granularity: Literal["weight", "channel"] = "weight"
     rewind_steps: int = 0  # 0: rewind to θ₀ (the paper); j > 0: to θ_j, after j dense steps on all data
     include: tuple[str, ...] = ()  # glob patterns over parameter names to mask (empty: conv, linear, attention)
     exclude: tuple[str, ...] = ()  # glob patterns removed from what would be masked
@@ -39,6 +42,8 @@ class PruningConfig:
             raise ConfigError(str(err)) from None
         if self.rewind_steps < 0:
             raise ConfigError(f"pruning.rewind_steps must be >= 0; got {self.rewind_steps}")
+        if self.granularity not in ("weight", "channel"):
+            raise ConfigError(f"pruning.granularity must be 'weight' or 'channel'; got {self.granularity!r}")
 
 
 @dataclass(frozen=True)
@@ -77,7 +82,12 @@ class RTLConfig:
         return RTLConfig(self.seed, self.pruning, self.training)
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        """The recipe as plain data; the default granularity (weight) is left out, so recipes and
+        run directories made before the setting existed keep their identity."""
+        out = _plain(dataclasses.asdict(self))
+        if out.get("pruning", {}).get("granularity") == "weight":
+            del out["pruning"]["granularity"]
+        return out
 
 
 def _plain(obj: Any) -> Any:

@@ -124,6 +124,15 @@ def csv_text(records: Sequence[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
+def granularity_line(config: Any | None) -> str:
+    """What a sparsity level counts in these results: single weights (the paper's) or whole channels."""
+    pruning = getattr(config, "pruning", None)
+    if getattr(pruning, "granularity", "weight") == "channel":
+        return ("Granularity: **channel** tickets: a sparsity level is the fraction of output channels removed "
+                "(with every slice coupled to them); `parameters` counts the weights they keep.\n\n")
+    return "Granularity: weight tickets (the paper's): a sparsity level is the fraction of masked weights removed.\n\n"
+
+
 def write_results(run_dir: str | Path, records: Sequence[dict[str, Any]], config: Any | None = None,
                   summary: str = "", columns: Sequence[str] | None = None) -> None:
     """results.json (flat records), results.csv, results.png (``plot_results``) and results.md
@@ -134,7 +143,7 @@ def write_results(run_dir: str | Path, records: Sequence[dict[str, Any]], config
     atomic_write_text(run_dir / "results.csv", csv_text(rows))
     name = getattr(config, "name", "experiment")
     figure = plot_results(rows, run_dir / "results.png", columns=columns, title=f"Results: {name}")
-    title = f"# Results: {name}\n\n"
+    title = f"# Results: {name}\n\n{granularity_line(config)}"
     notes = (
         "\nMetrics are one-vs-rest per context, macro-averaged. RTL and multiple-IMP subnetworks are binary\n"
         "detectors of their context (output k of a shared dense head); dense and single IMP are one K-way\n"

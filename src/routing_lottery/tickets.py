@@ -39,8 +39,8 @@ from torch import nn
 
 from .data.fingerprint import fingerprint
 from .io import CheckpointError, load_tickets, model_fingerprint, save_tickets
-from .masks import Mask, MaskSet, ones_like
-from .pruning import TensorFilter, describe_prunable, levels_reached, prunable_names, pruning_schedule
+from .masks import Mask, MaskSet
+from .pruning import TensorFilter, WeightStructure, levels_reached, prunable_names, pruning_schedule
 from .recipe import RTLConfig
 from .routed import RoutedModel, as_tuple
 from .training import SILENT, ProgressSink, State, Stream, derive_seed, extract_ticket, joint_retrain, snapshot, train
@@ -50,6 +50,24 @@ if TYPE_CHECKING:
     from .router import Router
 
 Log = Callable[[str], None]
+
+
+class Structure(Protocol):
+    """A pruning granularity's units over one model (``pruning.WeightStructure``, ``channels.ChannelStructure``)."""
+
+    granularity: str
+    names: list[str]
+    total: int
+
+    def ones(self) -> Mask: ...
+
+    def count(self, mask: Mapping[str, torch.Tensor]) -> int: ...
+
+    def prune(self, weights: Mapping[str, torch.Tensor], mask: Mask, num_to_prune: int, scope: Any = "global") -> Mask: ...
+
+    def random_like(self, mask: Mapping[str, torch.Tensor], generator: torch.Generator) -> Mask: ...
+
+    def describe(self, model: nn.Module) -> str: ...
 
 
 def quiet(message: str) -> None:
@@ -97,24 +115,28 @@ class AdaptiveTickets:
         Instead of ``out``, a ``TicketStore`` the caller has already claimed (the experiment runner's).
     name
         Prefix of this object's entries in ``store`` (two networks may share one run directory).
+    example_inputs
+        Channel tickets only (``pruning.granularity: channel``): inputs to trace the model's
+        channel dependencies on (default: the first batch of the first stream given).
     """
 
     def __init__(self, model: nn.Module, config: RTLConfig | None = None, *, select: TensorFilter | None = None,
                  out: str | Path | None = None, store: TicketStore | None = None, name: str = "",
-                 progress: ProgressSink = SILENT, log: Log = quiet) -> None:
+                 progress: ProgressSink = SILENT, log: Log = quiet, example_inputs: Any = None) -> None:
         if out is not None and store is not None:
             raise ValueError("give out (a directory) or store, not both")
         self.model = model
         self.config = (config or RTLConfig()).recipe
         self.store, self.out, self.name, self.progress, self.log = store, out, name, progress, log
         pruning = self.config.pruning
-        self.prunable = prunable_names(model, pruning.include, pruning.exclude, select)
-        params = dict(model.named_parameters())
-        self.total = sum(params[n].numel() for n in self.prunable)
+        # Weight tickets mask these tensors; channel tickets root their channel groups at them.
+        self.selected = prunable_names(model, pruning.include, pruning.exclude, select)
+        self.example_inputs = example_inputs
+        self._structure: Structure | None = None
+        if pruning.granularity == "weight":
+            params = dict(model.named_parameters())
+            self._structure = WeightStructure({n: params[n] for n in self.selected})
         self.levels = sorted(set(pruning.sparsities))
-        positive = [s for s in self.levels if round(s * self.total) > 0]
-        self.schedule = pruning_schedule(self.total, positive, pruning.step) if positive else []
-        self.level_round = levels_reached(self.schedule, self.total, positive)
         self._initial: State | None = snapshot(model)  # θ₀ unless the store already holds one (no I/O before first use)
         self._theta0: State | None = None
         self._rewind: State | None = None
@@ -125,9 +147,43 @@ class AdaptiveTickets:
         self.router: Router | None = None  # routes inputs given without a context (routed(x)); learned ones are saved
 
     # -- what is masked ----------------------------------------------------------------------
+    @property
+    def structure(self) -> Structure:
+        """The pruning granularity's units over this model: weights, or channel groups (traced once)."""
+        if self._structure is None:
+            if self.example_inputs is None:
+                raise RuntimeError("channel tickets trace the model's channel dependencies on example inputs: "
+                                   "pass example_inputs=..., or call extract() or retrain() with streams first")
+            from .channels import ChannelStructure
+
+            self._structure = ChannelStructure.trace(self.model, self.example_inputs, self.selected)
+        return self._structure
+
+    @property
+    def prunable(self) -> list[str]:
+        """The masked tensors, in the model's parameter order."""
+        return self.structure.names
+
+    @property
+    def total(self) -> int:
+        """Prunable units: weights, or channels for channel tickets (a sparsity level is a fraction of them)."""
+        return self.structure.total
+
+    @property
+    def schedule(self) -> list[int]:
+        """Cumulative units pruned after each IMP round."""
+        positive = [s for s in self.levels if round(s * self.total) > 0]
+        return pruning_schedule(self.total, positive, self.config.pruning.step) if positive else []
+
+    @property
+    def level_round(self) -> dict[float, int]:
+        """Each positive level's IMP round."""
+        positive = [s for s in self.levels if round(s * self.total) > 0]
+        return levels_reached(self.schedule, self.total, positive)
+
     def describe(self) -> str:
         """Which tensors get masks and how many weights: printed at the start of every run."""
-        return describe_prunable(self.model, self.prunable)
+        return self.structure.describe(self.model)
 
     @property
     def device(self) -> torch.device:
@@ -141,6 +197,8 @@ class AdaptiveTickets:
 
     def _open(self, streams: Sequence[Stream]) -> None:
         """Claim the run directory ``out`` (first use): recorded identity, or refusal when it differs."""
+        if self.example_inputs is None and self._structure is None:
+            self.example_inputs = first_inputs(streams[0])
         if self.out is None or self.store is not None:
             return
         from .run.directory import IDENTITY_VERSION, RunDirectory
@@ -222,14 +280,13 @@ class AdaptiveTickets:
                 self.model, self.rewind_point(rewind_stream), self.prunable, stream, self.schedule, epochs,
                 self.config.training.optimizer, derive_seed(self.config.seed, "imp", stream_id),
                 self.config.pruning.scope, self.progress, resume=(len(done) - 1, done[-1]) if done else None,
-                on_round=save)
+                on_round=save, prune=self.structure.prune, start_mask=self.structure.ones())
         return done
 
     def mask_at(self, rounds: Sequence[Mask], level: float) -> Mask:
         """The ticket at ``level`` from a stream's rounds (all ones at a level that prunes nothing)."""
         if round(level * self.total) == 0:
-            params = dict(self.model.named_parameters())
-            return ones_like({n: params[n] for n in self.prunable})
+            return {n: m.to(self.device) for n, m in self.structure.ones().items()}
         if level not in self.level_round:
             raise ValueError(f"sparsity {level} is not one of this recipe's levels {self.levels}")
         return rounds[self.level_round[level]]
@@ -334,6 +391,8 @@ class AdaptiveTickets:
         if self.masks is None:
             raise RuntimeError("nothing to save: call fit() or retrain() first")
         recipe = {"recipe": self.config.to_dict(), "masked": self.prunable, "sparsity": self.level}
+        if self._structure is not None and hasattr(self._structure, "roots"):  # channel tickets: read by diagnostics
+            recipe["channel_groups"] = {g: [t, d] for g, (t, d) in self._structure.roots().items()}
         if self.thresholds is not None:
             recipe["thresholds"] = self.thresholds.to_dict()
         path = save_tickets(directory, self.model, self.masks, {**recipe, **(metadata or {})})
@@ -356,10 +415,15 @@ class AdaptiveTickets:
             raise CheckpointError(f"{directory}: no usable recipe in its metadata ({err}); was it written by "
                                   "AdaptiveTickets.save?") from None
         saved = set(masks.tensor_names)
-        tickets = cls(model, config, select=lambda name, tensor: name in saved)
-        if set(tickets.prunable) != saved:
-            raise CheckpointError(f"{directory}: its masks cover {sorted(saved)[:4]}..., which the recipe's "
-                                  f"patterns do not select in this model")
+        if config.pruning.granularity == "weight":
+            tickets = cls(model, config, select=lambda name, tensor: name in saved)
+            if set(tickets.prunable) != saved:
+                raise CheckpointError(f"{directory}: its masks cover {sorted(saved)[:4]}..., which the recipe's "
+                                      f"patterns do not select in this model")
+        else:  # loaded tickets route; they are not pruned further, so their masks are all the structure needed
+            tickets = cls(model, config)
+            params = dict(model.named_parameters())
+            tickets._structure = WeightStructure({n: params[n] for n in masks.tensor_names})
         tickets.masks, tickets.level, tickets.metadata = masks, metadata.get("sparsity"), metadata
         if metadata.get("thresholds") is not None:
             from .calibration import Thresholds
@@ -394,6 +458,14 @@ def _named(streams: Sequence[Stream] | Mapping[str, Stream]) -> tuple[list[str],
     if bad:
         raise ValueError(f"every context needs a Stream; got {bad}")
     return names, items
+
+
+def first_inputs(stream: Stream) -> Any:
+    """The inputs of ``stream``'s first batch (fixed order): what a channel trace runs on."""
+    batches = stream.epoch(torch.Generator().manual_seed(0))
+    if not batches:
+        raise ValueError(f"stream {stream.name!r} has no batches to trace the model on")
+    return batches[0][0]
 
 
 def stream_fingerprint(streams: Sequence[Stream]) -> str:

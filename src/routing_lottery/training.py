@@ -194,18 +194,24 @@ def extract_ticket(
     progress: ProgressSink = SILENT,
     resume: tuple[int, Mask] | None = None,
     on_round: Callable[[int, Mask], None] | None = None,
+    prune: Callable[[Mapping[str, torch.Tensor], Mask, int, Scope], Mask] = magnitude_prune,
+    start_mask: Mask | None = None,
 ) -> list[Mask]:
     """Stage 1: iterative magnitude pruning on one stream, rewinding survivors every round.
 
     Round r trains ``rewind_state ⊙ mask`` for ``epochs_per_round`` epochs, then prunes the
-    lowest-magnitude survivors until ``schedule[r]`` weights are pruned in all. Masks are nested
+    lowest-magnitude survivors until ``schedule[r]`` units are pruned in all: weights with the
+    default ``prune``, whole channels with ``ChannelStructure.prune`` (starting from
+    ``start_mask``, its all-ones mask over every tensor a channel touches). Masks are nested
     by construction. ``resume=(r, mask)`` continues after finished round ``r`` (0-based) whose
     mask was ``mask``; ``on_round(r, mask)`` is called after every round (to checkpoint it).
 
     Returns the mask after each round this call ran (all of them unless resumed).
     """
     params = dict(model.named_parameters())
-    mask: Mask = {n: torch.ones_like(params[n], dtype=torch.bool) for n in prunable}
+    mask: Mask = start_mask if start_mask is not None else {
+        n: torch.ones_like(params[n], dtype=torch.bool) for n in prunable}
+    mask = {n: m.to(params[n].device) for n, m in mask.items()}
     start = 0
     if resume is not None:
         start, mask = resume[0] + 1, resume[1]
@@ -215,7 +221,7 @@ def extract_ticket(
         model.load_state_dict(rewound(rewind_state, mask))
         train(model, mask, stream, epochs_per_round, optimizer, derive_seed(seed, r), progress)
         trained = {n: params[n].detach() for n in prunable}
-        mask = magnitude_prune(trained, mask, schedule[r] - pruned, scope)
+        mask = prune(trained, mask, schedule[r] - pruned, scope)
         pruned = schedule[r]
         masks.append(mask)
         if on_round is not None:

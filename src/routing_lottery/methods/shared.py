@@ -9,7 +9,6 @@ import torch
 from ..errors import CheckpointError
 from ..io import load_masks
 from ..masks import MaskSet
-from ..pruning import random_mask_like
 from ..run.deploy import learned_router, routed_rows, router_applies
 from ..training import generator
 from . import METHODS, Row
@@ -76,7 +75,7 @@ class RandomTickets(_JointlyRetrained):
     def masks(self, run: Experiment, level: float) -> MaskSet:
         masks = run.context_masks()[level]
         return MaskSet.from_tickets(
-            [random_mask_like(masks[k], generator(run.config.seed, self.name, k, str(level)))
+            [run.tickets.structure.random_like(masks[k], generator(run.config.seed, self.name, k, str(level)))
              for k in range(masks.num_contexts)], masks.context_names)
 
 

@@ -23,7 +23,7 @@ from ..masks import Mask, MaskSet
 from ..methods import METHODS, Method, Row
 from ..report import write_deployment, write_results
 from ..tasks.base import Task
-from ..tickets import AdaptiveTickets, Log, quiet
+from ..tickets import AdaptiveTickets, Log, first_inputs, quiet
 from ..training import SILENT, ProgressSink, derive_seed
 from .directory import RunDirectory, resolve_device, run_identity, software_environment
 
@@ -35,6 +35,13 @@ def seeded_models(task: Task, seed: int) -> tuple[torch.nn.Module, torch.nn.Modu
         torch.manual_seed(seed)
         model = task.build_model()
         return model, task.build_shared_model(model)
+
+
+def _on(inputs: Any, device: torch.device) -> Any:
+    """``inputs`` (a tensor, a tuple of them or None) on ``device``."""
+    if inputs is None or isinstance(inputs, torch.Tensor):
+        return None if inputs is None else inputs.to(device)
+    return tuple(t.to(device) for t in inputs)
 
 
 class Experiment:
@@ -53,14 +60,18 @@ class Experiment:
         shared = model if shared is model else shared.to(self.device)
         # Everything that can refuse a setting (the masked tensors: pruning.include/exclude) is built
         # before the directory is claimed; AdaptiveTickets does no I/O until it is used.
-        self.tickets = AdaptiveTickets(model, config, store=self.run, progress=progress, log=log)
+        self.classifier = task.shared_stream()
+        # Channel tickets trace the network on a batch of its inputs; weight tickets need none.
+        example = first_inputs(self.classifier) if config.pruning.granularity == "channel" else None
+        self.tickets = AdaptiveTickets(model, config, store=self.run, progress=progress, log=log,
+                                       example_inputs=_on(example, self.device))
         self.shared_tickets = self.tickets if shared is model else AdaptiveTickets(
-            shared, config, store=self.run, name="shared", progress=progress, log=log)
+            shared, config, store=self.run, name="shared", progress=progress, log=log,
+            example_inputs=_on(example, self.device))
         self.check_partition()
         self.run.claim(run_identity(config, task.data_fingerprint(), task, model), config)
         if lock:  # not part of the identity (a run may move between machines), but what its figures depend on
             atomic_write_json(self.run.path / "environment.json", software_environment(self.device))
-        self.classifier = task.shared_stream()
         self.detectors = [task.context_stream(k) for k in range(self.num_contexts)]
         self.factor = task.shared_epoch_factor
         self.outputs = self.run.path / "outputs"
@@ -83,7 +94,8 @@ class Experiment:
 
     @property
     def description(self) -> str:
-        return (f"{self.num_contexts} contexts, {self.tickets.total:,} masked weights, sparsities "
+        units = "prunable channels" if self.config.pruning.granularity == "channel" else "masked weights"
+        return (f"{self.num_contexts} contexts, {self.tickets.total:,} {units}, sparsities "
                 f"{', '.join(f'{s:.0%}' for s in self.levels)}, {len(self.tickets.schedule)} IMP rounds, "
                 f"device {self.device}")
 
