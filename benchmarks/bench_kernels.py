@@ -245,6 +245,19 @@ def channel_row(label: str, width: float, shape: tuple[int, int, int], sparsity:
     report(f"channel ticket, {label} @ {sparsity:.0%} of channels: dense / sliced", t["dense"] / t["sliced"], target,
            {**detail, "limit": limit}, note=f"multiply-accumulates {limit:.2f}x fewer; max |diff| {err:.1e}")
     if sparsity == 0.5 and label == "demo":
+        # Where the time goes: oneDNN's convolution costs about the same per call whatever the channel
+        # count at these sizes; torch's plain kernels scale with the arithmetic (and are slower).
+        torch.backends.mkldnn.enabled = False
+        try:
+            plain = interleaved({"dense": lambda: dense(x), "sliced": lambda: sliced(x)}, *timing)
+        finally:
+            torch.backends.mkldnn.enabled = True
+        print(f"  {'(no oneDNN)':>9}  {sparsity:>8.0%}  {ms(plain['dense']):>9}  {ms(plain['sliced']):>9}  "
+              f"{plain['dense'] / plain['sliced']:>7.2f}x  {limit:>8.2f}x   torch's plain convolution kernels", flush=True)
+        report(f"channel ticket, demo @ 50%, plain kernels (no oneDNN): dense / sliced", plain["dense"] / plain["sliced"],
+               None, {**detail, "limit": limit, "dense_s": plain["dense"], "sliced_s": plain["sliced"]},
+               note=f"the sliced network on torch's plain kernels: {ms(plain['sliced'])} ms against "
+                    f"{ms(t['sliced'])} ms with oneDNN")
         passed = size <= CHANNEL_SIZE
         RESULTS.append({"name": "channel ticket, demo @ 50% of channels: file / dense file", "ratio": round(size, 4),
                         **detail, "target": CHANNEL_SIZE, "pass": passed, "limit": params, "lower": True})
