@@ -1,7 +1,7 @@
 """Benchmark of more processes on one machine: stage 1 over workers, and two runs side by side.
 
-Run ``python benchmarks/bench_workers.py`` (about 5 minutes on 2 cores; ``--quick``: the smoke
-scale, about a minute). Nothing is hard-coded: every number comes from this run, and the machine
+Run ``python benchmarks/bench_workers.py`` (about 6 minutes on 2 cores; ``--quick``: section 1 at
+the smoke scale, about 3 minutes; section 2 alone, ``--only side_by_side``, about 3 minutes). Nothing is hard-coded: every number comes from this run, and the machine
 should be otherwise idle (both sections time whole processes).
 
 1. **Stage 1, ``--workers 2`` against ``--workers 1``.** The packaged digits config (or its smoke
@@ -11,8 +11,11 @@ should be otherwise idle (both sections time whole processes).
    compared bit for bit. Target: <= 0.6x. The plan's expected speed-up (total steps / the most
    loaded worker's) is printed beside it.
 2. **Two runs at once against one alone.** ``rtl demo --scale smoke`` as a subprocess with the
-   library's default thread settings: once alone, then two started together; each of the two
-   against the solo wall time. Target: <= 2.2x each (two runs on two cores cannot beat 2x).
+   library's default thread settings (no ``OMP_NUM_THREADS``: the machine-wide thread budget of
+   ``routing_lottery.threads`` decides): alone, then two started together, then two with the second
+   started a quarter of the solo time later (the first must give up a thread as it runs), then
+   alone again; the slower of each pair against the mean of the two solo times, and each run's
+   ``threads:`` log lines. Target: <= 2.2x (two runs on two cores cannot beat 2x).
 """
 
 from __future__ import annotations
@@ -80,26 +83,40 @@ def bench_side_by_side(quick: bool) -> None:
     print("\n[2] two `rtl demo --scale smoke` at once vs one alone (default thread settings)", flush=True)
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
 
-    def launch(out: Path) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "routing_lottery.cli", "demo", "--scale", "smoke", "--out",
-                                 str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-
     with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        solo = launch(Path(tmp) / "solo")
-        if solo.wait() != 0:
-            raise RuntimeError(solo.stderr.read().decode()[-2000:])
-        alone = time.perf_counter() - start
-        start = time.perf_counter()
-        pair = [launch(Path(tmp) / f"pair{i}") for i in range(2)]
-        ends = []
-        for p in pair:
-            if p.wait() != 0:
-                raise RuntimeError(p.stderr.read().decode()[-2000:])
-            ends.append(time.perf_counter() - start)
-    print(f"  alone {alone:.1f} s; side by side {ends[0]:.1f} s and {ends[1]:.1f} s")
-    report("two runs at once / one alone (the slower of the two)", max(ends) / alone, 2.2, alone_s=alone,
-           side_by_side_s=ends)
+
+        def launch(name: str, delay: float = 0.0) -> tuple[str, subprocess.Popen, float]:
+            time.sleep(delay)
+            with (Path(tmp) / f"{name}.log").open("w") as log:  # the child holds its own copy of the handle
+                process = subprocess.Popen([sys.executable, "-m", "routing_lottery.cli", "demo", "--scale", "smoke",
+                                            "--out", str(Path(tmp) / name)], stdout=log, stderr=subprocess.STDOUT,
+                                           env=env)
+            return name, process, time.perf_counter()
+
+        def finish(*started: tuple[str, subprocess.Popen, float]) -> list[float]:
+            seconds = []
+            for name, process, start in started:
+                code = process.wait()
+                seconds.append(time.perf_counter() - start)
+                log = (Path(tmp) / f"{name}.log").read_text()
+                if code != 0:
+                    raise RuntimeError(f"{name} failed:\n{log[-2000:]}")
+                budget = [line.split("] ", 1)[-1] for line in log.splitlines() if "threads:" in line]
+                print(f"    {name}: {seconds[-1]:.1f} s; {'; '.join(budget)}", flush=True)
+            return seconds
+
+        alone = finish(launch("solo"))[0]
+        together = finish(launch("pair0"), launch("pair1"))
+        # the second starts once the first is well under way: the first must give up a thread as it goes
+        staggered = finish(launch("staggered0"), launch("staggered1", delay=alone / 4))
+        again = finish(launch("solo2"))[0]
+    solo = (alone + again) / 2
+    print(f"  alone {alone:.1f} s and {again:.1f} s (mean {solo:.1f} s); started together {together[0]:.1f} s and "
+          f"{together[1]:.1f} s; the second {alone / 4:.1f} s later {staggered[0]:.1f} s and {staggered[1]:.1f} s")
+    report("two runs started together / alone (slower)", max(together) / solo, 2.2, alone_s=[alone, again],
+           side_by_side_s=together)
+    report("two runs, second started later / alone (slower)", max(staggered) / solo, 2.2,
+           staggered_s=staggered, delay_s=alone / 4)
 
 
 def main(argv: list[str] | None = None) -> int:

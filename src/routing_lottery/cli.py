@@ -138,12 +138,22 @@ def execute(config_path: Path, out: Path, scale: Optional[str], overrides: dict[
     """Run a config with a progress bar and print its table; ``before(experiment)`` runs after planning.
 
     The config is loaded and the run planned (data, model, run directory) before the bar appears,
-    so a refused run prints its error alone.
+    so a refused run prints its error alone. Under ``torchrun`` (``run.distributed``) rank 0 does all
+    of this, sharing stage 1 and the joint-retraining steps with the other ranks, which print
+    nothing but errors and leave when the run ends.
     """
     from .config import load_config
     from .run import make_runner
+    from .run.distributed import torchrun_session
+    from .threads import thread_budget
 
     config = load_config(config_path, scale, overrides)
+    session = torchrun_session(config)  # None unless torchrun started several processes
+    if session is not None:
+        config = session.config  # this rank's thread budget and device
+        if not session.leads:
+            session.follow(out)  # its share of stage 1, then its rows of every joint-retraining step
+            raise typer.Exit(0)  # nothing to print and nothing more to write: the rest is rank 0's
     start = time.perf_counter()
     if console.is_terminal:  # a live bar; in a log file, timed stage lines instead
         columns = [TextColumn("{task.description}", style="cyan"), BarColumn(), MofNCompleteColumn(),
@@ -154,14 +164,23 @@ def execute(config_path: Path, out: Path, scale: Optional[str], overrides: dict[
     else:
         bar, sink = contextlib.nullcontext(), SILENT
         log = lambda message: console.print(f"  [{time.perf_counter() - start:7.1f} s] {escape(message)}")  # noqa: E731
-    experiment = make_runner(config, out, progress=sink, log=log)
-    console.print(f"[bold]{config.name}[/bold]: {experiment.description} -> {out}")
-    if console.is_terminal:
-        sink.plan(experiment.planned_steps())
-    with bar, experiment.run.locked():  # the lock covers what `before` computes too
-        if before is not None:
-            before(experiment)
-        records = experiment.run_all()
+    with contextlib.ExitStack() as stack:
+        if session is not None:  # until rank 0 starts the run, its error is every rank's
+            stack.enter_context(session.refusing())
+        budget = stack.enter_context(thread_budget(config.threads, log))  # its share of the cores, kept up to date
+        experiment = make_runner(config, out, progress=budget.watch(sink), log=log)
+        stack.enter_context(experiment.run.locked())  # the lock covers what `before` computes too
+        console.print(f"[bold]{config.name}[/bold]: {experiment.description} -> {out}")
+        if console.is_terminal:
+            sink.plan(experiment.planned_steps())
+        if session is not None:
+            session.start(experiment)  # θ₀ on disk; then the other ranks start, under this rank's lock
+        with bar:
+            if session is not None:
+                session.stage_one(experiment)
+            if before is not None:
+                before(experiment)
+            records = experiment.run_all() if session is None else session.run_all(experiment)
     log(f"finished in {time.perf_counter() - start:.1f} s")
     tickets = "channel tickets" if config.pruning.granularity == "channel" else "weight tickets"
     print_table(records, title=f"{config.name}, {tickets} (written to {out})")

@@ -111,7 +111,7 @@ class DeployConfig:
             raise ConfigError(f"deploy.rule must be one of {list(RULES)}; got {self.rule!r}")
 
 
-EXECUTION_SETTINGS = ("device", "threads", "workers")
+EXECUTION_SETTINGS = ("device", "threads", "workers", "distributed_retraining")
 """Settings that decide where and how fast a run goes, never its results (left out of its identity)."""
 
 
@@ -134,6 +134,9 @@ class ExperimentConfig(RTLConfig):
     # processes for stage 1 (the per-context and single-mask IMP runs, run.workers); each gets threads, or
     # the cores shared out. The masks do not depend on it (for the same threads per process)
     workers: int = 1
+    # under torchrun: split each joint-retraining step over the ranks (run.distributed). False keeps
+    # it on rank 0: for a small network on CPU the per-step all-reduces cost more than they save
+    distributed_retraining: bool = True
 
     def __post_init__(self) -> None:
         from .methods import METHODS

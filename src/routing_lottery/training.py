@@ -7,10 +7,12 @@ position, so a resumed run repeats exactly what an uninterrupted one would have 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import math
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -298,6 +300,39 @@ class SubnetworkOptimizer:
         return {**state, "state": per_param}
 
 
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class DataParallel(Protocol):
+    """Joint retraining's steps split over processes by rows of each batch (``run.distributed``).
+
+    ``begin`` sees every ``joint_retrain`` call's arguments before it starts (the process that
+    decides announces them to the others). ``with step(model, loss, x, y) as (loss, x, y)`` gives
+    this process's rows and their loss, weighted by their share of the batch; the backward pass
+    runs inside, and on leaving every gradient is the full batch's, summed over the processes, so
+    that every process then takes the identical step.
+    """
+
+    def begin(self, model: nn.Module, arguments: Mapping[str, object]) -> None: ...
+
+    def step(self, model: nn.Module, loss: Loss, x: Inputs,
+             y: torch.Tensor) -> contextlib.AbstractContextManager[tuple[Loss, Inputs, torch.Tensor]]: ...
+
+
+_DATA_PARALLEL: contextvars.ContextVar[DataParallel | None] = contextvars.ContextVar("data_parallel", default=None)
+
+
+@contextlib.contextmanager
+def data_parallel(communicator: DataParallel) -> Iterator[None]:
+    """Every ``joint_retrain`` in this block that is not given one uses ``communicator``: how a runner
+    reaches the retraining that ``AdaptiveTickets.retrain`` starts deep inside a method."""
+    token = _DATA_PARALLEL.set(communicator)
+    try:
+        yield
+    finally:
+        _DATA_PARALLEL.reset(token)
+
+
 def joint_retrain(
     model: nn.Module,
     init_state: Mapping[str, torch.Tensor],
@@ -309,6 +344,7 @@ def joint_retrain(
     progress: ProgressSink = SILENT,
     resume: tuple[int, Sequence[dict]] | None = None,
     on_epoch: Callable[[int, Sequence[SubnetworkOptimizer]], None] | None = None,
+    data_parallel: DataParallel | None = None,
 ) -> None:
     """Stage 2, the paper's Algorithm 2: subnetworks take turns updating one shared θ.
 
@@ -323,9 +359,15 @@ def joint_retrain(
 
     ``resume=(e, optimizer_states)`` continues after finished epoch ``e`` with the model already
     holding that epoch's weights; ``on_epoch(e, optimizers)`` is called after every epoch.
+    ``data_parallel`` (default: the one a ``data_parallel`` block set) splits every context's step
+    over processes by rows of its batch, the turns and masked steps unchanged (``run.distributed``).
     """
     if len(streams) != masks.num_contexts:
         raise ValueError(f"{len(streams)} streams for {masks.num_contexts} masks")
+    parallel = data_parallel if data_parallel is not None else _DATA_PARALLEL.get()
+    if parallel is not None:  # the other processes take the same call
+        parallel.begin(model, {"init_state": init_state, "masks": masks, "streams": streams, "epochs": epochs,
+                               "optimizer": optimizer, "seed": seed, "resume": resume})
     device = next(model.parameters()).device
     # Bool masks are views of the MaskSet on the model's device; each step makes its float mask
     # on the fly, so no context keeps a float copy of the model's size.
@@ -348,7 +390,11 @@ def joint_retrain(
         for m in range(rounds):
             for k, stream in enumerate(streams):
                 x, y = _to_device(batches[k][m % len(batches[k])], device)
-                _backward(model, _float_mask(bmasks[k], model), optimizers[k], stream.loss, x, y)
+                if parallel is None:
+                    _backward(model, _float_mask(bmasks[k], model), optimizers[k], stream.loss, x, y)
+                else:  # this process's rows; the gradients summed over the processes
+                    with parallel.step(model, stream.loss, x, y) as (loss, x, y):
+                        _backward(model, _float_mask(bmasks[k], model), optimizers[k], loss, x, y)
                 optimizers[k].step()
             progress.advance(len(streams), f"joint epoch {epoch + 1}/{epochs} batch {m + 1}/{rounds}")
         if on_epoch is not None:

@@ -88,6 +88,16 @@ def stage_one_costs(experiment: Any) -> dict[Job, int]:
     return costs
 
 
+def run_jobs(experiment: Any, jobs: Sequence[Job]) -> None:
+    """Run (or find on disk) the IMP rounds of the given stage-1 streams: a worker's or a rank's share."""
+    for kind, k in jobs:
+        if kind == "single":
+            experiment.single_rounds()
+        else:
+            experiment.tickets.imp_rounds(f"context_{k:02d}", experiment.detectors[k],
+                                          rewind_stream=experiment.classifier)
+
+
 def run_stage_one(experiment: Any, workers: int) -> Plan:
     """Run the experiment's stage-1 streams in ``workers`` processes; return the plan they followed.
 
@@ -171,12 +181,7 @@ def _worker(config: dict[str, Any], out: str, jobs: Sequence[Job], rank: int, me
                              "several parts need names for workers to find theirs")
         experiment = Experiment(settings, Path(out), task, progress=_QueueProgress(messages, rank),
                                 log=lambda m: messages.put(("log", rank, m)), lock=False)
-        for kind, k in jobs:
-            if kind == "single":
-                experiment.single_rounds()
-            else:
-                experiment.tickets.imp_rounds(f"context_{k:02d}", experiment.detectors[k],
-                                              rewind_stream=experiment.classifier)
+        run_jobs(experiment, jobs)
     except BaseException:  # noqa: BLE001 -- everything reaches the parent, which raises it by name
         messages.put(("error", rank, traceback.format_exc()))
         raise SystemExit(1) from None
