@@ -260,3 +260,25 @@ def test_granularity_is_validated_and_the_default_keeps_old_identities():
         PruningConfig(granularity="filter")
     assert "granularity" not in RTLConfig().to_dict()["pruning"]
     assert RTLConfig(pruning=PruningConfig(granularity="channel")).to_dict()["pruning"]["granularity"] == "channel"
+
+
+def test_a_channel_run_exports_from_its_directory(tmp_path):
+    """rtl export on a run made with channel tickets: the groups are traced again and must match its masks."""
+    from routing_lottery.cli import packaged_config
+    from routing_lottery.config import load_config
+    from routing_lottery.diagnose import load_level_masks
+    from routing_lottery.export import export_run
+    from routing_lottery.run import make_runner
+
+    tiny = {"data": {"train_per_class": 10, "test_per_class": 4, "image_size": 8, "calibration": 0.0},
+            "model": {"options": {"width": 0.25}}, "pruning": {"sparsities": [0.5], "step": 0.25,
+                                                               "granularity": "channel"},
+            "training": {"imp_epochs": 1, "epochs": 1, "batch_size": 32}, "methods": ["rtl"],
+            "deploy": {"routers": []}, "threads": 1}
+    make_runner(load_config(packaged_config("digits"), "smoke", tiny), tmp_path).run_all()
+    assert "Granularity: **channel**" in (tmp_path / "results.md").read_text()
+    masks, metadata = load_level_masks(tmp_path)  # diagnostics read channels, not weights
+    assert set(masks[0.5].tensor_names) == set(metadata["channel_groups"])
+    index = export_run(tmp_path, "three", out=tmp_path / "export")
+    assert index["granularity"] == "channel" and index["verification"]["equal"]
+    assert index["parameters"] < index["dense_parameters"]
