@@ -138,7 +138,8 @@ def execute(config_path: Path, out: Path, scale: Optional[str], overrides: dict[
     """Run a config with a progress bar and print its table; ``before(experiment)`` runs after planning.
 
     The config is loaded and the run planned (data, model, run directory) before the bar appears,
-    so a refused run prints its error alone. Under ``torchrun`` (``run.distributed``) rank 0 does all
+    so a refused run prints its error without a bar (after its ``threads:`` line: the shared thread
+    budget, ``threads.py``, starts first). Under ``torchrun`` (``run.distributed``) rank 0 does all
     of this, sharing stage 1 and the joint-retraining steps with the other ranks, which print
     nothing but errors and leave when the run ends.
     """
