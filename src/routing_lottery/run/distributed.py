@@ -243,11 +243,10 @@ class Session:
         """Rank 0: the rest of the run as one process does it, each joint retraining shared with the other ranks."""
         for tickets in (experiment.tickets, experiment.shared_tickets):
             tickets.progress = SILENT  # stage 1's rounds were counted as they were trained (run_all restores it)
-        if not self.config.distributed_retraining:  # the other ranks leave; the rest runs here alone
-            self._broadcast(None)
-            self.close()
-            return experiment.run_all()
-        with data_parallel(Coordinator(self.launch, experiment)):
+        if self.config.distributed_retraining:
+            with data_parallel(Coordinator(self.launch, experiment)):
+                records = experiment.run_all()
+        else:  # joint retraining on this rank alone; the others wait for the end, as during the baselines
             records = experiment.run_all()
         self._broadcast(None)  # no more joint retraining: the other ranks leave
         self.close()
