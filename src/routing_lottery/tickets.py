@@ -169,17 +169,20 @@ class AdaptiveTickets:
         """Prunable units: weights, or channels for channel tickets (a sparsity level is a fraction of them)."""
         return self.structure.total
 
+    def _pruning_levels(self) -> list[float]:
+        """The configured levels that prune at least one unit."""
+        return [s for s in self.levels if round(s * self.total) > 0]
+
     @property
     def schedule(self) -> list[int]:
         """Cumulative units pruned after each IMP round."""
-        positive = [s for s in self.levels if round(s * self.total) > 0]
-        return pruning_schedule(self.total, positive, self.config.pruning.step) if positive else []
+        levels = self._pruning_levels()
+        return pruning_schedule(self.total, levels, self.config.pruning.step) if levels else []
 
     @property
     def level_round(self) -> dict[float, int]:
-        """Each positive level's IMP round."""
-        positive = [s for s in self.levels if round(s * self.total) > 0]
-        return levels_reached(self.schedule, self.total, positive)
+        """Each pruning level's IMP round."""
+        return levels_reached(self.schedule, self.total, self._pruning_levels())
 
     def describe(self) -> str:
         """Which tensors get masks and how many weights: printed at the start of every run."""
