@@ -287,8 +287,6 @@ def export_run(run_dir: str | Path, context: str, level: float | None = None, ou
     example = _context_inputs(task, k, rows)
     first = example[:2] if isinstance(example, torch.Tensor) else tuple(t[:2] for t in example)
     if config.pruning.granularity == "channel":
-        from .channels import ChannelStructure
-
         # the groups are a function of the architecture and the recipe's roots: traced again here
         channels = ChannelStructure.trace(tickets.model, first, tickets.selected)
     out = Path(out) if out is not None else run_dir / "export" / f"{routed.masks.context_names[k]}_{level:.4f}"
