@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from typer.testing import CliRunner
 
 from routing_lottery.cli import app, packaged_config
@@ -327,3 +328,68 @@ def test_check_task_passes_the_built_in_classification_task_and_lists_a_broken_o
                   "reseeds the global generator", "model(inputs) raised", "context_stream(2) must raise",
                   "not NaN", "non-empty list"):
         assert fault in text, fault
+
+
+class KillAt:
+    """A progress sink that stops the run at the ``nth`` progress report whose status starts with ``prefix``."""
+
+    def __init__(self, prefix, nth=1):
+        self.prefix, self.left = prefix, nth
+
+    def advance(self, steps, status):
+        if status.startswith(self.prefix):
+            self.left -= 1
+            if self.left == 0:
+                raise Interrupt(status)
+
+
+# Wall-clock figures (the only ones a resume may change) and a record's checksum, which covers them.
+TIMED = {"train_seconds", "relative_cost", "sha256"}
+
+
+def _untimed(value):
+    if isinstance(value, dict):
+        return {k: _untimed(v) for k, v in value.items() if k not in TIMED}
+    return [_untimed(v) for v in value] if isinstance(value, list) else value
+
+
+def _contents(path):
+    """What a run's file says: tensors and metadata of safetensors (whose header order varies between
+    processes), JSON without timings, other files as bytes (tables that print timings are left out)."""
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), "pt") as f:
+            return f.metadata(), {k: f.get_tensor(k).tolist() for k in f.keys()}
+    if path.suffix == ".json":
+        return _untimed(json.loads(path.read_text()))
+    return path.read_bytes()
+
+
+def _files(root):
+    skip = {"environment.json", "results.md", "results.csv", "deployment.md"}
+    return {p.relative_to(root).as_posix(): _contents(p) for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name not in skip and not p.name.startswith(".lock")}
+
+
+@pytest.fixture(scope="module")
+def three_epoch_run(tmp_path_factory):
+    """Three retraining epochs of three batches each, so that a kill can land between and inside epochs."""
+    config = tiny_config(methods=["rtl"], training={**TINY["training"], "epochs": 3, "batch_size": 8})
+    path = tmp_path_factory.mktemp("three_epochs")
+    return config, path, make_runner(config, path).run_all()
+
+
+# RTL's first retraining: the first report of epoch 2 comes right after the epoch-1 checkpoint
+# (between epochs, one batch of epoch 2 lost); the third comes in the middle of epoch 3.
+@pytest.mark.parametrize("prefix, nth", [("joint epoch 2/3", 1), ("joint epoch 3/3", 2)])
+def test_a_run_killed_during_joint_retraining_resumes_to_identical_figures_and_files(
+        three_epoch_run, tmp_path, prefix, nth):
+    config, straight, reference = three_epoch_run
+    with pytest.raises(Interrupt):
+        make_runner(config, tmp_path, progress=KillAt(prefix, nth)).run_all()
+    assert list((tmp_path / "train").glob("rtl_*.pt")), "the kill must land after a retraining checkpoint"
+    resumed = make_runner(config, tmp_path).run_all()
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "train_seconds"} for r in rs]
+    assert strip(resumed) == strip(reference)
+    want, got = _files(straight), _files(tmp_path)
+    assert sorted(got) == sorted(want)
+    assert [name for name in want if got[name] != want[name]] == []

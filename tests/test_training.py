@@ -124,6 +124,33 @@ def test_joint_resume_gives_the_same_weights():
         assert torch.allclose(v, model2.state_dict()[k], atol=1e-6), k
 
 
+def test_joint_resume_of_a_model_with_dropout_is_exact():
+    """Dropout draws from torch's global generator, which no checkpoint holds: each epoch seeds it."""
+    def dropout_model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 16), nn.Sequential(nn.ReLU(), nn.Dropout(0.5)), nn.Linear(16, 3))
+
+    _, _, masks, streams = _joint_setup()
+    model = dropout_model()
+    theta0 = snapshot(model)
+    joint_retrain(model, theta0, masks, streams, 3, ADAM, seed=5)
+    full = snapshot(model)
+
+    killed, saved = dropout_model(), {}
+
+    def stop_after_first(epoch, opts):
+        saved.update(state=snapshot(killed), opts=[o.state_dict() for o in opts])
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        joint_retrain(killed, theta0, masks, streams, 3, ADAM, seed=5, on_epoch=stop_after_first)
+    torch.rand(100)  # the resumed process's global generator is wherever it happens to be
+    resumed = dropout_model()
+    resumed.load_state_dict(saved["state"])
+    joint_retrain(resumed, theta0, masks, streams, 3, ADAM, seed=5, resume=(0, saved["opts"]))
+    assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in full.items())
+
+
 def test_imp_resume_gives_the_same_masks():
     model = toy_model()
     theta0 = snapshot(model)

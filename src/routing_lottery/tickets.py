@@ -233,8 +233,8 @@ class AdaptiveTickets:
             stored = self._initial
             if self.store is not None:
                 self.store.save_state(self._state_name("theta0"), stored)
-        else:
-            self.model.load_state_dict(stored)
+        # Reading θ₀ never loads it into the model: a resumed retraining reads it after loading its
+        # checkpoint, and a load here put the weights back to θ₀ under the saved optimizer states.
         return self._to_device(stored)
 
     def rewind_point(self, stream: Stream | None = None) -> State:
@@ -351,6 +351,9 @@ class AdaptiveTickets:
         seed_parts = (method,) if level is None else (method, str(level))  # the runner's seeds since v0.1
         key = method if level is None else f"{method}_{level:.4f}"
         basis = fingerprint(masks.packed())
+        # The rewind point first: taking it may train the model (θ_j), so it must come before a
+        # saved epoch's weights are loaded, never after.
+        init_state = self.rewind_point(rewind_stream)
         saved = self.store.load_training(key, basis) if self.store is not None else None
         resume = None
         if saved is not None:
@@ -364,7 +367,7 @@ class AdaptiveTickets:
                 self.store.save_training(key, basis, {"epoch": epoch, "model": snapshot(self.model),
                                                       "optimizers": [o.state_dict() for o in optimizers]})
 
-        joint_retrain(self.model, self.rewind_point(rewind_stream), masks, streams, training.epochs,
+        joint_retrain(self.model, init_state, masks, streams, training.epochs,
                       training.optimizer, derive_seed(self.config.seed, *seed_parts), self.progress,
                       resume=resume, on_epoch=checkpoint)
         if self.store is not None:

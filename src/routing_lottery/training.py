@@ -91,6 +91,20 @@ def generator(*parts: int | str) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(*parts))
 
 
+@contextlib.contextmanager
+def seeded_global_rng(device: torch.device, *parts: int | str) -> Iterator[None]:
+    """Torch's global generator seeded from ``parts`` inside the block, and given back afterwards.
+
+    A model's own randomness (dropout, stochastic depth) draws from the global generator, which a
+    resumed run cannot restore from a checkpoint; seeding it per epoch makes an epoch depend only
+    on where it starts, so a run killed and resumed takes the same steps as one that was not.
+    """
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
+        torch.manual_seed(derive_seed(*parts))
+        yield
+
+
 def snapshot(model: nn.Module) -> State:
     """A detached copy of the model's state dict (parameters and buffers)."""
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -159,12 +173,13 @@ def train(
         batches = stream.epoch(generator(seed, epoch))
         if len(batches) == 0:  # training nothing and then pruning untrained weights would pass silently
             raise DataError(f"stream {stream.name!r} has no training batches (an empty context?)")
-        for batch in batches:
-            loss = masked_step(model, params, fmask, opt, stream.loss, *_to_device(batch, device))
-            steps += 1
-            progress.advance(1, f"{stream.name} epoch {epoch + 1}/{epochs} loss {loss.item():.3f}")
-            if max_steps is not None and steps >= max_steps:
-                return
+        with seeded_global_rng(device, seed, "global", epoch):
+            for batch in batches:
+                loss = masked_step(model, params, fmask, opt, stream.loss, *_to_device(batch, device))
+                steps += 1
+                progress.advance(1, f"{stream.name} epoch {epoch + 1}/{epochs} loss {loss.item():.3f}")
+                if max_steps is not None and steps >= max_steps:
+                    return
 
 
 def masked_step(model: nn.Module, params: Mapping[str, torch.Tensor], fmask: Mapping[str, torch.Tensor],
@@ -387,15 +402,16 @@ def joint_retrain(
         if empty:
             raise ValueError(f"contexts with no training batches: {empty}")
         rounds = max(len(b) for b in batches)
-        for m in range(rounds):
-            for k, stream in enumerate(streams):
-                x, y = _to_device(batches[k][m % len(batches[k])], device)
-                if parallel is None:
-                    _backward(model, _float_mask(bmasks[k], model), optimizers[k], stream.loss, x, y)
-                else:  # this process's rows; the gradients summed over the processes
-                    with parallel.step(model, stream.loss, x, y) as (loss, x, y):
-                        _backward(model, _float_mask(bmasks[k], model), optimizers[k], loss, x, y)
-                optimizers[k].step()
-            progress.advance(len(streams), f"joint epoch {epoch + 1}/{epochs} batch {m + 1}/{rounds}")
+        with seeded_global_rng(device, seed, "global", epoch):
+            for m in range(rounds):
+                for k, stream in enumerate(streams):
+                    x, y = _to_device(batches[k][m % len(batches[k])], device)
+                    if parallel is None:
+                        _backward(model, _float_mask(bmasks[k], model), optimizers[k], stream.loss, x, y)
+                    else:  # this process's rows; the gradients summed over the processes
+                        with parallel.step(model, stream.loss, x, y) as (loss, x, y):
+                            _backward(model, _float_mask(bmasks[k], model), optimizers[k], loss, x, y)
+                    optimizers[k].step()
+                progress.advance(len(streams), f"joint epoch {epoch + 1}/{epochs} batch {m + 1}/{rounds}")
         if on_epoch is not None:
             on_epoch(epoch, optimizers)
