@@ -147,7 +147,7 @@ def test_entries_of_dead_processes_are_ignored_and_deleted(tmp_path, sleeper):
     gone = dead_pid()
     registry.register(pid=gone)
     # a live pid whose recorded start time is not its own: the registered process died and the pid was reused
-    (registry.path / "1").write_text('{"pid": 1, "start": -5}')
+    (registry.path / "1").write_text('{"pid": 1, "start": -5, "threads": null}')
     (registry.path / ".9.abcdefgh.tmp").write_text("{")  # an atomic write's litter is not an entry
     assert registry.live() == sorted([os.getpid(), sleeper.pid])
     assert sorted(p.name for p in registry.path.iterdir()) == sorted([".9.abcdefgh.tmp", str(os.getpid()),

@@ -13,7 +13,9 @@ The budget, on by default for runs started by the command line:
 
 - **Registry.** Each run writes ``<tmp>/routing-lottery-<uid>/procs/<pid>`` (atomically) and
   removes it on exit (``close``, also at exit); entries of dead processes are ignored and deleted,
-  so a killed run costs nothing.
+  so a killed run costs nothing. The temp directory is shared, so the registry trusts nothing in
+  it (``Registry``): it follows no link, opens no FIFO or device, uses the directory only when it is
+  the user's own and private, and deletes only entries in exactly the format it writes.
 - **Share.** A run takes ``max(1, (cores - busy) // runs)`` threads: ``cores`` its usable cores
   (``os.sched_getaffinity``), ``runs`` the live registered runs (itself included), ``busy`` the
   cores that other work (anything but registered runs) kept busy, measured from ``/proc/stat``
@@ -27,7 +29,9 @@ The budget, on by default for runs started by the command line:
   still see its load through ``/proc/stat``).
 - **Left as found.** ``close`` restores the thread count the process had, for callers that run the
   command line in their own process (tests through ``CliRunner``).
-- **Never fatal.** An unwritable registry leaves torch's default threads with a one-line note.
+- **Never fatal.** A registry that cannot be used (unwritable, a link, another user's, writable by
+  others) leaves torch's default threads with a one-line note; a fault during the run (or any
+  unexpected error of the budget) keeps the count it had, says why in one line, and stops re-checking.
 
 Inter-op threads are left alone: the library never forks inter-op work (no ``torch.jit.fork``, no
 ``DataLoader`` workers), so torch never starts that pool (checked: ``set_num_interop_threads``
@@ -38,16 +42,19 @@ on a condition variable, not spin.
 from __future__ import annotations
 
 import atexit
+import contextlib
+import json
 import os
+import re
+import secrets
+import stat
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-
-from .io import atomic_write_json, read_json
 
 INTERVAL = 2.0  # seconds between re-checks of the share
 WARMUP = 0.25  # seconds over which a run measures the other work before it starts
@@ -91,6 +98,7 @@ def explicit_setting(threads: int | None, environ: Mapping[str, str] = os.enviro
 
 
 def default_registry() -> Path:
+    """``<tmp>/routing-lottery-<uid>/procs``: per user, so runs of different users never meet."""
     uid = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
     return Path(tempfile.gettempdir()) / f"routing-lottery-{uid}" / "procs"
 
@@ -120,51 +128,238 @@ def _alive(pid: int, start: int | None) -> bool:
         return False
     except PermissionError:  # someone else's process has this pid now
         return False
-    except OSError:
+    except (OSError, OverflowError):
         return False
     return start is None or _start_ticks(pid) in (None, start)
 
 
-class Registry:
-    """The directory of live ``rtl`` runs: one JSON file per process, named by its pid."""
+PID_NAME = re.compile(r"[1-9][0-9]{0,9}")
+"""An entry's name: a pid in ASCII digits as ``str(pid)`` writes it. Not ``str.isdigit``, which also
+accepts ``'²'`` and other scripts' digits that ``int`` then refuses."""
+MAX_PID = 2**22
+"""Linux's largest possible pid (``PID_MAX_LIMIT``); other systems stay below it. A larger name is no
+process's, and would overflow ``os.kill``."""
+MAX_ENTRY_BYTES = 4096
+"""An entry is about 50 bytes; a larger file is not one."""
+_ENTRY_KEYS = frozenset({"pid", "start", "threads"})
+# Never through a link, never waiting on a FIFO; getattr: the flags POSIX lacks elsewhere (the
+# registry is then off, see _links_avoidable)
+_SAFE = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+_PRIVATE_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _SAFE
+_ENTRY_READ_FLAGS = os.O_RDONLY | _SAFE
+_ENTRY_WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _SAFE
 
-    def __init__(self, path: str | Path | None = None) -> None:
+
+def _links_avoidable() -> bool:
+    """Whether this platform can reach files relative to an open directory without following links.
+
+    Without it (Windows) a registry in a shared temp directory cannot be used safely, and there
+    ``os.kill(pid, 0)`` would even end the process it probes: the budget stays off.
+    """
+    return (hasattr(os, "O_NOFOLLOW") and hasattr(os, "O_DIRECTORY") and hasattr(os, "getuid")
+            and {os.open, os.stat, os.mkdir, os.unlink, os.rename} <= os.supports_dir_fd
+            and os.listdir in os.supports_fd)
+
+
+def _entry_start(data: bytes, pid: int) -> tuple[int | None] | None:
+    """``(start,)`` when ``data`` is exactly what ``register`` writes for ``pid``, else None.
+
+    Only such files are ever deleted: anything else in the registry was not written by a run.
+    """
+    try:
+        entry = json.loads(data.decode("ascii"))
+    except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return None
+    if not isinstance(entry, dict) or entry.keys() != _ENTRY_KEYS:
+        return None
+    start = entry["start"]
+    # ``type(...) is int``: not bool, whose type is a subclass of int
+    if not (type(entry["pid"]) is int and entry["pid"] == pid and (start is None or type(start) is int)
+            and (entry["threads"] is None or type(entry["threads"]) is int)):
+        return None
+    return (start,)
+
+
+class Registry:
+    """The directory of live ``rtl`` runs: one JSON file per process, named by its pid.
+
+    It lives in a shared temp directory, so anything in it may have been prepared by someone else.
+    The directory and its parent are opened without following links and used only when they are
+    directories of this user (``uid``) that no group or other user can write; every entry is then
+    reached relative to that open directory, read only when it is a regular file of this user
+    (opened without following links or blocking), and deleted only when its content is exactly
+    what ``register`` writes and its process is gone. Anything else is ignored and left as is.
+    Problems with the directory itself raise ``OSError`` naming it; ``ThreadBudget`` then falls
+    back. ``uid`` is the owner required (this process's; tests pass another to play a stranger).
+    """
+
+    def __init__(self, path: str | Path | None = None, uid: int | None = None) -> None:
         self.path = Path(path) if path is not None else default_registry()
+        self.uid = uid if uid is not None else (os.getuid() if hasattr(os, "getuid") else -1)
 
     def register(self, pid: int | None = None, threads: int | None = None) -> None:
-        """Add (or update) ``pid``'s entry; raises OSError when the directory cannot be used."""
+        """Add (or update) ``pid``'s entry; raises OSError when the directory cannot be used safely."""
         pid = os.getpid() if pid is None else pid
-        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if hasattr(os, "getuid") and self.path.stat().st_uid != os.getuid():
-            raise PermissionError(f"{self.path} belongs to another user")
-        atomic_write_json(self.path / str(pid), {"pid": pid, "start": _start_ticks(pid), "threads": threads})
+        data = json.dumps({"pid": pid, "start": _start_ticks(pid), "threads": threads}).encode("ascii")
+        with self._directory(create=True) as directory:
+            assert directory is not None  # created
+            with contextlib.suppress(FileNotFoundError):
+                found = os.stat(str(pid), dir_fd=directory, follow_symlinks=False)
+                if not self._ours(found):
+                    raise FileExistsError(f"{self.path / str(pid)} exists and is not this library's entry "
+                                          "(not a regular file of yours); remove it")
+            _write_entry(directory, str(pid), data)
 
     def deregister(self, pid: int | None = None) -> None:
+        """Remove ``pid``'s entry (this process's by default) if it is one; never raises."""
+        pid = os.getpid() if pid is None else pid
         try:
-            (self.path / str(os.getpid() if pid is None else pid)).unlink(missing_ok=True)
+            with self._directory(create=False) as directory:
+                if directory is not None and self._read(directory, str(pid), pid) is not None:
+                    os.unlink(str(pid), dir_fd=directory)
         except OSError:
             pass
 
     def live(self) -> list[int]:
-        """The registered pids still running (sorted); entries of dead processes are deleted."""
-        try:
-            names = [p for p in self.path.iterdir() if p.name.isdigit()]
-        except OSError:
-            return []
+        """The registered pids still running (sorted); entries of dead processes are deleted.
+
+        A registry that does not exist yet has none; one that cannot be used raises OSError.
+        """
         pids = []
-        for entry in names:
-            try:
-                start = read_json(entry, max_bytes=4096).get("start")
-            except Exception:  # noqa: BLE001 -- an unreadable entry is treated as a process with no start time
-                start = None
-            if _alive(int(entry.name), start if isinstance(start, int) else None):
-                pids.append(int(entry.name))
-            else:
-                try:
-                    entry.unlink(missing_ok=True)
-                except OSError:
-                    pass
+        with self._directory(create=False) as directory:
+            if directory is None:
+                return []
+            for name in os.listdir(directory):
+                if not PID_NAME.fullmatch(name) or int(name) > MAX_PID:
+                    continue
+                pid = int(name)
+                entry = self._read(directory, name, pid)
+                if entry is None:
+                    continue  # not written by a run: neither counted nor touched
+                if _alive(pid, entry[0]):
+                    pids.append(pid)
+                else:
+                    with contextlib.suppress(OSError):
+                        os.unlink(name, dir_fd=directory)
         return sorted(pids)
+
+    def _ours(self, found: os.stat_result) -> bool:
+        return stat.S_ISREG(found.st_mode) and found.st_uid == self.uid
+
+    def _read(self, directory: int, name: str, pid: int) -> tuple[int | None] | None:
+        """``_entry_start`` of the entry ``name`` when it is a regular file of ours; None otherwise."""
+        try:
+            if not self._ours(os.stat(name, dir_fd=directory, follow_symlinks=False)):
+                return None  # a FIFO or device is never opened, a link never followed
+            handle = os.open(name, _ENTRY_READ_FLAGS, dir_fd=directory)
+        except OSError:
+            return None
+        try:
+            if not self._ours(os.fstat(handle)):  # replaced between the two looks
+                return None
+            chunks, size = [], 0
+            while size <= MAX_ENTRY_BYTES and (chunk := os.read(handle, MAX_ENTRY_BYTES + 1 - size)):
+                chunks.append(chunk)
+                size += len(chunk)
+        except OSError:
+            return None
+        finally:
+            os.close(handle)
+        return _entry_start(b"".join(chunks), pid) if size <= MAX_ENTRY_BYTES else None
+
+    @contextlib.contextmanager
+    def _directory(self, create: bool) -> Iterator[int | None]:
+        """The registry directory, open and checked (None when missing and not ``create``)."""
+        if not _links_avoidable():
+            raise OSError(f"this platform cannot open {self.path} without following links")
+        try:
+            parent = self._open_private(str(self.path.parent), None, self.path.parent, create)
+        except FileNotFoundError:
+            if create:
+                raise
+            yield None
+            return
+        try:
+            directory = self._open_private(self.path.name, parent, self.path, create)
+        except FileNotFoundError:
+            if create:
+                raise
+            directory = None
+        finally:
+            os.close(parent)
+        try:
+            yield directory
+        finally:
+            if directory is not None:
+                os.close(directory)
+
+    def _open_private(self, name: str, at: int | None, path: Path, create: bool) -> int:
+        """Open the directory ``name`` (relative to ``at``), not through a link, and check it is private."""
+        if create:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, 0o700, dir_fd=at)
+        try:
+            handle = os.open(name, _PRIVATE_DIR_FLAGS, dir_fd=at)
+        except OSError as err:
+            raise self._explain(name, at, path) or err from None
+        try:
+            found = os.fstat(handle)
+            if stat.S_ISDIR(found.st_mode) and found.st_uid == self.uid and found.st_mode & 0o022:
+                # Ours, but made under a permissive umask (earlier versions created the parent so):
+                # closing it to others is safe, since every entry is checked on its own anyway.
+                os.fchmod(handle, stat.S_IMODE(found.st_mode) & ~0o022)
+                found = os.fstat(handle)
+            self._check_private(found, path)
+        except BaseException:
+            os.close(handle)
+            raise
+        return handle
+
+    @staticmethod
+    def _explain(name: str, at: int | None, path: Path) -> OSError | None:
+        """Why opening ``path`` as a directory failed, when it is a link or no directory."""
+        try:
+            found = os.stat(name, dir_fd=at, follow_symlinks=False)
+        except OSError:
+            return None
+        if stat.S_ISLNK(found.st_mode):
+            return PermissionError(f"{path} is a symbolic link, and the thread registry never follows links; "
+                                   "remove it")
+        if not stat.S_ISDIR(found.st_mode):
+            return NotADirectoryError(f"{path} is not a directory; remove it")
+        return None
+
+    def _check_private(self, found: os.stat_result, path: Path) -> None:
+        if not stat.S_ISDIR(found.st_mode):
+            raise NotADirectoryError(f"{path} is not a directory; remove it")
+        if found.st_uid != self.uid:
+            raise PermissionError(f"{path} belongs to uid {found.st_uid}, not to you (uid {self.uid}): someone "
+                                  "else may have prepared it; remove it or set TMPDIR to a directory of yours")
+        if found.st_mode & 0o022:
+            raise PermissionError(f"{path} can be written by group or others (mode {stat.S_IMODE(found.st_mode):o}); "
+                                  "run chmod go-w on it or remove it")
+
+
+def _write_entry(directory: int, name: str, data: bytes) -> None:
+    """Write ``name`` in the open ``directory`` atomically (readers see the old entry or the new one).
+
+    ``io.atomic_write_bytes`` works on paths, which would be resolved again (and any link in them
+    followed) after the directory was checked; this one stays inside the checked directory.
+    """
+    temp = f".{name}.{secrets.token_hex(4)}.tmp"  # io's temp-name pattern; never an entry's name
+    handle = os.open(temp, _ENTRY_WRITE_FLAGS, 0o600, dir_fd=directory)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(handle, view):]
+        finally:
+            os.close(handle)
+        os.replace(temp, name, src_dir_fd=directory, dst_dir_fd=directory)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp, dir_fd=directory)
+        raise
 
 
 class LoadMeter:
@@ -225,37 +420,54 @@ class ThreadBudget:
         self.interval, self.warmup = interval, warmup
         self.meter = meter if meter is not None else LoadMeter()
         self.set_threads, self.log = set_threads, log
-        self.threads: int | None = None  # None: not managing (off, or fell back)
+        self.threads: int | None = None  # None: not managing (off, or fell back at the start)
+        self.off: str | None = None  # why the budget stopped (a fault of the registry), if it did
         self.runs, self.busy, self.next_check = 1, 0, 0.0
         self.previous: int | None = None  # torch's threads before the budget took over (restored by close)
 
     def start(self) -> str:
-        """Register, take the share, and return the line to log."""
+        """Register, take the share, and return the line to log.
+
+        Any fault of the registry leaves torch's threads as they are, and the line says why.
+        """
+        self.previous = torch.get_num_threads()
         try:
             self.registry.register()
-        except OSError as err:
-            return (f"threads: {torch.get_num_threads()}, torch's default (no shared thread budget: "
-                    f"{self.registry.path} is not writable: {err.strerror or err})")
-        atexit.register(self.close)
-        self.previous = torch.get_num_threads()
-        if self.warmup > 0:
-            self.meter.sample(self.registry.live())
-            time.sleep(self.warmup)
-        self.check(force=True)
+            atexit.register(self.close)
+            if self.warmup > 0:
+                self.meter.sample(self.registry.live())
+                time.sleep(self.warmup)
+            self.next_check = time.monotonic() + self.interval
+            self._update()
+        except Exception as err:  # noqa: BLE001 -- the budget is an optimisation: it must never stop a run
+            self.close()
+            self.off = _why(err)
+            return (f"threads: {torch.get_num_threads()}, torch's default (no shared thread budget at "
+                    f"{self.registry.path}: {self.off}{CHOOSE})")
         return f"threads: {self.threads} ({self.describe()})"
 
     def check(self, force: bool = False) -> int | None:
-        """Recompute the share (at most every ``interval`` seconds unless ``force``); apply a change."""
+        """Recompute the share (at most every ``interval`` seconds unless ``force``); apply a change.
+
+        Returns the threads in use, None when the budget does not manage them. A fault stops the
+        budget for good: the count stays as it is, and one line says so (not one per re-check).
+        """
         now = time.monotonic()
-        if not force and (self.threads is None or now < self.next_check):
+        if self.off is not None or (not force and (self.threads is None or now < self.next_check)):
             return self.threads
         self.next_check = now + self.interval
+        try:
+            return self._update()
+        except Exception as err:  # noqa: BLE001 -- as in start: never fatal
+            self.off = _why(err)
+            self.log(f"threads: {self.threads}, fixed from now on (shared thread budget at {self.registry.path} "
+                     f"stopped: {self.off}{CHOOSE})")
+            return self.threads
+
+    def _update(self) -> int:
         pids = self.registry.live()
         if os.getpid() not in pids:  # deleted by someone: register again (the next one to look must count us)
-            try:
-                self.registry.register(threads=self.threads)
-            except OSError:
-                pass
+            self.registry.register(threads=self.threads)
             pids = sorted({*pids, os.getpid()})
         used = self.meter.sample(pids)
         if used is not None:
@@ -290,6 +502,20 @@ class ThreadBudget:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+CHOOSE = ". To choose the count yourself: OMP_NUM_THREADS or --set threads=N"
+
+
+def _why(err: Exception) -> str:
+    """What went wrong, with which file, on one line (a budget that stops says why exactly once)."""
+    if isinstance(err, OSError) and err.filename is not None:
+        what = f"{err.filename}: {err.strerror or err}"
+    elif isinstance(err, OSError):
+        what = str(err)
+    else:
+        what = f"{type(err).__name__}: {err}"
+    return " ".join(what.split()) or type(err).__name__
 
 
 class _Watched:
