@@ -457,26 +457,48 @@ def test_remove_stale_temp_files_removes_only_writer_litter(tmp_path):
     killed = rio._atomic_file(ckpt / "tickets.safetensors", "wb")
     killed.__enter__().write(b"half")
     litter = sorted(p for p in ckpt.iterdir())
-    assert len(litter) == 1 and litter[0].name.startswith(".tickets.safetensors.")
-    stale = [tmp_path / ".identity.json.ab_3x9q1.tmp", tmp_path / "imp" / "s" / ".round_001.safetensors.k2m0z8q_.tmp"]
-    keep = [tmp_path / "a.json", tmp_path / ".a.json.tmp", tmp_path / "a.json.abcdefgh.tmp",
-            tmp_path / ".a.json.ABCDEFGH.tmp", tmp_path / ".a.json.abcdefg.tmp", tmp_path / ".lock"]
+    assert len(litter) == 1 and litter[0].name.startswith(".tickets.safetensors.rtl-")
+    stale = [tmp_path / ".identity.json.rtl-ab_3x9q1.tmp",
+             tmp_path / "imp" / "s" / ".round_001.safetensors.rtl-k2m0z8q_.tmp"]
+    keep = [tmp_path / "a.json", tmp_path / ".a.json.tmp", tmp_path / "a.json.rtl-abcdefgh.tmp",
+            tmp_path / ".a.json.rtl-ABCDEFGH.tmp", tmp_path / ".a.json.rtl-abcdefg.tmp", tmp_path / ".lock"]
     for p in stale + keep:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(b"x")
-    (tmp_path / ".dir.abcdefgh.tmp").mkdir()  # a directory with the pattern's name is not litter
+    (tmp_path / ".dir.rtl-abcdefgh.tmp").mkdir()  # a directory with the pattern's name is not litter
     outside = tmp_path.parent / f"{tmp_path.name}-target"
     outside.mkdir()
-    (outside / ".f.abcdefgh.tmp").write_bytes(b"x")
+    (outside / ".f.rtl-abcdefgh.tmp").write_bytes(b"x")
     (tmp_path / "link").symlink_to(outside, target_is_directory=True)  # not followed
-    (tmp_path / ".l.abcdefgh.tmp").symlink_to(outside / ".f.abcdefgh.tmp")  # a link, not a file: kept
+    (tmp_path / ".l.rtl-abcdefgh.tmp").symlink_to(outside / ".f.rtl-abcdefgh.tmp")  # a link, not a file: kept
 
     removed = rio.remove_stale_temp_files(tmp_path)
 
     assert sorted(removed) == sorted(stale + litter)
     assert not any(p.exists() for p in stale + litter)
     assert all(p.exists() for p in keep)
-    assert (tmp_path / ".dir.abcdefgh.tmp").is_dir() and (outside / ".f.abcdefgh.tmp").exists()
-    assert (tmp_path / ".l.abcdefgh.tmp").is_symlink()
+    assert (tmp_path / ".dir.rtl-abcdefgh.tmp").is_dir() and (outside / ".f.rtl-abcdefgh.tmp").exists()
+    assert (tmp_path / ".l.rtl-abcdefgh.tmp").is_symlink()
     assert rio.remove_stale_temp_files(tmp_path) == []
     assert rio.remove_stale_temp_files(tmp_path / "absent") == []
+
+
+def test_remove_stale_temp_files_spares_a_users_files_named_like_temp_files(tmp_path):
+    """Issue 23 (21): only the library's own ``.NAME.rtl-XXXXXXXX.tmp`` is litter; before the marker, a user's
+    ``.notes.20240101.tmp`` fitted the pattern and was deleted on resume."""
+    users = [tmp_path / name for name in ("notes.tmp", ".x.tmp", ".notes.20240101.tmp", ".draft.abcdefgh.tmp",
+                                          ".identity.json.k2m0z8q_.tmp", "records/.mine.ab_3x9q1.tmp")]
+    for path in users:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("my own words")
+    assert rio.remove_stale_temp_files(tmp_path) == []
+    assert all(p.read_text() == "my own words" for p in users)
+
+
+def test_remove_stale_temp_files_spares_another_users_file(tmp_path, monkeypatch):
+    litter = tmp_path / ".a.json.rtl-abcdefgh.tmp"
+    litter.write_bytes(b"x")
+    monkeypatch.setattr(os, "geteuid", lambda: litter.stat().st_uid + 1)  # as if another user had made it
+    assert rio.remove_stale_temp_files(tmp_path) == [] and litter.exists()
+    monkeypatch.undo()
+    assert rio.remove_stale_temp_files(tmp_path) == [litter]

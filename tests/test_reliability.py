@@ -227,3 +227,33 @@ def test_the_front_door_holds_the_lock_while_it_extracts(tmp_path):
     finally:
         tickets_module.extract_ticket = saved
     assert seen
+
+
+@pytest.mark.parametrize("damage", ["flip", "delete"])
+def test_a_finished_run_with_a_damaged_identity_resumes_from_its_copy(finished, tmp_path, damage):
+    """Issue 23 (10): one flipped bit in identity.json made a finished run unresumable, and deleting it was
+    blamed on an older routing-lottery; its checksummed copy proves the run is this one."""
+    source, reference = finished
+
+    def hurt(p):
+        if damage == "flip":
+            flip_byte(p / "identity.json", 60)
+        else:
+            (p / "identity.json").unlink()
+
+    run, records, log = resume(source, tmp_path, hurt)
+    assert any(m.startswith("identity.json was ") and "rewritten from identity.copy.json" in m for m in log), log
+    assert (run / "identity.json").read_bytes() == (source / "identity.json").read_bytes()
+    assert strip(records) == strip(reference)
+
+
+def test_a_finished_run_without_any_identity_is_refused_naming_identity_json(finished, tmp_path):
+    source, _ = finished
+
+    def hurt(p):
+        flip_byte(p / "identity.json", 60)
+        (p / "identity.copy.json").unlink()
+
+    with pytest.raises(ConfigError, match=r"identity.json is corrupt .*and its copy identity.copy.json is missing: "
+                                          r".*choose another output directory, or delete"):
+        resume(source, tmp_path, hurt)

@@ -2,12 +2,15 @@
 
 Atomic writes
     Every file the library writes goes through ``atomic_*``: the bytes land in a temporary file
-    ``.NAME.XXXXXXXX.tmp`` in the same directory, are flushed and fsynced, and only then
+    ``.NAME.rtl-XXXXXXXX.tmp`` in the same directory, are flushed and fsynced, and only then
     ``os.replace`` puts them at the final path. A run killed at any moment therefore leaves either
     the old file or the new one, never half of one -- which is what lets a resumed run trust
-    whatever it finds on disk. A kill can leave the temp file behind; ``remove_stale_temp_files``
-    deletes such litter (a resuming run calls it while it holds the run directory's lock). Files
-    get mode ``0o666 & ~umask``, the umask read once at import, as ``open`` would give them.
+    whatever it finds on disk. ``os.replace`` replaces a symbolic link at the final path, never
+    the file it points to. A kill can leave the temp file behind; ``remove_stale_temp_files``
+    deletes such litter (a resuming run calls it while it holds the run directory's lock) and
+    nothing else: the ``rtl-`` marker keeps a user's own ``.notes.20240101.tmp`` out of its
+    pattern. Files get mode ``0o666 & ~umask``, the umask read once at import, as ``open`` would
+    give them.
 
 Checksummed torch files
     ``atomic_torch_save`` writes one header line ``RTLSHA256 <64 hex digits>\n`` (the sha256 of
@@ -94,8 +97,11 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 """Read once: ``os.umask`` can only be read by setting it, which races with other threads."""
 
-_TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
-"""``tempfile.mkstemp(prefix=".NAME.", suffix=".tmp")``: 8 characters from its alphabet."""
+_TEMP_MARK, _TEMP_SUFFIX = "rtl-", ".tmp"
+_TEMP_NAME = re.compile(r"\..+\." + re.escape(_TEMP_MARK) + r"[a-z0-9_]{8}" + re.escape(_TEMP_SUFFIX))
+"""``tempfile.mkstemp(prefix=".NAME.rtl-", suffix=".tmp")``: 8 characters from its alphabet. The marker
+is what tells the library's litter from a user's file: versions before it wrote ``.NAME.XXXXXXXX.tmp``,
+a name a user's ``.notes.20240101.tmp`` has too, so such old litter is left alone."""
 
 
 @contextlib.contextmanager
@@ -109,7 +115,7 @@ def _atomic_file(path: str | Path, mode: str) -> Iterator[IO[Any]]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_TEMP_MARK}", suffix=_TEMP_SUFFIX)
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as handle:
@@ -128,28 +134,33 @@ def _atomic_file(path: str | Path, mode: str) -> Iterator[IO[Any]]:
 
 
 def remove_stale_temp_files(directory: str | Path) -> list[Path]:
-    """Delete the temp files ``.NAME.XXXXXXXX.tmp`` that writers killed mid-write left under ``directory``.
+    """Delete the temp files ``.NAME.rtl-XXXXXXXX.tmp`` that writers killed mid-write left under ``directory``.
 
-    Recursive; only regular files whose name matches that exact pattern are removed (symlinks and
-    directories are neither removed nor followed). Returns the removed paths, sorted. Call it only
-    while no other process writes there (a run holds its directory's lock): a live writer's temp
-    file looks the same. A missing ``directory`` has nothing to remove.
+    Recursive; only what this library can have created is removed: regular files whose name matches
+    that exact pattern and that belong to this process's user (symlinks and directories are
+    neither removed nor followed; another user's file is not ours to delete). Returns the removed
+    paths, sorted. Call it only while no other process writes there (a run holds its directory's
+    lock): a live writer's temp file looks the same. A missing ``directory`` has nothing to remove.
     """
     removed: list[Path] = []
     for root, dirs, files in os.walk(directory):
         dirs.sort()
         for name in sorted(files):
-            if not _TEMP_NAME.fullmatch(name):
-                continue
             path = Path(root) / name
             try:
-                if not stat.S_ISREG(os.lstat(path).st_mode):
+                if not _TEMP_NAME.fullmatch(name) or not _is_own_regular_file(os.lstat(path)):
                     continue
                 path.unlink()
             except FileNotFoundError:
                 continue
             removed.append(path)
     return removed
+
+
+def _is_own_regular_file(info: os.stat_result) -> bool:
+    """A regular file (not a link, FIFO or directory) of the effective user: what ``mkstemp`` makes."""
+    own = not hasattr(os, "geteuid") or info.st_uid == os.geteuid()  # Windows has no owners to compare
+    return stat.S_ISREG(info.st_mode) and own
 
 
 def _fsync_directory(directory: Path) -> None:

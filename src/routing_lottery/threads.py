@@ -346,7 +346,7 @@ def _write_entry(directory: int, name: str, data: bytes) -> None:
     ``io.atomic_write_bytes`` works on paths, which would be resolved again (and any link in them
     followed) after the directory was checked; this one stays inside the checked directory.
     """
-    temp = f".{name}.{secrets.token_hex(4)}.tmp"  # io's temp-name pattern; never an entry's name
+    temp = f".{name}.{secrets.token_hex(4)}.tmp"  # never an entry's name (entries are digits only)
     handle = os.open(temp, _ENTRY_WRITE_FLAGS, 0o600, dir_fd=directory)
     try:
         try:
