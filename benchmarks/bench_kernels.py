@@ -26,8 +26,12 @@ at least 2x faster than dense at 90 % on one thread.
 
 Timing method: dense and prepared run interleaved in rounds (A then B, B then A in alternate
 rounds) after a warm-up, each round timing a few calls with ``time.perf_counter`` under
-``torch.no_grad()``; the figures are medians over rounds. ``prepare`` itself measures each layer
-the same way (median of ``repeats`` interleaved samples).
+``torch.no_grad()``; the figures are medians over rounds. ``prepare`` decides by the rule of
+``routing_lottery.timing`` (dense unless clearly faster): a sparse form replaces a layer only if
+it measured >= 1.15x dense on the medians, on the per-round pairs and on the fastest samples
+alike, and the whole prepared network is then checked against the dense one (>= 1.05x, else every
+layer goes back to dense). The "kernels chosen" column says when that whole-module check fell
+back; the note of each figure gives the rule's three ratios for the whole network.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from routing_lottery.kernels import KernelChoice, prepare
+from routing_lottery.kernels import WHOLE_MODULE_NOTE, KernelChoice, prepare
 from routing_lottery.models.ghostnet import GhostNetTruncated
 from routing_lottery.pruning import prunable_names
 
@@ -108,11 +112,28 @@ def random_masks_(model: nn.Module, names: list[str], sparsity: float, gen: torc
 
 
 def kernel_summary(choices: list[KernelChoice]) -> str:
-    """'csr 3, bsr 8x8 1, dense 20 of 24' style count of what prepare chose."""
+    """'csr 3, bsr 8x8 1, dense 20 of 24' style count of what prepare chose, and whether its
+    whole-module check put every layer back to dense."""
     counts = collections.Counter(c.kernel if c.block is None else f"{c.kernel} {c.block[0]}x{c.block[1]}"
                                  for c in choices)
     order = sorted(counts, key=lambda k: (k == "dense", k))
-    return ", ".join(f"{k} {counts[k]}" for k in order) + f" (of {len(choices)} layers)"
+    summary = ", ".join(f"{k} {counts[k]}" for k in order) + f" (of {len(choices)} layers)"
+    if any(whole_module_fell_back(c) for c in choices):
+        summary += "; whole-module check: not faster than dense, all dense"
+    return summary
+
+
+def whole_module_fell_back(choice: KernelChoice) -> bool:
+    """Whether prepare kept this layer sparse alone but put it back because the whole network was not faster."""
+    return WHOLE_MODULE_NOTE in choice.note and "every layer left dense" in choice.note
+
+
+def whole_module_note(choices: list[KernelChoice]) -> str:
+    """The whole-module check's own words from prepare's notes ('' when no layer went sparse)."""
+    for c in choices:
+        if WHOLE_MODULE_NOTE in c.note:
+            return c.note[c.note.index(WHOLE_MODULE_NOTE):]
+    return ""
 
 
 def header() -> None:
@@ -153,8 +174,8 @@ def bench_linear(quick: bool, threads: int) -> None:
                 "prepared_s": t["prepared"], "limit": 1 / density, "prepare_s": prepare_s,
                 "choice": choice.to_dict()},
                note=(f"{choice.kernel}; prepare measured {choice.speedup:.2f}x on the layer" if choice.kernel != "dense"
-                     else f"dense kept (prepare measured the best sparse form under the margin): prepared and "
-                          f"dense are the same layer, so this ratio is timing noise"))
+                     else f"dense kept ({choice.note}): prepared and dense are the same layer, so this ratio is "
+                          f"timing noise"))
 
 
 # -- 2. the demo network --------------------------------------------------------------------------
@@ -184,14 +205,16 @@ def bench_ghostnet(quick: bool, threads: int) -> None:
         saved = sum(c.dense_seconds - c.chosen_seconds for c in sparse if c.dense_seconds and c.chosen_seconds)
         measured = sum(c.dense_seconds for c in choices if c.dense_seconds)
         ceiling = t["dense"] / max(t["dense"] - measured, 1e-9)
+        whole = whole_module_note(choices)
         report(f"GhostNet w0.5 @ {sparsity:.0%}: dense / prepared", t["dense"] / t["prepared"], target_for(sparsity),
                {"section": "ghostnet", "sparsity": sparsity, "density": density, "dense_s": t["dense"],
                 "prepared_s": t["prepared"], "limit": 1 / density, "prepare_s": prepare_s, "max_abs_err": err,
                 "masked_tensors": masked, "pruned_layers_s": measured, "saved_s": saved, "ceiling": ceiling,
-                "choices": [c.to_dict() for c in choices]},
+                "whole_module_check": whole, "choices": [c.to_dict() for c in choices]},
                note=f"{len(sparse)} of {len(choices)} layers sparse, saving {saved * 1e3:.2f} ms of the "
                     f"{measured * 1e3:.2f} ms its pruned layers take alone (prepare's timings); even at zero cost "
-                    f"for those layers the ratio would be <= {ceiling:.1f}x; max |diff| {err:.1e}")
+                    f"for those layers the ratio would be <= {ceiling:.1f}x; max |diff| {err:.1e}"
+                    + (f"; {whole}" if whole else ""))
 
 
 # -- 3. channel tickets, sliced ------------------------------------------------------------------

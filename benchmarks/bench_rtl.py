@@ -10,8 +10,12 @@ its target, and nothing is hard-coded: all numbers come from this run.
    identical model on the same batch. Target <= 1.2x.
 2. **Routed inference / dense inference.** ``RoutedModel(model, masks).eval()`` under
    ``torch.no_grad()`` on 1,000 images whose context ids are drawn at random from all K = 10,
-   against the dense model's forward on the same batch. Target <= 1.2x. The single-context
-   routed forward is reported beside it for reference.
+   against the dense model's forward on the same batch, for the demo GhostNet and a small ViT
+   (``nn.TransformerEncoder``), masks ~50 % sparse. The mixed batch runs three ways side by side:
+   ``mixed_path="vmap"`` (all contexts in one vmapped call), ``"loop"`` (one context group at a
+   time) and ``"auto"`` (the default: it times both on the first batch of a shape and keeps the
+   faster, vmap only if clearly so; its choice and the time it took are printed). Target <= 1.2x
+   for auto on GhostNet. The single-context routed forward is reported beside it for reference.
 3. **Storage.** ``save_tickets`` of K = 10 masks on the full-scale GhostNet (width 1.0, 3 input
    channels, 125,832 prunable weights) at 25 / 50 / 75 % sparsity, masks drawn around the
    weight magnitudes so that contexts overlap the way IMP tickets do. ``tickets.safetensors``
@@ -159,55 +163,88 @@ def bench_train_step(quick: bool) -> None:
 
 
 # -- 2. routed vs dense inference -------------------------------------------------------------------
+class SmallViT(torch.nn.Module):
+    """A small vision transformer on 1x16x16 images (4x4 patches, 2 layers of width 32): the kind of
+    model whose mixed batches ran faster one context group at a time than vmapped."""
+
+    def __init__(self, classes: int = K, width: int = 32) -> None:
+        super().__init__()
+        self.embed = torch.nn.Linear(16, width)
+        layer = torch.nn.TransformerEncoderLayer(width, 4, 2 * width, batch_first=True)
+        self.encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = torch.nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        patches = x.unfold(2, 4, 4).unfold(3, 4, 4).reshape(x.shape[0], 16, 16)  # (N, 16 patches, 4*4 pixels)
+        return self.head(self.encoder(self.embed(patches)).mean(1))
+
+
+def mixed_models() -> list[tuple[str, torch.nn.Module, list[str]]]:
+    """(label, model in eval mode, names of its masked tensors) for section 2."""
+    ghost = small_model(0).eval()
+    torch.manual_seed(0)
+    vit = SmallViT().eval()
+    vit_names = [n for n, p in vit.named_parameters() if n.endswith("weight") and p.dim() == 2]
+    return [("GhostNet w0.5", ghost, prunable_names(ghost)), ("small ViT", vit, vit_names)]
+
+
 def bench_inference(quick: bool) -> None:
-    print("\n[2] inference: RoutedModel on a batch mixing all K=10 contexts vs dense -- GhostNet w0.5, 1x16x16",
-          flush=True)
-    gen = torch.Generator().manual_seed(2)
-    model = small_model(0)
-    names = prunable_names(model)
-    params = dict(model.named_parameters())
-    masks = MaskSet.from_tickets([random_mask(params, names, 0.5, gen) for _ in range(K)])
-    routed = RoutedModel(model, masks).eval()
-    model.eval()
+    print("\n[2] inference: RoutedModel on a batch mixing all K=10 contexts vs dense, 1x16x16 images; both mixed-batch "
+          "paths (vmap, loop) and the one mixed_path='auto' measured and chose", flush=True)
+    for label, model, names in mixed_models():
+        gen = torch.Generator().manual_seed(2)
+        params = dict(model.named_parameters())
+        masks = MaskSet.from_tickets([random_mask(params, names, 0.5, gen) for _ in range(K)])
+        routed = {path: RoutedModel(model, masks, mixed_path=path).eval() for path in ("auto", "vmap", "loop")}
+        # The 1,000-image batch carries the target; in the full run a 10,000-image batch (about
+        # 1,000 rows per context) shows how much of the gap is per-context sub-batch size.
+        for batch, (rounds, inner, warmup) in ([(1000, (8, 1, 2))] if quick
+                                               else [(1000, (24, 2, 4)), (10000, (6, 1, 1))]):
+            mixed_row(label, model, routed, batch, (rounds, inner, warmup), gen)
 
-    def no_grad(fn: Callable[[], Any]) -> Callable[[], Any]:
-        def call() -> Any:
-            with torch.no_grad():
-                return fn()
-        return call
 
-    # The 1,000-image batch carries the target; in the full run a 10,000-image batch (about
-    # 1,000 rows per context) shows how much of the gap is per-context sub-batch size.
-    for batch, (rounds, inner, warmup) in ([(1000, (8, 1, 2))] if quick
-                                           else [(1000, (24, 2, 4)), (10000, (6, 1, 1))]):
-        x = torch.randn(batch, 1, 16, 16, generator=gen)
-        context = torch.randint(0, K, (batch,), generator=gen)
-        groups = [(context == k).nonzero(as_tuple=True)[0] for k in range(K)]
+def mixed_row(label: str, model: torch.nn.Module, routed: dict[str, RoutedModel], batch: int,
+              timing: tuple[int, int, int], gen: torch.Generator) -> None:
+    """One model and batch size: dense, the routed paths, a single context and the dense model per group."""
+    x = torch.randn(batch, 1, 16, 16, generator=gen)
+    context = torch.randint(0, K, (batch,), generator=gen)
+    groups = [(context == k).nonzero(as_tuple=True)[0] for k in range(K)]
 
-        def dense_grouped() -> torch.Tensor:  # the dense model on the same per-context groups, no masks
-            out = torch.empty(batch, K)
-            for rows in groups:
-                out[rows] = model(x[rows])
-            return out
+    def dense_grouped() -> torch.Tensor:  # the dense model on the same per-context groups, no masks
+        out = torch.empty(batch, K)
+        for rows in groups:
+            out[rows] = model(x[rows])
+        return out
 
-        t = interleaved({"routed_mixed": no_grad(lambda: routed(x, context)),
-                         "dense": no_grad(lambda: model(x)),
-                         "routed_single": no_grad(lambda: routed(x, 3)),
-                         "dense_grouped": no_grad(dense_grouped)}, rounds, inner, warmup)
-        present = len(torch.unique(context))
-        print(f"  batch {batch:,}: dense {ms(t['dense'])}, routed mixed ({present} contexts, "
-              f"~{batch // K:,} rows each) {ms(t['routed_mixed'])}, routed single context "
-              f"{ms(t['routed_single'])}, dense run per context group {ms(t['dense_grouped'])} "
-              f"(median of {rounds} interleaved rounds x {inner})")
-        detail = {"batch": batch, "dense_s": t["dense"], "routed_mixed_s": t["routed_mixed"],
-                  "routed_single_s": t["routed_single"], "dense_grouped_s": t["dense_grouped"],
-                  "contexts_in_batch": present, "rounds": rounds, "inner": inner}
-        report(f"routed mixed-context forward / dense forward ({batch:,} images)", t["routed_mixed"] / t["dense"],
-               1.2 if batch == 1000 else None, detail)
-        report(f"routed single-context forward / dense forward ({batch:,} images)", t["routed_single"] / t["dense"],
-               None, detail)
-        report(f"dense per context group / dense forward ({batch:,} images)", t["dense_grouped"] / t["dense"],
-               None, detail, note="the cost of splitting the batch alone, without masks")
+    with torch.no_grad():
+        start = time.perf_counter()
+        routed["auto"](x, context)  # the first batch of its shape: auto measures both paths here
+        choose_s = time.perf_counter() - start
+        (decision,) = routed["auto"].path_decisions.values() or [None]
+        t = interleaved({"dense": lambda: model(x), "auto": lambda: routed["auto"](x, context),
+                         "vmap": lambda: routed["vmap"](x, context), "loop": lambda: routed["loop"](x, context),
+                         "single": lambda: routed["loop"](x, 3), "dense_grouped": dense_grouped}, *timing)
+    rounds, inner, _ = timing
+    chosen = "loop (vmap not eligible)" if decision is None else decision.describe()
+    print(f"  {label}, batch {batch:,} (~{batch // K:,} rows per context): dense {ms(t['dense'])}; mixed: "
+          f"vmap {ms(t['vmap'])} ({t['vmap'] / t['dense']:.2f}x), loop {ms(t['loop'])} "
+          f"({t['loop'] / t['dense']:.2f}x), auto {ms(t['auto'])} ({t['auto'] / t['dense']:.2f}x); single context "
+          f"{ms(t['single'])}; dense per group {ms(t['dense_grouped'])} (median of {rounds} interleaved rounds x "
+          f"{inner})", flush=True)
+    print(f"    auto chose {chosen}, measuring for {choose_s * 1e3:.0f} ms on the first batch", flush=True)
+    detail = {"model": label, "batch": batch, "dense_s": t["dense"], "auto_s": t["auto"], "vmap_s": t["vmap"],
+              "loop_s": t["loop"], "routed_single_s": t["single"], "dense_grouped_s": t["dense_grouped"],
+              "auto_path": None if decision is None else decision.path, "auto_choose_s": choose_s,
+              "rounds": rounds, "inner": inner}
+    name = f"{label}, {batch:,} images"
+    target = 1.2 if batch == 1000 and label.startswith("GhostNet") else None
+    report(f"routed mixed, auto / dense ({name})", t["auto"] / t["dense"], target, detail,
+           note="the default, mixed_path='auto'")
+    report(f"routed mixed, vmap / dense ({name})", t["vmap"] / t["dense"], None, detail)
+    report(f"routed mixed, loop / dense ({name})", t["loop"] / t["dense"], None, detail)
+    report(f"routed single-context / dense ({name})", t["single"] / t["dense"], None, detail)
+    report(f"dense per context group / dense ({name})", t["dense_grouped"] / t["dense"], None, detail,
+           note="the cost of splitting the batch alone, without masks")
 
 
 # -- 3. storage -------------------------------------------------------------------------------------

@@ -358,8 +358,8 @@ def _check_routing(net_name, case):
     x = torch.randn((len(ctx), *in_shape), generator=g)
     context = torch.tensor(ctx, dtype=torch.long)
 
-    batched = RoutedModel(net, masks).eval()  # default vmap_below: small groups take the vmapped path
-    grouped = RoutedModel(net, masks, vmap_below=1).eval()  # forces one group at a time
+    batched = RoutedModel(net, masks, mixed_path="vmap").eval()  # small groups: one vmapped call
+    grouped = RoutedModel(net, masks, mixed_path="loop").eval()  # one group at a time
     vmapped_calls, grouped_calls = _spy_vmapped(batched), _spy_vmapped(grouped)
     with torch.no_grad():
         out_b = batched(x, context)

@@ -46,7 +46,7 @@ def test_unknown_context_and_bad_shapes_are_errors():
     routed = RoutedModel(model, _masks(model))
     with pytest.raises(ValueError, match="context id 3 is outside 0..2"):
         routed(torch.randn(2, 4), torch.tensor([0, 3]))
-    with pytest.raises(ValueError, match="one id per input row"):
+    with pytest.raises(ValueError, match=r"one id per input row: expected shape \(2,\) .* got shape \(3,\)"):
         routed(torch.randn(2, 4), torch.tensor([0, 1, 2]))
     bad = MaskSet({"0.weight": torch.ones(2, 3, 3, dtype=torch.bool)})
     with pytest.raises(ValueError, match="shape"):
@@ -64,7 +64,7 @@ def test_batched_evaluation_routing_matches_per_context_forwards():
     net = GhostNetTruncated(num_classes=4, in_channels=1, width=0.25).eval()
     params = dict(net.named_parameters())
     masks = MaskSet.from_tickets([{n: torch.rand_like(params[n]) > 0.5 for n in prunable_names(net)} for _ in range(4)])
-    routed = RoutedModel(net, masks).eval()
+    routed = RoutedModel(net, masks, mixed_path="vmap").eval()
     x = torch.randn(40, 1, 16, 16)
     context = torch.arange(40) % 4
     with torch.no_grad():
@@ -106,7 +106,7 @@ def test_mixed_batch_through_attention_is_vmapped_without_fallback_warnings():
     params = dict(net.named_parameters())
     names = prunable_names(net)
     masks = MaskSet.from_tickets([{n: torch.rand_like(params[n]) > 0.5 for n in names} for _ in range(3)])
-    routed = RoutedModel(net, masks).eval()
+    routed = RoutedModel(net, masks, mixed_path="vmap").eval()
     x, context = torch.randn(9, 5, 8), torch.tensor([0, 1, 2] * 3)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("error")  # vmap's slow-fallback warning would fail here
@@ -196,7 +196,7 @@ def test_the_batched_path_folds_batchnorm_and_equals_per_context_forwards():
     params = dict(model.named_parameters())
     g = torch.Generator().manual_seed(0)
     half = {n: torch.rand(params[n].shape, generator=g) > 0.5 for n in ("0.weight", "4.weight")}
-    routed = RoutedModel(model, MaskSet.from_tickets([random_mask_like(half, g) for _ in range(3)]))
+    routed = RoutedModel(model, MaskSet.from_tickets([random_mask_like(half, g) for _ in range(3)]), mixed_path="vmap")
     x = torch.randn(12, 2, 4, 4)
     context = torch.tensor([0, 1, 2] * 4)
     with torch.no_grad():
@@ -238,10 +238,126 @@ def test_the_weight_cache_never_serves_stale_or_unkeyable_weights():
     params = dict(net.named_parameters())
     g = torch.Generator().manual_seed(2)
     half = {n: torch.rand(params[n].shape, generator=g) > 0.5 for n in ("0.weight", "1.weight", "3.weight")}
-    masked_bn = RoutedModel(net, MaskSet.from_tickets([random_mask_like(half, g) for _ in range(3)]))
+    masked_bn = RoutedModel(net, MaskSet.from_tickets([random_mask_like(half, g) for _ in range(3)]), mixed_path="vmap")
     xs, ctx = torch.randn(9, 4), torch.tensor([0, 1, 2] * 3)
     with torch.no_grad():
         mixed = masked_bn(xs, ctx)
         assert isinstance(masked_bn._batched[1][1], nn.BatchNorm1d)
         rows = torch.stack([masked_bn(xs[i:i + 1], int(ctx[i]))[0] for i in range(9)])
     torch.testing.assert_close(mixed, rows, atol=1e-5, rtol=1e-5)
+
+
+# -- the two mixed-batch paths: exactness and clear shape errors -----------------------------------
+class _TinyAttention(torch.nn.Module):
+    """nn.MultiheadAttention and a head: the model whose vmapped outputs differed from per-context forwards."""
+
+    def __init__(self, d: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(d, heads, batch_first=True)
+        self.head = torch.nn.Linear(d, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+
+def _attention_routed(seed: int, **kwargs) -> RoutedModel:
+    torch.manual_seed(seed)
+    net = _TinyAttention().eval()
+    params = dict(net.named_parameters())
+    names = ["attn.in_proj_weight", "attn.out_proj.weight", "head.weight"]
+    g = torch.Generator().manual_seed(seed)
+    masks = MaskSet.from_tickets([{n: torch.rand(params[n].shape, generator=g) > 0.5 for n in names} for _ in range(3)])
+    return RoutedModel(net, masks, **kwargs)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_loop_path_is_bitwise_and_vmap_path_within_its_stated_tolerance_on_attention(seed):
+    from routing_lottery.routed import VMAP_TOLERANCE
+
+    loop = _attention_routed(seed, mixed_path="loop")
+    vmapped = _attention_routed(seed, mixed_path="vmap")
+    g = torch.Generator().manual_seed(100 + seed)
+    x = 3 * torch.randn(12, 5, 16, generator=g)
+    context = torch.tensor([2, 0, 1, 1, 0, 2, 2, 0, 1, 0, 1, 2])
+    with torch.no_grad():
+        looped, batched = loop(x, context), vmapped(x, context)
+        for k in range(3):
+            rows = context == k
+            alone = loop.subnetwork(x[rows], k)  # the per-context forward
+            assert torch.equal(looped[rows], alone)  # bit for bit
+            torch.testing.assert_close(batched[rows], alone, **VMAP_TOLERANCE)
+
+
+def test_mixed_path_is_a_documented_checked_knob():
+    from routing_lottery.routed import MIXED_PATHS
+
+    routed = _attention_routed(0)
+    assert routed.mixed_path == "auto" and MIXED_PATHS == ("auto", "vmap", "loop")
+    routed.mixed_path = "loop"
+    with pytest.raises(ValueError, match=r"mixed_path must be one of \('auto', 'vmap', 'loop'\), got 'fast'"):
+        routed.mixed_path = "fast"
+    with pytest.raises(ValueError, match="mixed_path"):
+        _attention_routed(0, mixed_path="batched")
+    for word in ('"auto"', '"vmap"', '"loop"', "VMAP_TOLERANCE", "bit for bit"):
+        assert word in RoutedModel.__doc__
+
+
+@pytest.mark.parametrize("mixed_path", ["auto", "vmap", "loop"])
+def test_a_wrong_feature_dimension_in_a_mixed_batch_names_the_layer_and_both_shapes(mixed_path):
+    model = toy_model()
+    routed = RoutedModel(model, _masks(model), mixed_path=mixed_path)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"inputs of shape \(6, 5\) do not fit the model: .*"
+                                                          r"layer '0' \(Linear\) expects a last dimension of "
+                                                          r"in_features=4, got shape \(2, 5\)"):
+        routed(torch.randn(6, 5), torch.tensor([0, 1, 2] * 2))
+    attention = _attention_routed(0, mixed_path=mixed_path)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"\(6, 5, 7\).*layer 'attn' \(MultiheadAttention\) "
+                                                          r"expects a last dimension of embed_dim=16"):
+        attention(torch.randn(6, 5, 7), torch.tensor([0, 1, 2] * 2))
+
+
+def test_conv_channels_and_row_counts_are_checked_up_front():
+    from torch import nn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 16, 3)).eval()
+    params = dict(net.named_parameters())
+    masks = MaskSet.from_tickets([{n: torch.rand_like(params[n]) > 0.5 for n in ("0.weight", "2.weight")}] * 2)
+    routed = RoutedModel(net, masks)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"layer '0' \(Conv2d\) expects \(N, 2, \*, \*\) .*"
+                                                          r"got shape \(2, 3, 4, 4\)"):
+        routed(torch.randn(4, 3, 4, 4), torch.tensor([0, 1, 0, 1]))
+
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 3), nn.Linear(2, 3)
+
+        def forward(self, x, y):
+            return self.a(x) + self.b(y)
+
+    two = TwoInputs().eval()
+    masks = MaskSet.from_tickets([{"a.weight": torch.rand(3, 4) > 0.5}] * 2)
+    with pytest.raises(ValueError, match=r"same number of rows .* got shapes \(4, 4\), \(3, 2\)"):
+        RoutedModel(two, masks)((torch.randn(4, 4), torch.randn(3, 2)), torch.tensor([0, 1, 0, 1]))
+    with pytest.raises(ValueError, match="inputs must be tensors"):
+        RoutedModel(two, masks)((torch.randn(4, 4), [1.0, 2.0]), torch.tensor([0, 1, 0, 1]))
+
+
+def test_errors_that_are_not_about_the_input_are_left_as_they_are():
+    from torch import nn
+
+    class FailsOnLargeBatches(nn.Module):  # a model's own error that running one group alone does not hit
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            if x.shape[0] > 4:
+                raise RuntimeError("the model's own complaint")
+            return self.fc(x)
+
+    net = FailsOnLargeBatches().eval()
+    routed = RoutedModel(net, MaskSet.from_tickets([{"fc.weight": torch.rand(3, 4) > 0.5}] * 2), mixed_path="loop")
+    with torch.no_grad(), pytest.raises(RuntimeError, match="the model's own complaint"):
+        routed(torch.randn(12, 4), torch.tensor([1] * 10 + [0] * 2))  # context 0's rows run fine alone

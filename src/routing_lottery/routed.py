@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from . import timing
 from .masks import Mask, MaskSet
 
 if TYPE_CHECKING:  # for annotations only: router.py imports this module at run time, so no import cycle
@@ -24,6 +27,40 @@ if TYPE_CHECKING:  # for annotations only: router.py imports this module at run 
 
 Inputs = torch.Tensor | tuple[torch.Tensor, ...]
 """A model's inputs: one tensor, or several (token ids and a padding mask, say) passed as ``model(*x)``."""
+
+MIXED_PATHS: tuple[str, ...] = ("auto", "vmap", "loop")
+"""How ``RoutedModel`` runs a batch that mixes contexts: measured per batch shape, batched, or per group."""
+
+VMAP_TOLERANCE: dict[str, float] = {"rtol": 1e-5, "atol": 1e-5}
+"""How far the vmapped mixed-batch path's float32 outputs may be from per-context forwards, as
+``torch.testing.assert_close`` measures it (tested on MLP, convolutional and attention models).
+It runs the same function through other kernels (batched matrix products, the math attention
+kernel instead of a fused one, BatchNorm folded into one affine map), so results differ by
+rounding. The per-group loop has no tolerance: it is bit for bit the per-context forward."""
+
+PATH_MARGIN = 1.10
+"""Under ``mixed_path="auto"``, how many times faster than the per-group loop the vmapped path must
+measure to be used: the loop is exact, so it is kept on a tie or in noise."""
+
+PATH_REPEATS = 7
+"""Interleaved rounds of the one measurement ``mixed_path="auto"`` makes per batch-shape bucket."""
+
+
+@dataclass(frozen=True)
+class PathDecision:
+    """The mixed-batch path ``mixed_path="auto"`` chose for one bucket of batches, and why.
+
+    ``verdict`` compares the per-group loop (the baseline) with the vmapped path (the candidate),
+    ``None`` when the vmapped path could not run (an op without a batching rule).
+    """
+
+    path: str  # "vmap" | "loop"
+    verdict: timing.Verdict | None
+
+    def describe(self) -> str:
+        if self.verdict is None:
+            return f"{self.path} (the vmapped path cannot run this model)"
+        return f"{self.path} (vmap against the loop: {self.verdict.describe()})"
 
 
 def as_tuple(x: Inputs | list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -113,23 +150,88 @@ def _inference_copy(model: nn.Module, masked: set[str]) -> nn.Module:
     return copy_
 
 
+def _check_rows(inputs: tuple[Any, ...]) -> None:
+    """Every input of a mixed batch is a tensor with one row per context id: rows are what is routed."""
+    bad = [type(t).__name__ for t in inputs if not isinstance(t, torch.Tensor)]
+    if bad:
+        raise ValueError(f"inputs must be tensors, one row per context id; got {', '.join(bad)}")
+    shapes = [tuple(t.shape) for t in inputs]
+    if any(len(shape) == 0 for shape in shapes) or len({shape[0] for shape in shapes}) > 1:
+        raise ValueError(f"every input of a mixed-context batch must have the same number of rows (dimension 0), "
+                         f"one per context id; got shapes {', '.join(map(str, shapes))}")
+
+
+class _Misfit(Exception):
+    """Raised by a shape check inside a diagnostic forward, to stop it at the first layer that cannot take its input."""
+
+
+def _shape_problem(module: nn.Module, args: tuple[Any, ...]) -> str | None:
+    """What the input of a layer whose expectations are known does not match, or ``None``."""
+    x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    if x is None:
+        return None
+    got = f"got shape {tuple(x.shape)}"
+    if isinstance(module, nn.Linear) and (x.dim() == 0 or x.shape[-1] != module.in_features):
+        return f"expects a last dimension of in_features={module.in_features}, {got}"
+    if isinstance(module, nn.modules.conv._ConvNd):
+        dims = len(module.kernel_size)
+        if x.dim() not in (dims + 1, dims + 2) or x.shape[-dims - 1] != module.in_channels:
+            return (f"expects (N, {module.in_channels}, {', '.join(['*'] * dims)}) or ({module.in_channels}, "
+                    f"{', '.join(['*'] * dims)}), {got}")
+    if isinstance(module, nn.MultiheadAttention) and (x.dim() == 0 or x.shape[-1] != module.embed_dim):
+        return f"expects a last dimension of embed_dim={module.embed_dim}, {got}"
+    if isinstance(module, nn.LayerNorm):
+        width = len(module.normalized_shape)
+        if tuple(x.shape[x.dim() - width:]) != tuple(module.normalized_shape):
+            return f"expects trailing dimensions {tuple(module.normalized_shape)}, {got}"
+    if (isinstance(module, nn.modules.batchnorm._BatchNorm) and x.dim() >= 2
+            and x.shape[1] != module.num_features):
+        return f"expects num_features={module.num_features} channels in dimension 1, {got}"
+    return None
+
+
 class RoutedModel(nn.Module):
     """One shared module plus K masks; ``forward(x, context)`` routes each row to its mask.
 
-    A batch may mix contexts. In evaluation mode, when the context groups are small (fewer than
-    ``vmap_below`` rows in the largest), they are padded to one size and all K subnetworks run as
-    one ``torch.func.vmap`` call over the stacked masked weights -- one kernel per layer instead of
-    K, which is what keeps routed inference near dense cost on small groups. Large groups, training
-    mode (BatchNorm updates running statistics, which vmap cannot batch), or padding that would
-    more than double the work run each group through its subnetwork in turn. The default
-    crossover, 512 rows, is where the per-group loop caught up with vmap in
-    ``benchmarks/bench_rtl.py`` on 2 CPU cores; outputs are the same either way, in input order.
+    A batch may mix contexts, and there are two ways to run one (``mixed_path``):
+
+    - ``"loop"``: each context's rows through its subnetwork in turn. Its outputs are bit for bit
+      those of ``subnetwork(x[rows], k)`` on each context's rows.
+    - ``"vmap"``: the groups padded to one size and all K subnetworks run as one
+      ``torch.func.vmap`` call over the stacked masked weights -- one kernel per layer instead of
+      K. Its outputs equal per-context forwards within :data:`VMAP_TOLERANCE`, not bit for bit
+      (other kernels, other rounding). It runs only in evaluation mode (vmap cannot batch
+      BatchNorm's statistics updates), on a single input tensor, when the largest group has fewer
+      than ``vmap_below`` rows and padding at most doubles the work; otherwise the loop runs.
+    - ``"auto"`` (the default): where the vmapped path may run, the first batch of each shape
+      bucket (rows and largest group to a power of two, per-row shape, dtype, device, threads,
+      autograd on or off, contexts present) times both paths on that batch in interleaved rounds
+      (``timing.compare``) and keeps vmap only if it is :data:`PATH_MARGIN` times faster than the
+      loop; the decision is cached (``path_decisions``). Which is faster depends on the model
+      (attention models have favoured the loop; see ``benchmarks/bench_rtl.py`` for both paths
+      against dense), so it is measured rather than assumed. Under ``"auto"`` two runs may take
+      different paths and differ within :data:`VMAP_TOLERANCE`; ``"loop"`` is reproducible bit
+      for bit.
+
+    Outputs come back in input order whichever path runs. Before routing a mixed batch, the
+    inputs are checked to have one row per context id; a shape the model cannot take is reported
+    as a ValueError naming the layer, the shape it expects and the shape it got.
 
     It starts in evaluation mode (and puts ``model`` in it): routing an input must not move the
     shared BatchNorm statistics. Call ``.train()`` to train through it.
 
     Without an oracle for the contexts, give it a ``router`` (``router.py``): ``routed(x)`` then
     asks the router for one context per row and routes as usual.
+
+    Parameters
+    ----------
+    model : the shared network; masks : its K masks (a MaskSet over some of its parameters).
+    vmap_below : the vmapped path is considered only while the largest context group has fewer
+        rows (its padded batch holds K times the largest group); ``1`` never vmaps.
+    router : infers one context per row when ``forward`` gets none.
+    materialize : keep the K masked weight sets at inference (see ``masked_weights``).
+    mixed_path : ``"auto"``, ``"vmap"`` or ``"loop"``, as above; an attribute that may be changed later.
+    timer : the clock in seconds ``"auto"`` measures with (``time.perf_counter``; tests pass a fake one).
 
     Example
     -------
@@ -140,12 +242,16 @@ class RoutedModel(nn.Module):
     """
 
     def __init__(self, model: nn.Module, masks: MaskSet, vmap_below: int = 512, router: Router | None = None,
-                 materialize: bool = True) -> None:
+                 materialize: bool = True, mixed_path: str = "auto",
+                 timer: timing.Timer = time.perf_counter) -> None:
         super().__init__()
         self.vmap_below = vmap_below
         self.router = router
         self.materialize = materialize
+        self.mixed_path = mixed_path
+        self.timer = timer
         self._vmappable = True
+        self._path_decisions: dict[tuple[Any, ...], PathDecision] = {}
         self._weights: dict[str, torch.Tensor] | None = None  # masked_weights' cache and what it was made from
         self._weights_key: tuple[tuple[int, ...], ...] = ()
         # _inference_copy of the model and the state it was made from; a tuple, so that the copy is not
@@ -170,6 +276,22 @@ class RoutedModel(nn.Module):
     @property
     def num_contexts(self) -> int:
         return self.masks.num_contexts
+
+    @property
+    def mixed_path(self) -> str:
+        """How a batch that mixes contexts runs: ``"auto"``, ``"vmap"`` or ``"loop"`` (see the class docstring)."""
+        return self._mixed_path
+
+    @mixed_path.setter
+    def mixed_path(self, value: str) -> None:
+        if value not in MIXED_PATHS:
+            raise ValueError(f"mixed_path must be one of {MIXED_PATHS}, got {value!r}")
+        self._mixed_path = value
+
+    @property
+    def path_decisions(self) -> dict[tuple[Any, ...], PathDecision]:
+        """What ``mixed_path="auto"`` decided so far, per batch-shape bucket (a copy)."""
+        return dict(self._path_decisions)
 
     def mask(self, k: int | str) -> Mask:
         """Float mask of context ``k`` (an index or a name; on the model's device)."""
@@ -270,7 +392,8 @@ class RoutedModel(nn.Module):
         if context.is_floating_point() or context.dtype == torch.bool:
             raise ValueError(f"context ids must be integers or names; got a {context.dtype} tensor")
         if context.dim() != 1 or context.shape[0] != rows:
-            raise ValueError(f"context must be one id per input row: got shape {tuple(context.shape)} for {rows} rows")
+            raise ValueError(f"context must be one id per input row: expected shape ({rows},) for {rows} input rows, "
+                             f"got shape {tuple(context.shape)}")
         return context.long()
 
     def forward(self, x: torch.Tensor | tuple[torch.Tensor, ...],
@@ -290,24 +413,78 @@ class RoutedModel(nn.Module):
         inputs = as_tuple(x)
         if isinstance(context, (int, str)) or (isinstance(context, torch.Tensor) and context.dim() == 0):
             return self._run(self.masks.check_context(context), *inputs)
+        _check_rows(inputs)
         context = self.context_ids(context, inputs[0].shape[0])
         present = torch.unique(context).tolist()
         for k in present:
             self.masks.check_context(k)
-        if len(present) == 1:
-            return self._run(present[0], *inputs)
+        if len(present) <= 1:  # one context, or no rows: an empty output of the model's own shape
+            return self._run(present[0] if present else 0, *inputs)
+        try:
+            return self._mixed(inputs, context, present)
+        except (RuntimeError, ValueError, AssertionError, IndexError) as err:
+            # vmap reports a wrong input shape as an error about batch dimensions it made up itself:
+            # find the layer that cannot take the input, running one group the plain way. Not in
+            # training mode: that run would move BatchNorm statistics (and training never vmaps).
+            if not self.training:
+                self._diagnose(inputs, context, present[0], err)
+            raise
+
+    def _mixed(self, inputs: tuple[torch.Tensor, ...], context: torch.Tensor, present: list[int]) -> torch.Tensor:
+        """A batch of several contexts, by the path ``mixed_path`` chooses."""
         counts = torch.bincount(context.cpu(), minlength=self.num_contexts)
+        if self._may_vmap(inputs, counts):
+            x = inputs[0]
+            on_device = (context.to(x.device), counts.to(x.device))
+            if self._choose_path(x, *on_device, present) == "vmap":
+                try:
+                    return self._vmapped(x, *on_device)
+                except RuntimeError as err:
+                    if not lacks_batching_rule(err):
+                        raise
+                    # An op without a vmap batching rule (recurrent layers, some custom kernels): run the
+                    # groups one by one from now on.
+                    self._vmappable = False
+        return self._looped(inputs, context, present)
+
+    def _may_vmap(self, inputs: tuple[torch.Tensor, ...], counts: torch.Tensor) -> bool:
+        """Whether the vmapped path may run this batch at all (``mixed_path`` aside from ``"loop"``)."""
         largest = int(counts.max())
-        if (self._vmappable and len(inputs) == 1 and not self.training and largest < self.vmap_below
-                and self.num_contexts * largest <= 2 * inputs[0].shape[0]):
-            try:
-                return self._vmapped(inputs[0], context.to(inputs[0].device), counts.to(inputs[0].device))
-            except RuntimeError as err:
-                if not lacks_batching_rule(err):
-                    raise
-                # An op without a vmap batching rule (recurrent layers, some custom kernels): run the
-                # groups one by one from now on.
-                self._vmappable = False
+        return (self.mixed_path != "loop" and self._vmappable and len(inputs) == 1 and not self.training
+                and largest < self.vmap_below and self.num_contexts * largest <= 2 * inputs[0].shape[0])
+
+    def _choose_path(self, x: torch.Tensor, context: torch.Tensor, counts: torch.Tensor, present: list[int]) -> str:
+        """``"vmap"`` or ``"loop"`` for this batch: forced, or measured once per bucket under ``"auto"``."""
+        if self.mixed_path == "vmap":
+            return "vmap"
+        key = (tuple(d.bit_length() for d in x.shape), int(counts.max()).bit_length(), len(present), x.dtype,
+               x.device, torch.get_num_threads(), torch.is_grad_enabled())
+        decision = self._path_decisions.get(key)
+        if decision is None:
+            decision = self._measure_paths(x, context, counts, present)
+            self._path_decisions[key] = decision
+        return decision.path
+
+    def _measure_paths(self, x: torch.Tensor, context: torch.Tensor, counts: torch.Tensor,
+                       present: list[int]) -> PathDecision:
+        """Time the loop against the vmapped path on this very batch (``timing.compare``): one
+        untimed call of each, then :data:`PATH_REPEATS` single calls of each, interleaved. Single
+        calls keep the one-time cost at 16 forwards; a batch too small to time well ends in a
+        tie or in noise, and the rule then keeps the exact loop."""
+        try:
+            verdict = timing.compare(lambda: self._looped((x,), context, present),
+                                     lambda: self._vmapped(x, context, counts),
+                                     margin=PATH_MARGIN, repeats=PATH_REPEATS, timer=self.timer,
+                                     sync=timing.device_sync(x.device), warmup=1, min_sample_seconds=0.0)
+        except RuntimeError as err:
+            if not lacks_batching_rule(err):
+                raise
+            self._vmappable = False
+            return PathDecision("loop", None)
+        return PathDecision("vmap" if verdict.faster else "loop", verdict)
+
+    def _looped(self, inputs: tuple[torch.Tensor, ...], context: torch.Tensor, present: list[int]) -> torch.Tensor:
+        """Each context's rows through its subnetwork in turn: bit for bit the per-context forwards."""
         out: torch.Tensor | None = None
         for k in present:
             rows = (context == k).nonzero(as_tuple=True)[0].to(inputs[0].device)
@@ -317,6 +494,34 @@ class RoutedModel(nn.Module):
             out[rows] = y
         assert out is not None
         return out
+
+    def _diagnose(self, inputs: tuple[torch.Tensor, ...], context: torch.Tensor, k: int, err: Exception) -> None:
+        """After ``err`` in a mixed batch: a ValueError naming the first layer that cannot take its
+        input (for layers whose expectations are known: Linear, convolutions, attention, norms),
+        else the model's own error on context ``k``'s rows run the plain way; returns when those
+        rows run, i.e. the inputs are not the problem."""
+        found: list[str] = []
+
+        def check(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+            def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+                problem = _shape_problem(module, args)
+                if problem is not None:
+                    found.append(f"layer {name!r} ({type(module).__name__}) {problem}")
+                    raise _Misfit
+            return hook
+
+        handles = [m.register_forward_pre_hook(check(n)) for n, m in self.model.named_modules()]
+        rows = (context == k).nonzero(as_tuple=True)[0].to(inputs[0].device)
+        try:
+            with torch.no_grad():
+                self._run(k, *(t[rows] for t in inputs))
+        except _Misfit:
+            shapes = " and ".join(str(tuple(t.shape)) for t in inputs)
+            raise ValueError(f"inputs of shape {shapes} do not fit the model: on the rows of context {k}, "
+                             f"{found[0]}") from err
+        finally:
+            for h in handles:
+                h.remove()
 
     def _vmapped(self, x: torch.Tensor, context: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """All contexts at once: inputs padded to (K, B, ...), K masked weight sets, one vmapped forward."""
