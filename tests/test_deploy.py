@@ -179,6 +179,58 @@ def test_a_corrupt_saved_router_is_a_checkpoint_error(tmp_path):
         LearnedRouter.load(tmp_path)
 
 
+def _router_files(run_dir, level="0.7500"):
+    router = run_dir / "checkpoints" / f"rtl_{level}" / "router"
+    return {p.name: p.read_bytes() for p in sorted(router.iterdir())}
+
+
+def test_a_corrupt_router_is_refused_by_export_and_calibrate_and_refitted_identically_on_resume(tmp_path):
+    # Two levels, the last one's router broken: calibrate must refuse before rewriting the first.
+    config = tiny_config(methods=["rtl"], deploy={"routers": ["learned"]},
+                         pruning={"sparsities": [0.5, 0.75], "step": 0.5})
+    run_dir = tmp_path / "run"
+    make_runner(config, run_dir).run_all()
+    router_dir = run_dir / "checkpoints" / "rtl_0.7500" / "router"
+    original = _router_files(run_dir)
+    results = (run_dir / "results.json").read_bytes(), (run_dir / "deployment.json").read_bytes()
+    tickets = {p: p.read_bytes() for p in sorted((run_dir / "checkpoints").glob("rtl_*/tickets.json"))}
+    assert len(tickets) == 2
+
+    def truncate(path):
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+    def flip_a_bit(path):
+        blob = bytearray(path.read_bytes())
+        blob[len(blob) // 2] ^= 0x10
+        path.write_bytes(bytes(blob))
+
+    for name, corrupt in (("router.json", truncate), ("router.safetensors", flip_a_bit)):
+        corrupt(router_dir / name)
+        # another objective than the run's: a level calibrated before the bad router would change
+        for command in (["export", str(run_dir), "--context", "0"],
+                        ["calibrate", str(run_dir), "--objective", "balanced_accuracy"]):
+            result = CliRunner().invoke(app, command)
+            assert result.exit_code != 0, result.output
+            message = " ".join(result.output.split())  # the console wraps long lines
+            assert f"rtl_0.7500/router/{name}" in message and "rtl run" in message, message  # the file, the remedy
+        assert not (run_dir / "export").exists()
+        assert {p: p.read_bytes() for p in tickets} == tickets  # calibrate rewrote no level
+
+        lines: list[str] = []
+        make_runner(config, run_dir, log=lines.append).run_all()  # resume: the level is reused, the router refitted
+        repaired = [line for line in lines if name in line]
+        assert len(repaired) == 1 and "refitted" in repaired[0] and "\n" not in repaired[0], lines
+        assert not any(line.startswith("rtl at") for line in lines)  # no level retrained
+        assert _router_files(run_dir) == original  # the very same router, byte for byte
+        assert ((run_dir / "results.json").read_bytes(), (run_dir / "deployment.json").read_bytes()) == results
+        saved = AdaptiveTickets.load(run_dir / "checkpoints" / "rtl_0.7500", make_runner(config, run_dir).model)
+        assert isinstance(saved.router, LearnedRouter)
+
+    lines = []
+    make_runner(config, run_dir, log=lines.append).run_all()  # an intact router is left alone, silently
+    assert not any("router" in line for line in lines), lines
+
+
 def test_changing_deploy_settings_keeps_the_run_and_recomputes_only_routed_records(tmp_path):
     config = tiny_config(methods=["single_imp", "rtl"], deploy={"routers": ["detectors"]})
     make_runner(config, tmp_path).run_all()

@@ -314,8 +314,10 @@ def test_runner_contract_keeps_examples_and_draws_figures(tiny: speech_data.Spee
     task.score_routed(lambda k, x: 0.5 * x + 0.5 * tiny.test.clean[_rows_of(tiny.test.noisy, x)], "rtl_0.5000",
                       outputs)
     task.score_routed(lambda k, x: x, "multi_imp_0.5000", outputs)
-    assert sorted(p.name for p in (tmp_path / "run" / "outputs").iterdir()) == [
-        "dense_0.0000.npz", "multi_imp_0.5000.npz", "rtl_0.5000.npz"]
+    kept = ["dense_0.0000.npz", "multi_imp_0.5000.npz", "rtl_0.5000.npz"]  # each with its checksum beside it
+    assert sorted(p.name for p in (tmp_path / "run" / "outputs").iterdir()) == sorted(
+        kept + [name + ".sha256" for name in kept])
+    assert all(task.output_problem(outputs, name[:-4]) is None for name in kept)
     figures = task.write_figures(outputs)
     assert [p.name for p in figures] == [f"{e}_0_50pct.png" for e in ENVIRONMENTS]
     assert all(p.parent == tmp_path / "run" / "spectrograms" and p.read_bytes()[:4] == b"\x89PNG" for p in figures)

@@ -163,6 +163,47 @@ def _is_own_regular_file(info: os.stat_result) -> bool:
     return stat.S_ISREG(info.st_mode) and own
 
 
+# -- files checked by a sha256 sidecar ------------------------------------------------------
+_SIDECAR = re.compile(r"([0-9a-f]{64})  (.+)\n")
+_MAX_SIDECAR_BYTES = 1024
+
+
+def atomic_write_with_sha256(path: str | Path, data: bytes) -> None:
+    """Write ``data``, then ``<name>.sha256`` (``sha256sum``'s format), each atomically.
+
+    For files whose format carries no checksum of its own (``.npy``, ``.npz``: the INR and speech
+    tasks' kept outputs): a resume tells a flipped bit or a torn write from the real thing. The
+    sidecar comes last, so a kill between the two leaves a pair that fails and is regenerated.
+    """
+    path = Path(path)
+    atomic_write_bytes(path, data)
+    atomic_write_text(_sidecar(path), f"{hashlib.sha256(data).hexdigest()}  {path.name}\n")
+
+
+def read_with_sha256(path: str | Path) -> bytes:
+    """The bytes of a file written by ``atomic_write_with_sha256``; ``CheckpointError`` naming the file if it is
+    missing, or it or its sidecar is truncated or corrupt."""
+    path = Path(path)
+    sidecar = _sidecar(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+    if not sidecar.is_file():
+        raise CheckpointError(f"{path} cannot be verified: its checksum {sidecar.name} is missing")
+    with sidecar.open("rb") as handle:
+        text = handle.read(_MAX_SIDECAR_BYTES + 1)
+    match = _SIDECAR.fullmatch(text.decode("utf-8", "replace"))
+    if match is None or match.group(2) != path.name:
+        raise CheckpointError(f"{path} cannot be verified: its checksum {sidecar} is corrupt")
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != match.group(1):
+        raise CheckpointError(f"{path} is truncated or corrupt: its sha256 does not match {sidecar.name}")
+    return data
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
 def _fsync_directory(directory: Path) -> None:
     """Persist the rename itself (POSIX); platforms that cannot open directories skip it."""
     try:

@@ -416,8 +416,17 @@ class LearnedRouter:
         ``features`` must be the function it was fitted with (compared by module and name): the
         linear model means nothing on other features. None: the built-in feature function the file
         names (``flatten_features``, ``spectrum_features``); a file never makes this import anything.
+        The message ends with the remedy (refit; a run refits its own on resume), since a router
+        file is reached from commands (``rtl export``, ``rtl calibrate``) that cannot repair it.
         """
-        directory = Path(directory)
+        try:
+            return cls._read(Path(directory), features)
+        except CheckpointError as err:
+            raise CheckpointError(f"{err}. {REFIT_ROUTER}") from None
+
+    @classmethod
+    def _read(cls, directory: Path, features: Callable[[Inputs], torch.Tensor] | None) -> LearnedRouter:
+        """``load`` without the remedy: what ``router_problem`` reports before a run refits the router."""
         index_path, weights_path = directory / ROUTER_INDEX, directory / ROUTER_WEIGHTS
         if not index_path.is_file():
             raise CheckpointError(f"{index_path} is missing: {directory} is not a saved LearnedRouter")
@@ -465,6 +474,24 @@ class LearnedRouter:
 
 
 _BUILT_IN_FEATURES = {_feature_name(f): f for f in (flatten_features, spectrum_features)}
+
+REFIT_ROUTER = ("Refit the router (LearnedRouter.fit) and save it again; for a run's router, run the command that "
+                "made the run (`rtl run CONFIG --out RUN`) again on its directory, which refits it")
+"""The remedy every ``LearnedRouter.load`` error ends with."""
+
+
+def router_problem(directory: str | Path, features: Callable[[Inputs], torch.Tensor] | None = None) -> str | None:
+    """Why the router saved in ``directory`` does not load (missing, truncated, corrupt, other features); None if it does.
+
+    Loads it completely (index, checksum, tensors, shapes), so None means ``LearnedRouter.load``
+    succeeds. A resuming run calls this on every reused checkpoint and refits the router when it
+    fails, rather than leaving a file that only ``rtl export`` or ``rtl calibrate`` would trip on.
+    """
+    try:
+        LearnedRouter._read(Path(directory), features)
+    except CheckpointError as err:
+        return str(err)
+    return None
 
 
 def _check_shapes(tensors: dict[str, torch.Tensor]) -> None:
@@ -577,6 +604,6 @@ def plot_confusion(chosen: Any, true: Any, names: Sequence[str], path: str | Pat
 
 
 __all__ = [
-    "STRATEGIES", "DetectorRouter", "EntropyRouter", "LearnedRouter", "Router", "flatten_features",
-    "inject_errors", "output_logit", "plot_confusion", "routing_accuracy", "softmax_entropy",
+    "REFIT_ROUTER", "STRATEGIES", "DetectorRouter", "EntropyRouter", "LearnedRouter", "Router", "flatten_features",
+    "inject_errors", "output_logit", "plot_confusion", "router_problem", "routing_accuracy", "softmax_entropy",
 ]

@@ -9,7 +9,7 @@ import torch
 from ..errors import CheckpointError
 from ..io import load_masks
 from ..masks import MaskSet
-from ..run.deploy import learned_router, routed_rows, router_applies
+from ..run.deploy import learned_router, repair_router, routed_rows, router_applies
 from ..training import generator
 from . import METHODS, Row
 from .accounting import Accounting, shared_accounting
@@ -53,11 +53,14 @@ class Rtl(_JointlyRetrained):
         return run.context_masks()[level]
 
     def damaged(self, run: Experiment, level: float) -> str | None:
-        """Its ticket checkpoint must be there and pass its checksums (diagnostics read it)."""
+        """Its ticket checkpoint must be there and pass its checksums (diagnostics read it); a router
+        saved with it that does not load is refitted in place (``run.deploy.repair_router``)."""
+        checkpoint = run.run.checkpoint_dir(self.name, level)
         try:
-            load_masks(run.run.checkpoint_dir(self.name, level))
+            load_masks(checkpoint)
         except CheckpointError as err:
             return str(err)
+        repair_router(run, checkpoint)
         return None
 
     def keep(self, run: Experiment, level: float) -> None:

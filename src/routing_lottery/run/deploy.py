@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +65,27 @@ def learned_router(run: Experiment) -> Any:
         run._learned_router = LearnedRouter.fit(inputs, contexts, len(run.task.context_names), features=features,
                                                 seed=derive_seed(run.config.seed, "router") % 2**32)
     return run._learned_router
+
+
+def repair_router(run: Experiment, checkpoint: Path) -> None:
+    """Refit the learned router saved with a reused ticket checkpoint when it does not load; log one line.
+
+    A resumed run reuses a finished RTL level after checking its masks, and the router in
+    ``<checkpoint>/router`` went unchecked: a truncated or bit-flipped file stayed, and every later
+    ``rtl export`` and ``rtl calibrate`` failed on it. The router is a function of the training
+    contexts and the run's seed only (``learned_router``), so fitting it again gives the same file,
+    byte for byte, without retraining the level; the level's recorded deployment rows stay valid.
+    """
+    if not router_applies(run, "learned"):
+        return
+    from ..router import flatten_features, router_problem
+
+    directory = checkpoint / "router"
+    problem = router_problem(directory, getattr(run.task, "router_features", flatten_features))
+    if problem is None:
+        return
+    learned_router(run).save(directory)
+    run.log(f"{problem}; refitted the learned router into {directory}")
 
 
 def _routers(run: Experiment, routed: RoutedModel | None, thresholds: Thresholds | None) -> dict[str, Any]:
@@ -203,6 +224,23 @@ def calibration_rows(run: Experiment, method: str, level: float, predict: Routed
     return [calibrated_row(run.config, thresholds, test_scores, test_contexts)], thresholds
 
 
+def _check_routers(run_dir: Path, checkpoints: Iterable[Path], features: Callable[[Any], torch.Tensor] | None) -> None:
+    """``CheckpointError`` naming the first saved router that does not load, before calibration rewrites anything.
+
+    Calibration rewrites each checkpoint in turn (its router with it); stopping at a bad router
+    halfway would leave some levels recalibrated and the rest not. Resuming the run refits it.
+    """
+    from ..errors import CheckpointError
+    from ..router import router_problem
+
+    for path in checkpoints:
+        if (path / "router").is_dir():  # a checkpoint saved without a learned router has nothing to check
+            problem = router_problem(path / "router", features)
+            if problem is not None:
+                raise CheckpointError(f"{problem}. Run the command that made the run (`rtl run CONFIG --out "
+                                      f"{run_dir}`) again on it: the resume refits the router; then calibrate")
+
+
 def calibrate_run(run_dir: str | Path, deploy: Mapping[str, Any] | None = None, log: Callable[[str], None] = print
                   ) -> list[Row]:
     """Fit (or refit) the thresholds of a finished run's RTL detectors: ``rtl calibrate RUN``.
@@ -237,6 +275,7 @@ def calibrate_run(run_dir: str | Path, deploy: Mapping[str, Any] | None = None, 
     checkpoints = rtl_checkpoints(run_dir)
     if not checkpoints:
         raise FileNotFoundError(f"{run_dir} holds no RTL checkpoints (checkpoints/rtl_*): run it with method rtl first")
+    _check_routers(run_dir, checkpoints.values(), getattr(task, "router_features", None))
     experiment = Experiment(config, run_dir, task, log=log)
     rows: list[Row] = []
     with experiment.run.locked():

@@ -179,7 +179,7 @@ class Experiment:
         """The rows of (method, level): from disk when a previous run finished them, else computed."""
         basis = self.basis(method, level)
         rows = self.run.load_record(method.name, level, basis)
-        problem = None if rows is None else method.damaged(self, level)
+        problem = None if rows is None else method.damaged(self, level) or self.output_problem(method, level)
         if problem:
             self.log(f"{method.name} at {level:.0%}: {problem}; recomputing it")
             rows = None
@@ -195,6 +195,12 @@ class Experiment:
                     **vars(accounting), "train_seconds": seconds} for row in rows]
         self.run.save_record(method.name, level, basis, records)
         return records
+
+    def output_problem(self, method: Method, level: float) -> str | None:
+        """Why the example output the task kept while scoring (method, level) is missing or corrupt (the task's
+        optional ``output_problem(outputs, label)``); None when it verifies or the task keeps none."""
+        check = getattr(self.task, "output_problem", None)
+        return check(self.outputs, f"{method.name}_{level:.4f}") if callable(check) else None
 
     def check_partition(self) -> None:
         """Refuse to resume with other class contexts than the run started with (named before the identity check,

@@ -18,7 +18,7 @@ from ..report import is_per_context_key, write_deployment, write_results
 from ..tasks.base import Task
 from ..tickets import Log, quiet
 from ..training import SILENT, ProgressSink
-from .directory import RunDirectory, run_identity
+from .directory import IDENTITY_COPY, IDENTITY_FILE, RunDirectory, run_identity
 from .experiment import Experiment
 
 Row = dict[str, Any]
@@ -36,7 +36,7 @@ class ImageSetExperiment:
         if len(set(names)) != len(names):
             raise ValueError(f"parts need distinct names; got {names}")
         identity = run_identity(config, fingerprint([t.data_fingerprint() for t in tasks]), tasks[0])
-        if (self.run.path / "identity.json").exists():
+        if any((self.run.path / name).exists() for name in (IDENTITY_FILE, IDENTITY_COPY)):
             self.run.claim(identity, config)  # a resumed run with other settings is refused before any part
         self.parts = [Experiment(config, self.run.path / "images" / n, t, progress, log) for n, t in zip(names, tasks)]
         self.run.claim(identity, config)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,8 @@ from torch import nn
 from ..data.regions import RegionImage
 from ..models.inr import CoordinateMLP, RegionEmbeddingMLP
 from ..data.fingerprint import fingerprint
-from ..io import atomic_write_bytes
+from ..errors import CheckpointError
+from ..io import atomic_write_bytes, atomic_write_with_sha256, read_with_sha256
 from ..methods import method_label
 from ..report import method_rank, per_context_key
 from ..training import Batch, Stream
@@ -47,7 +49,7 @@ from .base import rows_by_context
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["InrTask", "PredictRegion", "pixel_grid", "psnr", "save_grid"]
+__all__ = ["InrTask", "PredictRegion", "output_key", "pixel_grid", "psnr", "save_grid"]
 
 PredictRegion = Callable[[int, torch.Tensor], torch.Tensor]
 """``predict(k, inputs)``: RGB ``(n, 3)`` for ``(n, 3)`` input rows that all belong to region ``k``."""
@@ -194,21 +196,54 @@ class InrTask:
         if outputs is not None and label:
             buffer = io.BytesIO()
             np.save(buffer, reconstruction.numpy())
-            atomic_write_bytes(outputs / f"{label}.npy", buffer.getvalue())
+            atomic_write_with_sha256(outputs / f"{label}.npy", buffer.getvalue())
         row: dict = {"image": self.image.name, "psnr": self.psnr(reconstruction)}
         row.update({per_context_key("psnr", k): v for k, v in enumerate(self.region_psnr(reconstruction))})
         return [row]
 
+    def load_output(self, path: Path) -> np.ndarray:
+        """A reconstruction ``(H, W, 3)`` kept by ``score_*``, verified against its checksum; else ``CheckpointError``."""
+        data = read_with_sha256(path)
+        try:
+            array = np.load(io.BytesIO(data), allow_pickle=False)
+        except Exception as err:  # noqa: BLE001 -- NumPy raises several types for a malformed header
+            raise CheckpointError(f"{path} is not a NumPy array file ({type(err).__name__}: {err})") from None
+        shape = (self.image.height, self.image.width, 3)
+        if not isinstance(array, np.ndarray) or array.shape != shape or array.dtype != np.float32:
+            found = (array.shape, array.dtype) if isinstance(array, np.ndarray) else type(array).__name__
+            raise CheckpointError(f"{path} is not a reconstruction of this image: expected float32 {shape}, got {found}")
+        return array
+
+    def output_problem(self, outputs: Path, label: str) -> str | None:
+        """Why the reconstruction ``score_*`` kept for ``label`` is missing or unusable; None when it verifies.
+
+        A resumed run asks this of every finished (method, level) and recomputes the ones that fail,
+        so the figure is drawn from the same images as an uninterrupted run's.
+        """
+        try:
+            self.load_output(outputs / f"{label}.npy")
+        except CheckpointError as err:
+            return str(err)
+        return None
+
     def write_figures(self, outputs: Path) -> list[Path]:
         """``reconstructions.png`` beside ``outputs``: the original, the region map and dense in the first
-        row, then one row per sparsity with one column per method (``save_grid``)."""
+        row, then one row per sparsity with one column per method (``save_grid``).
+
+        Only verified reconstructions are drawn; one that fails its checksum is left out with a
+        warning naming it (a resumed run has recomputed the ones its records refer to by now)."""
         if not outputs.is_dir():
             return []
         images = {}
-        for path in sorted(outputs.glob("*.npy"), key=_label_order):
-            method, level = path.stem.rsplit("_", 1)
-            images[(method, float(level))] = np.load(path)
         path = outputs.parent / "reconstructions.png"
+        for kept in sorted(outputs.glob("*.npy"), key=_label_order):
+            key = output_key(kept)
+            if key is None:
+                continue  # not a file this task wrote
+            try:
+                images[key] = self.load_output(kept)
+            except CheckpointError as err:
+                warnings.warn(f"{err}; left out of {path} (resume the run to regenerate it)", stacklevel=2)
         save_grid(path, self.original(), images, regions=self.image.regions,
                   title=f"{self.image.name}: reconstructions by sparsity (rows) and method (columns), PSNR in dB")
         return [path]
@@ -361,10 +396,21 @@ def save_grid(
     return fig
 
 
-def _label_order(path: Path) -> tuple[float, int]:
-    method, level = path.stem.rsplit("_", 1)
+def _label_order(path: Path) -> tuple[float, int, str]:
+    method, level = output_key(path) or ("", math.inf)
     order = ("dense", "single_imp", "multi_imp", "rtl", "random")
-    return float(level), order.index(method) if method in order else len(order)
+    return level, order.index(method) if method in order else len(order), path.name
+
+
+# -- kept outputs' names -----------------------------------------------------------------------------
+def output_key(path: Path) -> tuple[str, float] | None:
+    """``(method, level)`` of an output named ``<method>_<level>.<ext>`` by the runner; None for any other name."""
+    method, _, level = path.stem.rpartition("_")
+    try:
+        value = float(level)
+    except ValueError:
+        return None
+    return (method, value) if method and math.isfinite(value) else None
 
 
 def _to_image(img: torch.Tensor | np.ndarray) -> np.ndarray:

@@ -23,6 +23,8 @@ test clips (environments have equal clip counts by construction, so the two aver
 from __future__ import annotations
 
 import io
+import warnings
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +36,14 @@ from torch import nn
 from ..audio import save_spectrograms, si_snr, si_snr_improvement, weighted_sdr_loss
 from ..data.speech import SpeechDataset, SpeechSplit
 from ..data.fingerprint import fingerprint
-from ..io import atomic_write_bytes
+from ..errors import CheckpointError
+from ..io import atomic_write_with_sha256, read_with_sha256
 from ..report import method_rank
 from ..router import spectrum_features
 from ..models.unet import MaskActivation, SpeechUNet
 from ..training import Batch, Stream
 from .base import RoutedPredict, Row, SharedPredict, rows_by_context
+from .inr import output_key
 
 PredictEnvironment = RoutedPredict
 """``(environment id, noisy (B, T)) -> enhanced (B, T)``: a method's routed enhancer.
@@ -145,17 +149,50 @@ class SpeechTask:
         arrays = {key: enhanced[row].numpy() for key, row in self.example_rows().items()}
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
-        atomic_write_bytes(path, buffer.getvalue())
+        atomic_write_with_sha256(path, buffer.getvalue())
+
+    def load_output(self, path: Path) -> dict[str, np.ndarray]:
+        """The example clips ``_keep_examples`` saved in ``path``, verified; else ``CheckpointError`` naming it."""
+        data = read_with_sha256(path)
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as archive:
+                # np.savez stores its members uncompressed: a member that claims compression is not
+                # ours, and refusing it keeps what loading allocates within the file's size.
+                if any(info.compress_type != zipfile.ZIP_STORED for info in archive.infolist()):
+                    raise ValueError("a member is compressed; np.savez writes stored members")
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                arrays = {name: z[name] for name in z.files}
+        except Exception as err:  # noqa: BLE001 -- zipfile and NumPy raise several types for a malformed archive
+            raise CheckpointError(f"{path} is not a NumPy .npz archive ({type(err).__name__}: {err})") from None
+        expected, length = set(self.example_rows()), self.data.test.noisy.shape[1]
+        dtype = self.data.test.noisy.numpy().dtype
+        if set(arrays) != expected or any(a.shape != (length,) or a.dtype != dtype for a in arrays.values()):
+            raise CheckpointError(f"{path} does not hold this task's example clips ({sorted(expected)}, {dtype} of "
+                                  f"length {length}); it holds {sorted(arrays)[:6]}")
+        return arrays
+
+    def output_problem(self, outputs: Path, label: str) -> str | None:
+        """Why the example clips ``score_*`` kept for ``label`` are missing or unusable; None when they verify.
+
+        A resumed run asks this of every finished (method, level) and recomputes the ones that fail,
+        so the spectrograms are drawn from the same clips as an uninterrupted run's.
+        """
+        try:
+            self.load_output(outputs / f"{label}.npz")
+        except CheckpointError as err:
+            return str(err)
+        return None
 
     def write_figures(self, outputs: Path) -> list[Path]:
         """``spectrograms/<environment>_<i>_<level>.png`` beside ``outputs``: one per example clip and level.
 
         Each shows the noisy clip, every method's enhancement at that sparsity (dense in every
-        level's figure, as the reference) and the clean clip, titled with SI-SNR / SI-SNRi.
+        level's figure, as the reference) and the clean clip, titled with SI-SNR / SI-SNRi. Only
+        verified clips are drawn; a file that fails its checksum is left out with a warning naming it.
         """
         if not outputs.is_dir():
             return []
-        kept = _read_kept(outputs)
+        kept = self._read_kept(outputs)
         if not kept:
             return []
         levels = sorted({level for _, level in kept if level > 0}) or [0.0]
@@ -169,6 +206,20 @@ class SpeechTask:
                 self._write_clip(path, test.noisy[row], test.clean[row], enhanced)
                 written.append(path)
         return written
+
+    def _read_kept(self, directory: Path) -> dict[tuple[str, float], dict[str, np.ndarray]]:
+        """The verified example enhancements, keyed (method, level) from ``<method>_<level>.npz``, in method order."""
+        kept = {}
+        for path in sorted(directory.glob("*.npz")):
+            key = output_key(path)
+            if key is None:
+                continue  # not a file this task wrote
+            try:
+                kept[key] = self.load_output(path)
+            except CheckpointError as err:
+                warnings.warn(f"{err}; left out of {directory.parent / 'spectrograms'} (resume the run to "
+                              "regenerate it)", stacklevel=3)
+        return dict(sorted(kept.items(), key=lambda item: (method_rank(item[0][0]), item[0][0], item[0][1])))
 
     def _write_clip(self, path: Path, noisy: torch.Tensor, clean: torch.Tensor,
                     enhanced: Mapping[str, torch.Tensor]) -> None:
@@ -247,20 +298,6 @@ def environment_rows(enhanced: torch.Tensor, clips: SpeechSplit) -> list[Row]:
     return [{"environment": name, "si_snri": float((after[rows] - before[rows]).mean()),
              "si_snr_input": float(before[rows].mean()), "si_snr_enhanced": float(after[rows].mean()),
              "clips": len(rows)} for name, rows in groups]
-
-
-def _read_kept(directory: Path) -> dict[tuple[str, float], dict[str, np.ndarray]]:
-    """The saved example enhancements, keyed (method, level) from ``<method>_<level>.npz``, in method order."""
-    kept = {}
-    for path in directory.glob("*.npz"):
-        method, _, level = path.stem.rpartition("_")
-        try:
-            key = (method, float(level))
-        except ValueError:
-            continue  # not a file this task wrote
-        with np.load(path, allow_pickle=False) as z:
-            kept[key] = {name: z[name] for name in z.files}
-    return dict(sorted(kept.items(), key=lambda item: (method_rank(item[0][0]), item[0][0], item[0][1])))
 
 
 __all__ = ["SpeechTask", "PredictEnvironment", "speech_loss", "environment_rows"]
