@@ -143,7 +143,7 @@ def test_a_run_records_deployment_rows_beside_the_oracle_and_calibrate_refits(tm
     learned = {r["method"]: r for r in rows if r["routing"] == "learned"}
     assert learned["rtl"]["balanced_accuracy"] == learned["multi_imp"]["balanced_accuracy"]  # same router
     assert all(0 <= r["routing_accuracy"] <= 1 for r in rows if "routing_accuracy" in r)
-    assert (tmp_path / "routing" / "rtl_0.5000_detectors.png").stat().st_size > 1000
+    assert (tmp_path / "routing" / "rtl_0.5000.png").stat().st_size > 1000
     assert (tmp_path / "calibration" / "rtl_0.5000.png").stat().st_size > 1000
     assert "calibrated" in (tmp_path / "deployment.md").read_text()
     saved = AdaptiveTickets.load(tmp_path / "checkpoints" / "rtl_0.5000", make_runner(config, tmp_path).model)
@@ -289,3 +289,24 @@ def test_the_argmax_classifier_row_equals_a_hand_computation():
     assert row["balanced_accuracy"] == pytest.approx(sum((r + s) / 2 for r, s in zip(recall, specificity)) / 3)
     # a task whose context is not the label gets no such row
     assert deploy.argmax_rows(SimpleNamespace(task=SimpleNamespace(context_is_label=False)), "rtl", predict) == []
+
+
+
+def test_detector_scores_are_computed_once_per_predict_and_split_inside_reusing_scores():
+    task = build_tasks(tiny_config())[0]
+    calls = []
+
+    def predict(k, x):
+        calls.append(k)
+        return torch.zeros(len(x), task.num_contexts) + k
+
+    first = task.detector_scores(predict, "test")
+    assert len(calls) == task.num_contexts  # one pass per detector over one evaluation batch
+    with task.reusing_scores():
+        inside = [task.detector_scores(predict, "test") for _ in range(3)]
+        task.detector_scores(predict, "calibration")
+        assert len(calls) == 3 * task.num_contexts  # test once, calibration once
+        other = task.detector_scores(lambda k, x: predict(k, x) + 1, "test")  # another predict: its own scores
+    task.detector_scores(predict, "test")
+    assert len(calls) == 5 * task.num_contexts  # nothing kept after the block
+    assert all(torch.equal(s, first) for s in inside) and torch.equal(other, first + 1)

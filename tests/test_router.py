@@ -355,6 +355,11 @@ def test_routing_accuracy_and_confusion_figure(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match=r"in 0\.\.1 for 2 names"):
         plot_confusion(chosen, true, ["a", "b"], tmp_path / "bad.png")
+    panels = plot_confusion({"detectors": chosen, "learned": true}, true, ["a", "b", "c"], tmp_path / "two.png")
+    assert panels.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match=r"in 0\.\.2 for 3 names"):  # every panel is checked
+        plot_confusion({"ok": chosen, "bad": torch.tensor([0, 1, 2, 3])}, true, ["a", "b", "c"], tmp_path / "bad.png")
+    assert not (tmp_path / "bad.png").exists()
 
 
 def test_entropy_router_on_a_convolutional_network_with_batchnorm_stays_vmapped():

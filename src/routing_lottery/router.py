@@ -30,7 +30,7 @@ score a router against the true contexts.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -566,8 +566,11 @@ def routing_accuracy(chosen: Any, true: Any) -> float:
 
 def plot_confusion(chosen: Any, true: Any, names: Sequence[str], path: str | Path,
                    title: str = "Context routing") -> Path:
-    """One PNG: the K x K routing confusion matrix, rows the true context, columns the chosen one.
+    """One PNG: K x K routing confusion matrices, rows the true context, columns the chosen one.
 
+    ``chosen`` is one router's choices or a mapping ``{router name: choices}``, drawn as panels of
+    one figure sharing the colour scale: a run compares its routers at one level at a glance, and
+    draws one figure instead of one per router (text-heavy figures cost a second each to render).
     Colours are row-normalised (the share of each true context's rows sent to each context), so a
     small context's errors show as plainly as a large one's; cells carry the counts. Written
     atomically (``diagnostics.figures.save_png``); returns the path.
@@ -577,29 +580,38 @@ def plot_confusion(chosen: Any, true: Any, names: Sequence[str], path: str | Pat
     from .diagnostics.figures import save_png
     from .metrics import confusion_matrix
 
-    a, b = _pair(chosen, true)
+    panels = dict(chosen) if isinstance(chosen, Mapping) else {"": chosen}
+    if not panels:
+        raise ValueError("plot_confusion needs at least one router's choices")
     k = len(names)
-    for what, t in (("chosen", a), ("true", b)):
-        if int(t.min()) < 0 or int(t.max()) >= k:
-            raise ValueError(f"{what} context ids must be in 0..{k - 1} for {k} names; got {int(t.min())}..{int(t.max())}")
-    counts = confusion_matrix(a, b, k).numpy()  # (predicted, actual): rows true, columns chosen
-    totals = counts.sum(axis=1, keepdims=True)
-    shares = np.divide(counts, totals, out=np.zeros(counts.shape, dtype=np.float64), where=totals > 0)
+    matrices = {}
+    for router, choices in panels.items():
+        a, b = _pair(choices, true)
+        for what, t in (("chosen", a), ("true", b)):
+            if int(t.min()) < 0 or int(t.max()) >= k:
+                raise ValueError(f"{what} context ids must be in 0..{k - 1} for {k} names; got "
+                                 f"{int(t.min())}..{int(t.max())}")
+        counts = confusion_matrix(a, b, k).numpy()  # (predicted, actual): rows true, columns chosen
+        totals = counts.sum(axis=1, keepdims=True)
+        shares = np.divide(counts, totals, out=np.zeros(counts.shape, dtype=np.float64), where=totals > 0)
+        matrices[router] = (counts, shares, routing_accuracy(a, b), len(a))
     side = max(4.0, 0.6 * k + 2.5)
-    fig = Figure(figsize=(side + 1.0, side))
-    ax = fig.add_subplot()
-    image = ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
-    fig.colorbar(image, ax=ax, label="share of the true context's rows")
-    if k <= 20:
-        for i in range(k):
-            for j in range(k):
-                ax.text(j, i, str(int(counts[i, j])), ha="center", va="center", fontsize=8,
-                        color="white" if shares[i, j] > 0.5 else "black")
-    ax.set_xticks(range(k), list(names), rotation=45, ha="right")
-    ax.set_yticks(range(k), list(names))
-    ax.set_xlabel("chosen context")
-    ax.set_ylabel("true context")
-    ax.set_title(f"{title}\n(accuracy {routing_accuracy(a, b):.3f}, {len(a)} rows)")
+    fig = Figure(figsize=(side * len(panels) + 1.0, side + 0.4), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (router, (counts, shares, accuracy, rows)) in zip(axes, matrices.items()):
+        image = ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
+        if k <= 20:
+            for i in range(k):
+                for j in range(k):
+                    ax.text(j, i, str(int(counts[i, j])), ha="center", va="center", fontsize=8,
+                            color="white" if shares[i, j] > 0.5 else "black")
+        ax.set_xticks(range(k), list(names), rotation=45, ha="right")
+        ax.set_yticks(range(k), list(names))
+        ax.set_xlabel("chosen context")
+        ax.set_ylabel("true context")
+        ax.set_title(f"{router + ' router: ' if router else ''}accuracy {accuracy:.3f}, {rows} rows")
+    fig.colorbar(image, ax=list(axes), label="share of the true context's rows")
+    fig.suptitle(title)
     return save_png(fig, path)
 
 

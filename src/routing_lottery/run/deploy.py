@@ -6,7 +6,7 @@ the random control, multiple IMP) is here also scored
 - under each **inferred routing** the task supports (``router.py``; ``task.routers``): the router
   chooses a context per test input, the task scores its subnetworks' outputs with those choices,
   and the row carries the routing accuracy, the forward passes the router spends per input and its
-  wall time relative to oracle scoring; a K x K confusion figure goes to ``routing/``;
+  wall time relative to oracle scoring; the routers' K x K confusion matrices go to ``routing/``;
 - under **injected routing errors** (``deploy.error_rates``): that fraction of test inputs sent to
   a uniformly drawn wrong context, the same inputs for every method. Skipped where the context is
   the label (classification: a wrong context there is a wrong answer by definition);
@@ -21,6 +21,7 @@ A task opts in by having ``context_examples(split)`` and a ``chosen=`` argument 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import time
@@ -116,11 +117,13 @@ def routed_rows(run: Experiment, method: str, level: float, predict: RoutedPredi
 
     ``predict(k, x)`` runs context k's subnetwork (or model); ``routed`` is the shared network with
     its K masks (None for K separate models, which only a router of their own can route)."""
-    start = time.perf_counter()
-    with torch.no_grad():
-        rows = run.task.score_routed(predict, f"{method}_{level:.4f}", run.outputs)
-    seconds = time.perf_counter() - start
-    return rows + argmax_rows(run, method, predict) + deployment_rows(run, method, level, predict, routed, seconds)
+    reusing = getattr(run.task, "reusing_scores", None)  # the same detector scores serve every row below
+    with reusing() if callable(reusing) else contextlib.nullcontext():
+        start = time.perf_counter()
+        with torch.no_grad():
+            rows = run.task.score_routed(predict, f"{method}_{level:.4f}", run.outputs)
+        seconds = time.perf_counter() - start
+        return rows + argmax_rows(run, method, predict) + deployment_rows(run, method, level, predict, routed, seconds)
 
 
 def argmax_rows(run: Experiment, method: str, predict: RoutedPredict) -> list[Row]:
@@ -153,18 +156,20 @@ def deployment_rows(run: Experiment, method: str, level: float, predict: RoutedP
     inputs, true = task.context_examples("test")
     batch = int(getattr(task, "eval_batch_size", 1000))
     label = f"{method}_{level:.4f}"
+    choices: dict[str, torch.Tensor] = {}
     for name, router in _routers(run, routed, thresholds).items():
         start = time.perf_counter()
-        chosen = _choose(router, routed, inputs, run.device, batch)
+        chosen = choices[name] = _choose(router, routed, inputs, run.device, batch)
         routing_seconds = time.perf_counter() - start
         start = time.perf_counter()
         scored = task.score_routed(predict, f"{label}_{name}", None, chosen=chosen)
         seconds = routing_seconds + time.perf_counter() - start
-        plot_confusion(chosen, true, list(task.context_names), run.run.path / "routing" / f"{label}_{name}.png",
-                       title=f"{method} at {level:.0%}: {name} router (rows: true context)")
         extra = {"routing": name, "routing_accuracy": routing_accuracy(chosen, true),
                  "routing_passes": router.passes, "relative_cost": seconds / max(oracle_seconds, 1e-9)}
         rows += [{**r, **extra} for r in scored]
+    if choices:  # the routers side by side, one figure per method and level
+        plot_confusion(choices, true, list(task.context_names), run.run.path / "routing" / f"{label}.png",
+                       title=f"{method} at {level:.0%}: routers (rows: true context)")
     if not getattr(task, "context_is_label", False):
         for rate in run.config.deploy.error_rates:
             chosen = inject_errors(true, rate, len(task.context_names), generator(run.config.seed, "routing errors",
