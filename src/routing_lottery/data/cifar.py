@@ -3,9 +3,10 @@
 The pickles are untrusted input. Before anything is unpickled the bytes are parsed with
 ``pickletools.genops`` (which reads opcodes without executing them) and refused if they could make
 the unpickler allocate more than the file itself: an opcode the official files never use, a memo
-index beyond the opcodes seen so far, a frame longer than the rest of the file, or a file far
-larger than the official one. Only then is it unpickled, by an unpickler that hands out checked
-stand-ins for the few NumPy names the files use (numeric dtypes only, arrays built with
+index beyond the opcodes seen so far, a frame longer than the rest of the file, more opcodes than
+the images a file of that size could hold need (each opcode builds at most one object, and a
+one-byte ``}`` is a 64-byte dict), or a file far larger than the official one. Only then is it
+unpickled, by an unpickler that hands out checked stand-ins for the few NumPy names the files use (numeric dtypes only, arrays built with
 ``np.frombuffer`` from exactly the bytes their shape needs), so a tampered file can neither run
 code, nor build objects the file does not pay for, nor feed NumPy's own ``__setstate__``. Every
 failure, whatever its type, becomes one ``DataError`` that names the file, the problem and the remedy.
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from .labelled import Splits
+from .labelled import Splits, name_problem
 from .images import DatasetNotFoundError, ImageDataset, normalize_splits
 
 SOURCE_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
@@ -52,6 +53,9 @@ _OPCODES = frozenset({
     "GLOBAL", "STACK_GLOBAL", "REDUCE", "BUILD",
     "BINPUT", "LONG_BINPUT", "MEMOIZE", "BINGET", "LONG_BINGET",
 })
+# The official files spend 3 opcodes per image (a label, a file name and its memo slot; CIFAR-100's
+# train file 4) and a few hundred on the rest; 8 per image the file's size allows is twice that.
+_OPCODES_PER_IMAGE, _OPCODES_BESIDES = 8, 1024
 _NUMERIC_DTYPES = frozenset({"u1", "u2", "u4", "u8", "i1", "i2", "i4", "i8", "f4", "f8"})
 
 
@@ -170,14 +174,30 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         return _GLOBALS[module, name]
 
 
-def _check_opcodes(raw: bytes, path: Path) -> None:
+def _opcode_budget(max_bytes: int) -> int:
+    """The most opcodes a CIFAR pickle of at most ``max_bytes`` may hold.
+
+    A file that size holds at most ``max_bytes // PIXELS`` images, and each image costs the official
+    files 3 or 4 opcodes (see ``_OPCODES_PER_IMAGE``). The budget is what bounds the unpickler's
+    memory: each opcode pushes at most one object, so a file of one-byte ``}`` (EMPTY_DICT)
+    opcodes, 64 bytes of dict each, is refused after a bounded count instead of growing 80-fold.
+    """
+    return _OPCODES_PER_IMAGE * (max_bytes // PIXELS) + _OPCODES_BESIDES
+
+
+def _check_opcodes(raw: bytes, path: Path, max_opcodes: int) -> None:
     """Refuse, before unpickling, what could make the unpickler allocate more than the file holds.
 
     ``genops`` only parses; it already refuses unknown opcodes and strings longer than the bytes
     left. The memo is the trap it does not catch: the unpickler grows its memo table to the
-    largest index a PUT names, so four bytes can ask for gigabytes.
+    largest index a PUT names, so four bytes can ask for gigabytes. The other is count: every
+    opcode builds an object or a stack slot, so more than ``max_opcodes`` is refused as soon as
+    the scan passes that many (which also bounds the scan's own time).
     """
     for seen, (opcode, arg, position) in enumerate(pickletools.genops(raw)):
+        if seen >= max_opcodes:
+            raise _bad(path, f"holds more than {max_opcodes:,} pickle opcodes (reached at byte {position}), more than "
+                             "a CIFAR file needs (3 or 4 per image): it is corrupt or built to exhaust memory")
         if opcode.name not in _OPCODES:
             raise _bad(path, f"holds pickle opcode {opcode.name} at byte {position}, which CIFAR files never use")
         if opcode.name in ("BINPUT", "LONG_BINPUT") and arg > seen:
@@ -195,7 +215,7 @@ def _read_pickle(path: Path, max_bytes: int) -> dict[str, Any]:
         if max(size, len(raw)) > max_bytes:
             raise _bad(path, f"is {max(size, len(raw)):,} bytes, far more than the official file "
                              f"(at most {max_bytes:,} accepted)")
-        _check_opcodes(raw, path)
+        _check_opcodes(raw, path, _opcode_budget(max_bytes))
         loaded = _NumpyOnlyUnpickler(BytesIO(raw), encoding="bytes").load()
         if not isinstance(loaded, dict):
             raise _bad(path, f"holds a {type(loaded).__name__}, not the dictionary a CIFAR file holds")
@@ -275,8 +295,10 @@ def _names(meta: dict[str, Any], key: str, count: int, path: Path) -> tuple[str,
                 name = name.decode("utf-8")
             except UnicodeDecodeError:
                 raise _bad(path, f"class name {i} of {key!r} is not UTF-8 text: {name!r}") from None
-        if not isinstance(name, str) or not name:
-            raise _bad(path, f"class name {i} of {key!r} must be non-empty text; got {name!r}")
+        problem = name_problem(name)
+        if problem is not None:  # a name reaches tables, figures and export folder names
+            shown = repr(name[:40]) if isinstance(name, str) else type(name).__name__
+            raise _bad(path, f"class name {i} of {key!r} ({shown}) {problem}")
         decoded.append(name)
     if len(set(decoded)) != count:
         raise _bad(path, f"{key!r} repeats a class name")

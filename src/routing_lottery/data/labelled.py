@@ -7,10 +7,59 @@ other ``(N, ...)`` tensor; the task and the model decide what they mean. A user'
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from ..errors import DataError
+
+MAX_NAME_LENGTH = 200
+"""Longest class name accepted: real ones are words ("sweet_pepper"); a longer one is a corrupt file."""
+
+_UNPRINTABLE = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+"""Unicode categories refused in a name: controls (NUL, newline, escape), format characters (bidirectional
+overrides that make text read differently from its bytes), lone surrogates (not encodable as UTF-8) and
+line or paragraph separators."""
+
+
+def name_problem(name: object) -> str | None:
+    """Why ``name`` cannot serve as a class or context name, or None when it can.
+
+    Names travel into records, tables, figure labels, log lines and (made safe, see
+    ``export.safe_filename``) file names; one that is empty, unprintable or as long as a file is
+    refused where it is read, so the error names that file rather than a figure or a path later.
+    Slashes, dots and spaces are allowed: ``sweet/pepper`` is a fair class name, and whatever
+    turns a name into a path must map it anyway.
+    """
+    if not isinstance(name, str):
+        return f"is a {type(name).__name__}, not text"
+    if not name.strip():
+        return "is empty" if not name else "is only whitespace"
+    if len(name) > MAX_NAME_LENGTH:
+        return f"is {len(name):,} characters long (at most {MAX_NAME_LENGTH})"
+    bad = next((c for c in name if unicodedata.category(c) in _UNPRINTABLE), None)
+    if bad is not None:
+        return f"holds the unprintable character U+{ord(bad):04X} ({unicodedata.category(bad)})"
+    return None
+
+
+def check_class_names(names: Sequence[object], source: str) -> tuple[str, ...]:
+    """``names`` as a tuple, each usable (``name_problem``) and all distinct, else ``DataError`` naming ``source``."""
+    names = tuple(names)
+    if not names:
+        raise DataError(f"{source}: no class names")
+    seen: set[str] = set()
+    for i, name in enumerate(names):
+        problem = name_problem(name)
+        if problem is not None:
+            shown = repr(name[:40]) if isinstance(name, str) else type(name).__name__
+            raise DataError(f"{source}: class name {i} ({shown}) {problem}; give every class a short printable name")
+        if name in seen:
+            raise DataError(f"{source}: class name {name[:40]!r} appears twice; class names must be distinct")
+        seen.add(name)
+    return names  # type: ignore[return-value] -- every entry passed name_problem, so it is a str
 
 
 @dataclass(frozen=True)
@@ -29,9 +78,7 @@ class LabelledDataset:
                              f"{tuple(getattr(self.labels, 'shape', ())) or type(self.labels).__name__}")
         if self.labels.dtype != torch.long:
             raise ValueError(f"labels must be int64; got {self.labels.dtype}")
-        names = tuple(self.class_names)
-        if not names or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
-            raise ValueError(f"class_names must be distinct non-empty strings; got {names!r}")
+        names = check_class_names(self.class_names, "class_names")
         object.__setattr__(self, "class_names", names)
         if len(self.labels) and not 0 <= int(self.labels.min()) <= int(self.labels.max()) < len(names):
             raise ValueError(f"labels must lie in 0..{len(names) - 1}")
