@@ -14,6 +14,8 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrizations
+from torch.nn.utils.weight_norm import WeightNorm as HookWeightNorm  # the older weight_norm, as a forward pre-hook
 
 from .masks import Mask, count
 
@@ -58,6 +60,67 @@ def default_prunable_names(model: nn.Module) -> list[str]:
     return names
 
 
+def parameter_aliases(model: nn.Module) -> dict[str, str]:
+    """Tied weights: every other name of a parameter that ``named_parameters()`` lists once -> that name.
+
+    ``dec.weight = enc.weight`` makes one tensor with two names; ``named_parameters()`` keeps the
+    first, so a mask over the second is a mask over the first (masked once, pruned once).
+    """
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return aliases
+
+
+def weight_norm_directions(model: nn.Module) -> dict[str, tuple[str, int]]:
+    """Weight-normed layers: the computed weight's name -> (its direction v's parameter name, the norm's dim).
+
+    ``weight_norm`` computes w = g * v / ||v|| from two parameters (``parametrizations.weight.
+    original0/1``, or ``weight_g/weight_v`` with the older hook). A zero in v is a zero in w, so a
+    ticket masks v; ||v|| is taken over the slices along dim (-1: the whole tensor), and a slice
+    whose every v is pruned would divide zero by zero -- ``WeightStructure`` keeps one weight in each.
+    """
+    weight_norm_type = getattr(parametrizations, "_WeightNorm", None)  # private in torch: looked up, not assumed
+    out = {}
+    for mod_name, mod in model.named_modules():
+        prefix = f"{mod_name}." if mod_name else ""
+        chains = getattr(mod, "parametrizations", None)
+        for attr in (list(chains.keys()) if isinstance(chains, nn.ModuleDict) else []):
+            chain = chains[attr]
+            if weight_norm_type is not None and len(chain) == 1 and isinstance(chain[0], weight_norm_type):
+                out[f"{prefix}{attr}"] = (f"{prefix}parametrizations.{attr}.original1", int(chain[0].dim))
+        for hook in mod._forward_pre_hooks.values():
+            if isinstance(hook, HookWeightNorm):
+                out[f"{prefix}{hook.name}"] = (f"{prefix}{hook.name}_v", int(hook.dim))
+    return out
+
+
+def _unresolvable(model: nn.Module, name: str, params: Mapping[str, torch.Tensor]) -> str:
+    """Why a tensor named for masking is no parameter of the model, and what to do instead."""
+    module_name, _, attr = name.rpartition(".")
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        module = None
+    chains = getattr(module, "parametrizations", None)
+    if isinstance(chains, nn.ModuleDict) and attr in chains:
+        kinds = [type(p).__name__ for p in chains[attr]]
+        return (f"{name!r} is computed by a parametrization ({', '.join(kinds)}) from "
+                f"{module_name + '.' if module_name else ''}parametrizations.{attr}.original*: a mask on its "
+                "original tensor would not zero the weights it computes (only weight_norm's direction v is "
+                "masked for it). Remove it before making tickets (torch.nn.utils.parametrize."
+                f"remove_parametrizations(module, {attr!r})), or leave the layer dense with pruning.exclude: "
+                f"[{name!r}]")
+    listed = list(params)
+    return (f"{name!r} is not among the model's parameters (a buffer, or an attribute computed in forward?): "
+            f"choose the masked tensors with pruning.include patterns over its parameter names "
+            f"({listed[:8]}{' ...' if len(listed) > 8 else ''}), or leave it dense with pruning.exclude: [{name!r}]")
+
+
 def prunable_names(
     model: nn.Module,
     include: Sequence[str] = (),
@@ -70,23 +133,41 @@ def prunable_names(
     default choice (``default_prunable_names``); ``exclude``: patterns removed afterwards;
     ``select(name, tensor)``: a last filter. A pattern that matches nothing is an error, because a
     typo would otherwise leave the tensors it meant dense without a word.
+
+    A tensor answers to each of its names: a tied weight to every module's name for it (masked
+    once, under the name ``named_parameters()`` gives), a weight-normed layer's ``weight`` to its
+    direction v (``weight_norm_directions``), which is what gets the mask.
     """
     params = dict(model.named_parameters())
+    canonical = {**{n: n for n in params}, **parameter_aliases(model),
+                 **{w: v for w, (v, _) in weight_norm_directions(model).items()}}
+    spellings: dict[str, list[str]] = {}
+    for spelling, name in canonical.items():
+        spellings.setdefault(name, []).append(spelling)
+
+    def matches(name: str, patterns: Sequence[str]) -> bool:
+        return any(fnmatch.fnmatchcase(s, p) for s in spellings.get(name, [name]) for p in patterns)
+
+    excluded: list[str] = []  # default names that are no parameter but that exclude leaves dense anyway
     if include:
-        unmatched = [p for p in include if not any(fnmatch.fnmatchcase(n, p) for n in params)]
+        unmatched = [p for p in include if not any(fnmatch.fnmatchcase(s, p) for s in canonical)]
         if unmatched:
             raise ValueError(f"pruning.include patterns {unmatched} match no parameter of the model "
                              f"(its parameters: {list(params)[:8]}{' ...' if len(params) > 8 else ''})")
-        names = [n for n in params if any(fnmatch.fnmatchcase(n, p) for p in include)]
+        names = [n for n in params if matches(n, include)]
     else:
-        names = default_prunable_names(model)
-        unknown = [n for n in names if n not in params]
-        if unknown:
-            raise ValueError(f"prunable tensor names not found among the model's parameters: {unknown}")
-    unmatched = [p for p in exclude if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+        declared = default_prunable_names(model)
+        unknown = [n for n in declared if n not in canonical]
+        excluded = [n for n in unknown if any(fnmatch.fnmatchcase(n, p) for p in exclude)]
+        missing = [n for n in unknown if n not in excluded]
+        if missing:
+            raise ValueError(f"cannot mask {missing}: " + "; ".join(_unresolvable(model, n, params) for n in missing))
+        names = [canonical[n] for n in declared if n in canonical]
+    unmatched = [p for p in exclude if not any(matches(n, [p]) for n in names)
+                 and not any(fnmatch.fnmatchcase(n, p) for n in excluded)]
     if unmatched:
         raise ValueError(f"pruning.exclude patterns {unmatched} match none of the masked tensors {names[:8]}")
-    names = [n for n in names if not any(fnmatch.fnmatchcase(n, p) for p in exclude)]
+    names = [n for n in names if not matches(n, exclude)]
     if select is not None:
         names = [n for n in names if select(n, params[n])]
     if not names:
@@ -96,12 +177,15 @@ def prunable_names(
     return sorted(dict.fromkeys(names), key=order.__getitem__)
 
 
-def describe_prunable(model: nn.Module, names: Sequence[str]) -> str:
-    """What a run masks, one line per tensor, then the totals: printed before every run."""
+def describe_prunable(model: nn.Module, names: Sequence[str], notes: Mapping[str, str] | None = None) -> str:
+    """What a run masks, one line per tensor (``notes``: what else a tensor is, e.g. tied), then the
+    totals: printed before every run."""
     params = dict(model.named_parameters())
     masked = sum(params[n].numel() for n in names)
     total = sum(p.numel() for p in params.values())
-    lines = [f"  {n} {tuple(params[n].shape)} {params[n].numel():,}" for n in names]
+    notes = notes or {}
+    lines = [f"  {n} {tuple(params[n].shape)} {params[n].numel():,}" + (f" ({notes[n]})" if n in notes else "")
+             for n in names]
     lines.append(f"masked: {len(names)} tensors, {masked:,} of {total:,} parameters "
                  f"({masked / max(total, 1):.1%}); the rest stays dense and shared")
     return "\n".join(lines)
@@ -135,13 +219,15 @@ def target_count(total: int, sparsity: float) -> int:
 
 
 def magnitude_prune(
-    weights: Mapping[str, torch.Tensor], mask: Mapping[str, torch.Tensor], num_to_prune: int, scope: Scope = "global"
+    weights: Mapping[str, torch.Tensor], mask: Mapping[str, torch.Tensor], num_to_prune: int, scope: Scope = "global",
+    protect: Mapping[str, torch.Tensor] | None = None,
 ) -> Mask:
     """Prune the ``num_to_prune`` lowest-magnitude surviving weights; return the new (nested) mask.
 
     ``global`` ranks all prunable tensors together (the default: layers that matter less lose
     more); ``layerwise`` removes the same fraction of each tensor's survivors. Ties break by
-    position so the result is deterministic.
+    position so the result is deterministic. ``protect``: survivors that must stay (a floor, see
+    ``floor_positions``); the others are ranked as if the protected ones were not there.
     """
     if scope not in ("global", "layerwise"):
         raise ValueError(f"scope must be 'global' or 'layerwise'; got {scope!r}")
@@ -152,22 +238,27 @@ def magnitude_prune(
     if diverged:  # inf/NaN survivors cannot be ranked by magnitude: training diverged
         raise ValueError(f"surviving weights of {diverged} are not finite (training diverged?); "
                          "lower the learning rate")
+    prunable = mask if not protect else {n: m & ~protect[n] if n in protect else m for n, m in mask.items()}
+    if num_to_prune > count(prunable):
+        raise ValueError(f"cannot prune {num_to_prune} weights: {count(prunable)} survivors are not protected "
+                         "by a floor (pruning.min_keep_per_tensor, or one weight per weight-normed row)")
     new_mask = {n: m.clone() for n, m in mask.items()}
     if num_to_prune == 0:
         return new_mask
     if scope == "global":
-        _prune_lowest(weights, new_mask, list(mask), num_to_prune)
+        _prune_lowest(weights, new_mask, list(mask), num_to_prune, prunable)
     elif scope == "layerwise":
-        for name, n in _split_by_survivors(mask, num_to_prune).items():
-            _prune_lowest(weights, new_mask, [name], n)
+        for name, n in _split_by_survivors(prunable, num_to_prune).items():
+            _prune_lowest(weights, new_mask, [name], n, prunable)
     return new_mask
 
 
-def _prune_lowest(weights: Mapping[str, torch.Tensor], mask: Mask, names: list[str], n: int) -> None:
+def _prune_lowest(weights: Mapping[str, torch.Tensor], mask: Mask, names: list[str], n: int,
+                  prunable: Mapping[str, torch.Tensor]) -> None:
     if n == 0:
         return
     scores = torch.cat([
-        torch.where(mask[name], weights[name].detach().abs().float(), torch.tensor(math.inf)).reshape(-1)
+        torch.where(prunable[name], weights[name].detach().abs().float(), torch.tensor(math.inf)).reshape(-1)
         for name in names
     ])
     order = torch.argsort(scores, stable=True)[:n]
@@ -190,6 +281,55 @@ def _split_by_survivors(mask: Mapping[str, torch.Tensor], n: int) -> dict[str, i
     for name in sorted(exact, key=lambda k: (share[k] - exact[k], list(exact).index(k)))[:leftover]:
         share[name] += 1
     return share
+
+
+def _slices(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """``t`` as rows, one per slice along ``dim`` (-1: the whole tensor is one slice)."""
+    return t.reshape(1, -1) if dim < 0 else t.movedim(dim, 0).reshape(t.shape[dim], -1)
+
+
+def _unslice(rows: torch.Tensor, shape: Sequence[int], dim: int) -> torch.Tensor:
+    """The inverse of ``_slices``: rows back to a tensor of ``shape``."""
+    if dim < 0:
+        return rows.reshape(shape)
+    moved = [shape[dim], *(s for i, s in enumerate(shape) if i != dim)]
+    return rows.reshape(moved).movedim(0, dim)
+
+
+def floor_positions(weight: torch.Tensor, mask: torch.Tensor, keep: int = 0,
+                    per_slice: int | None = None) -> torch.Tensor:
+    """The survivors a floor keeps: the largest of each slice along ``per_slice`` (a weight-normed
+    tensor's norm dim), then the largest others until ``keep`` are kept. Ties break by position."""
+    score = torch.where(mask, weight.detach().abs().float(), torch.tensor(-1.0, device=mask.device))
+    protected = torch.zeros_like(mask)
+    if per_slice is not None:
+        rows = _slices(score, per_slice)
+        best = rows.argmax(dim=1)  # the first of equal maxima
+        hit = rows.gather(1, best[:, None]).squeeze(1) >= 0
+        chosen = torch.zeros_like(rows, dtype=torch.bool)
+        chosen[torch.arange(len(rows), device=rows.device)[hit], best[hit]] = True
+        protected = _unslice(chosen, mask.shape, per_slice)
+    extra = min(keep, int(mask.sum())) - int(protected.sum())
+    if extra > 0:
+        ranked = torch.argsort(torch.where(protected, -2.0, score).reshape(-1), descending=True, stable=True)
+        flat = protected.reshape(-1).clone()
+        flat[ranked[:extra]] = True
+        protected = flat.reshape(mask.shape)
+    return protected
+
+
+def emptied(mask: Mapping[str, torch.Tensor]) -> tuple[list[str], dict[str, tuple[int, int]]]:
+    """What a mask prunes away whole: tensors with no weight left, and per tensor of two or more
+    dimensions ``(emptied, total)`` output rows (dim 0: a unit or channel whose output is then its
+    bias alone, a constant)."""
+    tensors = [n for n, m in mask.items() if not bool(m.any())]
+    rows = {}
+    for n, m in mask.items():
+        if m.dim() >= 2 and n not in tensors:
+            dead = int((~m.reshape(m.shape[0], -1).any(dim=1)).sum())
+            if dead:
+                rows[n] = (dead, m.shape[0])
+    return tensors, rows
 
 
 def pruning_schedule(total: int, levels: Sequence[float], step: int | float) -> list[int]:
@@ -229,14 +369,31 @@ class WeightStructure:
     The interface the IMP loop and the random control use for any granularity (see
     ``channels.ChannelStructure`` for whole channels): the masked tensors, how many units they
     hold, the all-ones mask, counts, pruning and a random mask with the same counts.
+
+    Floors, kept by every round and by the random control: ``min_keep`` (a fraction of each
+    tensor's weights, ``pruning.min_keep_per_tensor``) and ``per_slice`` (tensor -> dim: one weight
+    in every slice of a weight-normed direction v, whose norm would otherwise be 0).
     """
 
     granularity = "weight"
 
-    def __init__(self, params: Mapping[str, torch.Tensor]) -> None:
+    def __init__(self, params: Mapping[str, torch.Tensor], min_keep: float = 0.0,
+                 per_slice: Mapping[str, int] | None = None, notes: Mapping[str, str] | None = None) -> None:
         self.names = list(params)
         self.shapes = {n: tuple(p.shape) for n, p in params.items()}
         self.total = sum(math.prod(s) for s in self.shapes.values())
+        self.min_keep = min_keep
+        self.per_slice = {n: d for n, d in (per_slice or {}).items() if n in self.shapes}
+        self.notes = dict(notes or {})
+
+    def floor(self, name: str) -> int:
+        """How many weights of tensor ``name`` every ticket keeps."""
+        numel = math.prod(self.shapes[name])
+        keep = math.ceil(self.min_keep * numel)
+        if name in self.per_slice:
+            d = self.per_slice[name]
+            keep = max(keep, 1 if d < 0 else self.shapes[name][d])
+        return keep
 
     def ones(self) -> Mask:
         return {n: torch.ones(s, dtype=torch.bool) for n, s in self.shapes.items()}
@@ -246,13 +403,33 @@ class WeightStructure:
 
     def prune(self, weights: Mapping[str, torch.Tensor], mask: Mapping[str, torch.Tensor], num_to_prune: int,
               scope: Scope = "global") -> Mask:
-        return magnitude_prune(weights, mask, num_to_prune, scope)
+        protect = {n: floor_positions(weights[n], mask[n], math.ceil(self.min_keep * mask[n].numel()),
+                                      self.per_slice.get(n))
+                   for n in mask if self.floor(n)}
+        return magnitude_prune(weights, mask, num_to_prune, scope, protect=protect or None)
 
     def random_like(self, mask: Mapping[str, torch.Tensor], generator: torch.Generator) -> Mask:
-        return random_mask_like(mask, generator)
+        out = random_mask_like(mask, generator)
+        for n, d in self.per_slice.items():  # the same counts, and one weight in every slice
+            out[n] = _random_with_one_per_slice(mask[n], d, generator)
+        return out
 
     def describe(self, model: nn.Module) -> str:
-        return describe_prunable(model, self.names)
+        text = describe_prunable(model, self.names, self.notes)
+        if self.min_keep:
+            text += f"\nevery ticket keeps at least {self.min_keep:.1%} of each tensor (pruning.min_keep_per_tensor)"
+        return text
+
+
+def _random_with_one_per_slice(mask: torch.Tensor, dim: int, generator: torch.Generator) -> torch.Tensor:
+    """A random mask with ``mask``'s count and at least one kept weight in each slice along ``dim``."""
+    rows = _slices(torch.zeros(mask.shape, dtype=torch.bool), dim)
+    picks = torch.randint(rows.shape[1], (len(rows),), generator=generator)
+    rows[torch.arange(len(rows)), picks] = True
+    flat = _unslice(rows, mask.shape, dim).reshape(-1).clone()
+    rest = (~flat).nonzero(as_tuple=True)[0]
+    flat[rest[torch.randperm(len(rest), generator=generator)[: int(mask.sum()) - int(flat.sum())]]] = True
+    return flat.reshape(mask.shape)
 
 
 def levels_reached(schedule: Sequence[int], total: int, levels: Sequence[float]) -> dict[float, int]:
@@ -263,5 +440,6 @@ def levels_reached(schedule: Sequence[int], total: int, levels: Sequence[float])
 
 __all__ = [
     "PRUNABLE_TYPES", "Scope", "TensorFilter", "default_prunable_names", "prunable_names", "describe_prunable", "validate_sparsity", "target_count", "magnitude_prune",
-    "pruning_schedule", "random_mask_like", "levels_reached", "validate_step", "WeightStructure",
+    "pruning_schedule", "random_mask_like", "levels_reached", "validate_step", "WeightStructure", "parameter_aliases",
+    "weight_norm_directions", "floor_positions", "emptied",
 ]

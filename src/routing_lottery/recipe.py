@@ -17,10 +17,17 @@ from .pruning import validate_sparsity, validate_step
 from .training import OptimizerConfig
 
 
+# Defaults are for a small model of the user's (the front door, ``RTLConfig()``): a step that scales
+# with the model, and the optimizer's learning rate (``training.OptimizerConfig``). The paper's
+# settings (4,096 weights per round, Adam lr 1e-4) are written out in its configs
+# (configs/cifar10.yaml, ...), so these defaults do not change them.
+
+
 @dataclass(frozen=True)
 class PruningConfig:
     sparsities: tuple[float, ...] = (0.25, 0.5, 0.75)
-    step: int | float = 4096  # weights per IMP round (int, the paper: 4,096) or fraction of survivors (float)
+    # fraction of survivors per IMP round (float; classic IMP: 0.2) or weights per round (int; the paper: 4,096)
+    step: int | float = 0.2
     scope: Literal["global", "layerwise"] = "global"
     # weight: the paper's unstructured masks; channel: whole output channels with every coupled slice
     # (channels.ChannelStructure), sliceable into a smaller dense network. Levels and step count channels.
@@ -28,6 +35,9 @@ class PruningConfig:
     rewind_steps: int = 0  # 0: rewind to θ₀ (the paper); j > 0: to θ_j, after j dense steps on all data
     include: tuple[str, ...] = ()  # glob patterns over parameter names to mask (empty: conv, linear, attention)
     exclude: tuple[str, ...] = ()  # glob patterns removed from what would be masked
+    # fraction of every masked tensor's weights that each ticket keeps. 0 (the paper): global ranking
+    # may prune a tensor of smaller weights (a head, an embedding) away entirely, which is reported
+    min_keep_per_tensor: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.sparsities:
@@ -44,6 +54,12 @@ class PruningConfig:
             raise ConfigError(f"pruning.rewind_steps must be >= 0; got {self.rewind_steps}")
         if self.granularity not in ("weight", "channel"):
             raise ConfigError(f"pruning.granularity must be 'weight' or 'channel'; got {self.granularity!r}")
+        keep = self.min_keep_per_tensor
+        if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 <= keep < 1.0:
+            raise ConfigError(f"pruning.min_keep_per_tensor must be a fraction in [0, 1); got {keep!r}")
+        if keep and self.granularity != "weight":
+            raise ConfigError("pruning.min_keep_per_tensor applies to weight tickets; channel tickets keep "
+                              "channels, not weights (set it to 0 or use granularity: weight)")
 
 
 @dataclass(frozen=True)
@@ -82,11 +98,13 @@ class RTLConfig:
         return RTLConfig(self.seed, self.pruning, self.training)
 
     def to_dict(self) -> dict[str, Any]:
-        """The recipe as plain data; the default granularity (weight) is left out, so recipes and
-        run directories made before the setting existed keep their identity."""
+        """The recipe as plain data; settings added later are left out at their default (granularity
+        weight, no floor), so recipes and run directories made before they existed keep their identity."""
         out = _plain(dataclasses.asdict(self))
-        if out.get("pruning", {}).get("granularity") == "weight":
-            del out["pruning"]["granularity"]
+        pruning = out.get("pruning", {})
+        for key, default in (("granularity", "weight"), ("min_keep_per_tensor", 0.0)):
+            if key in pruning and pruning[key] == default:
+                del pruning[key]
         return out
 
 

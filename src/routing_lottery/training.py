@@ -30,10 +30,15 @@ State = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    """Optimizer for every training phase. The paper: Adam, lr 1e-4, no weight decay."""
+    """Optimizer for every training phase. The paper: Adam, lr 1e-4, no weight decay.
+
+    The default learning rate is for a small model of the user's: the paper's 1e-4 left a
+    breast-cancer MLP's detectors near chance (balanced accuracy 0.52) where 3e-3 reached 0.98. The
+    paper's configs (configs/cifar10.yaml, ...) write their 1e-4 out, so this default never reaches them.
+    """
 
     name: Literal["adam", "sgd"] = "adam"
-    lr: float = 1e-4
+    lr: float = 3e-3
     weight_decay: float = 0.0
     momentum: float = 0.9  # SGD only
 

@@ -46,9 +46,10 @@ def _runner(config: ExperimentConfig, out: str | Path, progress: ProgressSink, l
         built = build_tasks(config)
     else:
         built = list(tasks) if isinstance(tasks, (list, tuple)) else [tasks]
+    handed_in = tasks is not None  # config.yaml then names the task's class, not what the config would build
     if len(built) == 1 and config.task != "inr":
-        return Experiment(config, out, built[0], progress, log)
-    return ImageSetExperiment(config, out, built, progress, log)
+        return Experiment(config, out, built[0], progress, log, task_object=handed_in)
+    return ImageSetExperiment(config, out, built, progress, log, task_object=handed_in)
 
 
 def run_experiment(config: ExperimentConfig, out: str | Path, progress: ProgressSink = SILENT,

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..config import ExperimentConfig
+from ..config import ExperimentConfig, build
 from ..io import atomic_write_json, atomic_write_text
 from ..data.fingerprint import fingerprint
 from ..errors import ConfigError
@@ -25,7 +25,35 @@ from ..report import write_deployment, write_results
 from ..tasks.base import Task
 from ..tickets import AdaptiveTickets, Log, first_inputs, quiet
 from ..training import SILENT, ProgressSink, derive_seed
+from .builders import TASKS
 from .directory import RunDirectory, resolve_device, run_identity, software_environment
+
+PYTHON_OBJECT = "python_object"
+"""The ``task`` that the ``config.yaml`` of a run made from a Python ``Task`` object names."""
+
+
+@TASKS.register(PYTHON_OBJECT)
+def python_object(config: ExperimentConfig) -> Task:
+    """A run made from a Python ``Task`` object (``run_experiment(config, out, tasks=task)``): no file can
+    rebuild that object, so what rebuilds a run's task from its ``config.yaml`` (``rtl export``, ``rtl
+    calibrate``, ``rtl run``) stops here with the way that works, instead of building another task."""
+    raise ConfigError(f"this run was made from a Python Task object ({config.data.name}, model {config.model.name}), "
+                      "which its config.yaml cannot rebuild for rtl export, calibrate or run; in Python, load the "
+                      "tickets into your task's model: tickets = AdaptiveTickets.load('RUN/checkpoints/rtl_<level>', "
+                      "task.build_model()); routing_lottery.export.export_context(tickets.routed, context, 'OUT', "
+                      "example_inputs) exports one context")
+
+
+def _import_path(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def described_config(config: ExperimentConfig, task: Task, model: torch.nn.Module) -> ExperimentConfig:
+    """What ``config.yaml`` says of a run made from a Python Task object: the task's and the model's classes
+    in place of the task, data and model settings, which built nothing (the rest ran as written)."""
+    return build(ExperimentConfig, {**config.to_dict(), "task": PYTHON_OBJECT,
+                                    "data": {"name": _import_path(type(task))},
+                                    "model": {"name": _import_path(type(model))}})
 
 
 def seeded_models(task: Task, seed: int) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -48,7 +76,11 @@ class Experiment:
     """Dense, single IMP, multiple IMP, RTL and the random control (or the configured subset) on one task."""
 
     def __init__(self, config: ExperimentConfig, out: str | Path, task: Task, progress: ProgressSink = SILENT,
-                 log: Log = quiet, lock: bool = True) -> None:
+                 log: Log = quiet, lock: bool = True, task_object: bool = False) -> None:
+        # task_object: the task was handed in (run_experiment(tasks=...)), not built from the config, whose
+        # default name ("digits") then does not name it in the records
+        if task_object and config.name == ExperimentConfig.__dataclass_fields__["name"].default:
+            config = config.replace(name=type(task).__qualname__)  # the name is not part of the identity
         self.config, self.task, self.progress, self.log = config, task, progress, log
         self.run = RunDirectory(out, log=log, lock=lock)
         self.device = resolve_device(config.device)
@@ -69,7 +101,8 @@ class Experiment:
             shared, config, store=self.run, name="shared", progress=progress, log=log,
             example_inputs=_on(example, self.device))
         self.check_partition()
-        self.run.claim(run_identity(config, task.data_fingerprint(), task, model), config)
+        self.run.claim(run_identity(config, task.data_fingerprint(), task, model),
+                       described_config(config, task, model) if task_object else config)
         if lock:  # not part of the identity (a run may move between machines), but what its figures depend on
             atomic_write_json(self.run.path / "environment.json", software_environment(self.device))
         self.detectors = [task.context_stream(k) for k in range(self.num_contexts)]

@@ -29,7 +29,7 @@ class ImageSetExperiment:
     """The same comparison on every part; parts are named by ``task.name``."""
 
     def __init__(self, config: ExperimentConfig, out: str | Path, tasks: Sequence[Task],
-                 progress: ProgressSink = SILENT, log: Log = quiet) -> None:
+                 progress: ProgressSink = SILENT, log: Log = quiet, task_object: bool = False) -> None:
         self.config, self.log = config, log
         self.run = RunDirectory(out, log=log)
         names = [str(getattr(t, "name", f"part_{i}")) for i, t in enumerate(tasks)]
@@ -38,7 +38,8 @@ class ImageSetExperiment:
         identity = run_identity(config, fingerprint([t.data_fingerprint() for t in tasks]), tasks[0])
         if any((self.run.path / name).exists() for name in (IDENTITY_FILE, IDENTITY_COPY)):
             self.run.claim(identity, config)  # a resumed run with other settings is refused before any part
-        self.parts = [Experiment(config, self.run.path / "images" / n, t, progress, log) for n, t in zip(names, tasks)]
+        self.parts = [Experiment(config, self.run.path / "images" / n, t, progress, log, task_object=task_object)
+                      for n, t in zip(names, tasks)]
         self.run.claim(identity, config)
         self.summary = ""
         self.deployment: list[Row] = []
