@@ -200,6 +200,13 @@ def test_rtl_export_on_a_finished_run(finished_run):
     assert result.exit_code == 2 and "no RTL checkpoint at sparsity 0.9" in " ".join(result.output.split())
 
 
+def test_a_negative_context_is_an_index_out_of_range_not_a_name(finished_run):
+    with pytest.raises(ValueError, match=r"context id -1 is outside 0\.\.9"):
+        export_run(finished_run, "-1")
+    with pytest.raises(ValueError, match="unknown context 'eleven'"):
+        export_run(finished_run, "eleven")
+
+
 def _rename_contexts(run, names):
     """Give the run's RTL checkpoints other context names, index checksum and all (as a data set's class names would)."""
     from routing_lottery.io import _index_sha256

@@ -12,13 +12,12 @@ from typing import Any, Optional
 
 import click
 import typer
-import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.markup import escape
 from rich.table import Table
 
-from .errors import CheckpointError, ConfigError, RoutingLotteryError
+from .errors import CheckpointError, ConfigError, RoutingLotteryError, brief, shorten
 from .training import SILENT
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -77,14 +76,21 @@ def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as err:  # noqa: BLE001 -- every error reaches the user as one line
             if _Options.debug:
                 raise
-            if isinstance(err, (RoutingLotteryError, ValueError, OSError)):  # the library's documented errors
-                message = str(err)
-            else:
-                message = f"{type(err).__name__}: {err} (unexpected; `rtl --debug ...` shows where)"
-            console.print(f"[red]error:[/red] {escape(message)}")
+            console.print(f"[red]error:[/red] {escape(error_line(err))}")
             raise typer.Exit(2) from None
 
     return run
+
+
+def error_line(err: BaseException) -> str:
+    """The one line an error is reported as: the library's documented errors (and ``ValueError`` /
+    ``OSError``, the standard ones for bad input) as their message, anything else as "unexpected"
+    with its type. At most 1,000 characters: a message that quotes a huge value stays one line."""
+    if isinstance(err, (RoutingLotteryError, ValueError, OSError)):
+        message = str(err)
+    else:
+        message = f"{type(err).__name__}: {err} (unexpected; `rtl --debug ...` shows where)"
+    return shorten(message)
 
 
 def packaged_config(name: str) -> Path:
@@ -114,41 +120,41 @@ def resolve_config(config: str) -> Path:
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """``a.b=1`` pairs into a nested mapping; values parsed as YAML (numbers, lists, null)."""
+    from .config import load_yaml
+
     out: dict[str, Any] = {}
     for pair in pairs:
         key, eq, value = pair.partition("=")
         if not eq or not key or any(not part for part in key.split(".")):
-            raise ConfigError(f"--set expects KEY=VALUE with a dotted KEY (training.epochs=4); got {pair!r}")
-        try:
-            parsed = yaml.safe_load(value)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"--set {pair}: the value is not valid YAML ({' '.join(str(err).split())})") from None
+            raise ConfigError(f"--set expects KEY=VALUE with a dotted KEY (training.epochs=4); got {brief(pair)}")
+        parsed = load_yaml(value, f"--set {shorten(pair, 120)}: the value")  # bounded as a config file is (aliases, sizes)
         node = out
         *parents, leaf = key.split(".")
         for p in parents:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"--set {pair}: {p} is set to a value and used as a section")
+                raise ConfigError(f"--set {brief(key)}: {brief(p)} is set to a value and used as a section")
         node[leaf] = parsed
     return out
 
 
 def execute(config_path: Path, out: Path, scale: Optional[str], overrides: dict[str, Any],
-            before: Optional[Any] = None) -> None:
+            before: Optional[Any] = None, overrides_from: str = "--set") -> None:
     """Run a config with a progress bar and print its table; ``before(experiment)`` runs after planning.
 
     The config is loaded and the run planned (data, model, run directory) before the bar appears,
     so a refused run prints its error without a bar (after its ``threads:`` line: the shared thread
     budget, ``threads.py``, starts first). Under ``torchrun`` (``run.distributed``) rank 0 does all
     of this, sharing stage 1 and the joint-retraining steps with the other ranks, which print
-    nothing but errors and leave when the run ends.
+    nothing but errors and leave when the run ends. An invalid override is blamed on
+    ``overrides_from``, the options that gave them (``options_named``).
     """
     from .config import load_config
     from .run import make_runner
     from .run.distributed import torchrun_session
     from .threads import thread_budget
 
-    config = load_config(config_path, scale, overrides)
+    config = load_config(config_path, scale, overrides, overrides_from=overrides_from)
     session = torchrun_session(config)  # None unless torchrun started several processes
     if session is not None:
         config = session.config  # this rank's thread budget and device
@@ -224,7 +230,8 @@ def demo(
     workers: Optional[int] = typer.Option(None, min=1, metavar="N", help=WORKERS_HELP),
 ) -> None:
     """Table 1 on scikit-learn's bundled handwritten digits: dense, single IMP, multiple IMP, RTL, random."""
-    execute(packaged_config("digits"), out, scale, with_overrides(parse_overrides(set_), None, device, seeds, workers))
+    execute(packaged_config("digits"), out, scale, with_overrides(parse_overrides(set_), None, device, seeds, workers),
+            overrides_from=options_named(set_, device=device, seeds=seeds, workers=workers))
 
 
 @app.command()
@@ -241,13 +248,21 @@ def run(
 ) -> None:
     """Run (or resume) any experiment config."""
     path, overrides = config_and_overrides(config, data, set_, device, seeds, workers)
-    execute(path, out or Path("runs") / path.stem, scale, overrides)
+    execute(path, out or Path("runs") / path.stem, scale, overrides,
+            overrides_from=options_named(set_, data=data, device=device, seeds=seeds, workers=workers))
 
 
 def config_and_overrides(config: str, data: Optional[Path], pairs: list[str], device: Optional[str] = None,
                          seeds: Optional[int] = None, workers: Optional[int] = None) -> tuple[Path, dict[str, Any]]:
     """The config file a command names, and its ``--set`` overrides with ``--data`` as ``data.root``."""
     return resolve_config(config), with_overrides(parse_overrides(pairs), data, device, seeds, workers)
+
+
+def options_named(pairs: list[str], **options: Any) -> str:
+    """The command-line options that set something (``--set`` and the given ``options``), as an error
+    about an override names them: ``--device tpu9`` is the culprit, not a ``--set`` nobody typed."""
+    named = (["--set"] if pairs else []) + [f"--{name}" for name, value in options.items() if value is not None]
+    return ", ".join(named) or "--set"
 
 
 def with_overrides(overrides: dict[str, Any], data: Optional[Path], device: Optional[str],
@@ -306,7 +321,8 @@ def sweep(
     overrides.setdefault("pruning", {})["sparsities"] = sweep_levels(levels)
     from .config import load_config
 
-    if "rtl" not in load_config(path, scale, overrides).methods:  # refused now, not after the sweep trained
+    named = options_named(set_, data=data, device=device, seeds=seeds, workers=workers, methods=methods, levels=levels)
+    if "rtl" not in load_config(path, scale, overrides, overrides_from=named).methods:  # refused now, not later
         raise typer.BadParameter("the config's methods lack rtl, whose masks the sweep studies; add it with --methods")
     out = out or Path("runs") / f"{path.stem}-sweep"
     settings = DiagnoseSettings(collapse=CollapseSettings(threshold=threshold), layer_heatmaps=False)
@@ -320,7 +336,7 @@ def sweep(
         console.print(f"  similarity score by sparsity (masks only): {curve}")
         console.print(f"  [bold yellow]{warning.message()}[/bold yellow]" if warning.fired else f"  {warning.message()}")
 
-    execute(path, out, scale, overrides, before=before_evaluation)
+    execute(path, out, scale, overrides, before=before_evaluation, overrides_from=named)
     found = write_sweep_report(out, settings, log=lambda m: console.print(f"  {escape(m)}"))
     for name, verdict in found["verdicts"].items():
         console.print(f"[bold]{escape(name)}[/bold]: {escape(verdict)}")
@@ -399,6 +415,9 @@ def export(
     a standalone loader, a torch.export program, and export.json with sizes, checksums and a verification."""
     from .export import export_run
 
+    if context.startswith("-") and context[1:].isdigit():  # -1 is not "the last": say so, not "unknown name"
+        raise ConfigError(f"--context {brief(context)}: context indices run from 0 to K-1 (K contexts; they do not "
+                          "count back from the end); give an index >= 0 or the context's name")
     index = export_run(run_dir, context, sparsity, out, kernels=kernels)
     kept = (f"channel ticket sliced to {index['parameters']:,} of {index['dense_parameters']:,} parameters"
             if index.get("granularity") == "channel" else f"density {index['density']:.1%}")

@@ -8,6 +8,7 @@ settings; smaller scales shrink width, epochs and subset sizes but never change 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -19,8 +20,25 @@ import torch
 import yaml
 
 from .data.speech import SpeechMixConfig
-from .errors import ConfigError
+from .errors import ConfigError, brief, shorten
 from .recipe import RTLConfig
+
+# Bounds on what a config may hold, checked before anything is built from it. A config is a page of
+# settings (the packaged ones hold about 100 values); these are far beyond any real one and keep a
+# hostile file -- an alias bomb, a few lines that expand to billions of values -- to about a second.
+MAX_CONFIG_BYTES = 1 << 20  # a config file, and the config.yaml a run writes from it
+MAX_VALUES = 10_000  # scalars, lists and mappings, counted after aliases are expanded
+MAX_TEXT = MAX_CONFIG_BYTES  # characters of keys and scalars, counted after aliases are expanded
+MAX_DEPTH = 32  # nesting; also keeps writing config.yaml and identity.json far from the recursion limit
+MAX_INT_DIGITS = 100  # a seed or a count has at most 19; Python cannot even write one past 4,300 digits
+MAX_MESSAGE = 1000  # an error is one readable line, never an echo of a huge value
+# Execution settings. A value past these is a typo that would claim the run directory and then
+# exhaust memory or processes: no machine has 1,024 cores to give one process or a worker per core.
+MAX_THREADS = 1024
+MAX_WORKERS = 1024  # workers beyond the stage-1 streams (contexts + 1) start no process anyway
+MAX_REPLICATES = 1000  # each is a full run; statistics over seeds settle long before
+MAX_SEED = 2**63 - 1  # seeds reach torch and NumPy as signed 64-bit integers
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -102,13 +120,14 @@ class DeployConfig:
         if bad:
             raise ConfigError(f"deploy.error_rates must be fractions in (0, 1]; got {bad}")
         if self.calibration is not None and self.calibration not in OBJECTIVES:
-            raise ConfigError(f"deploy.calibration must be one of {list(OBJECTIVES)} or null; got {self.calibration!r}")
+            raise ConfigError(f"deploy.calibration must be one of {list(OBJECTIVES)} or null; got "
+                              f"{brief(self.calibration)}")
         if not 0.0 < self.target_precision <= 1.0:
             raise ConfigError(f"deploy.target_precision must be in (0, 1]; got {self.target_precision!r}")
         if self.delta is not None and not 0.0 < self.delta < 1.0:
             raise ConfigError(f"deploy.delta must be in (0, 1) or null; got {self.delta!r}")
         if self.rule not in RULES:
-            raise ConfigError(f"deploy.rule must be one of {list(RULES)}; got {self.rule!r}")
+            raise ConfigError(f"deploy.rule must be one of {list(RULES)}; got {brief(self.rule)}")
 
 
 EXECUTION_SETTINGS = ("device", "threads", "workers", "distributed_retraining")
@@ -143,20 +162,28 @@ class ExperimentConfig(RTLConfig):
 
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
-            raise ConfigError(f"unknown methods {unknown}; choose from {METHODS.names()}")
+            raise ConfigError(f"unknown methods {brief(unknown, 300)}; choose from {METHODS.names()}")
         if not self.methods:
             raise ConfigError("methods must name at least one method")
         if self.device != "auto":
             try:
                 torch.device(self.device)
             except (RuntimeError, TypeError, ValueError):
-                raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or another torch device; got {self.device!r}") from None
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"threads must be >= 1; got {self.threads}")
-        if self.workers < 1:
-            raise ConfigError(f"workers must be >= 1; got {self.workers}")
-        if self.replicates < 1:
-            raise ConfigError(f"replicates must be >= 1 (the number of seeds); got {self.replicates}")
+                raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or another torch device; got "
+                                  f"{brief(self.device)}") from None
+        # Bounded before anything is claimed or allocated (MAX_* above says why each bound is where it is).
+        if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:
+            raise ConfigError(f"threads must be >= 1 and <= {MAX_THREADS} (torch CPU threads per process); got "
+                              f"{brief(self.threads)}")
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise ConfigError(f"workers must be >= 1 and <= {MAX_WORKERS} (stage-1 processes; more than the "
+                              f"contexts + 1 start none); got {brief(self.workers)}")
+        if not 1 <= self.replicates <= MAX_REPLICATES:
+            raise ConfigError(f"replicates must be >= 1 and <= {MAX_REPLICATES} (--seeds: the number of seeds, each "
+                              f"a full run); got {brief(self.replicates)}")
+        if not 0 <= self.seed <= MAX_SEED - (self.replicates - 1):
+            raise ConfigError(f"seed must be in 0..2**63-1 (replicate i runs seed + i, which must be too: torch and "
+                              f"NumPy take seeds as 64-bit integers); got {brief(self.seed)}")
         # Names are resolved now, before a run directory is claimed, so a typo costs nothing.
         from .models import MODELS
         from .run.builders import DATASETS, TASKS
@@ -170,65 +197,284 @@ class ExperimentConfig(RTLConfig):
         return build(ExperimentConfig, _deep_merge(self.to_dict(), changes))
 
 
-def load_config(path: str | Path, scale: str | None = None, overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:
+def load_config(path: str | Path, scale: str | None = None, overrides: Mapping[str, Any] | None = None,
+                overrides_from: str = "--set") -> ExperimentConfig:
     """Read a YAML experiment file, apply a named scale and then explicit overrides (``--set``).
 
-    Every problem raises ``ConfigError`` naming the file (and line, for YAML syntax) or ``--set``.
+    Every problem raises ``ConfigError`` naming the file (and line, for YAML syntax) or
+    ``overrides_from`` (the command-line options the overrides came from), in at most
+    ``MAX_MESSAGE`` characters; the file is bounded in size, values and nesting (``MAX_*``).
     """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}" + (" (it is a directory)" if path.is_dir() else ""))
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path} is {size:,} bytes; a config file holds at most {MAX_CONFIG_BYTES:,} "
+                          "(give large data to a loader as a file path in data.options)")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
-    except (UnicodeDecodeError, RecursionError) as err:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
         raise ConfigError(f"{path} is not a YAML text file ({type(err).__name__})") from None
+    raw = load_yaml(text, str(path))
     if raw is None:
         raise ConfigError(f"{path} is empty; a config needs at least a name and a task (see configs/digits.yaml)")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of settings at the top level, got a {type(raw).__name__}")
-    return config_from_dict(raw, scale, overrides, source=str(path))
+    return config_from_dict(raw, scale, overrides, source=str(path), overrides_from=overrides_from)
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, bounded as a config is (``MAX_*``) before it constructs any value.
+
+    It refuses a document of more than ``MAX_VALUES`` values as written (counted while composing,
+    so a long file stops early), one that nests deeper than ``MAX_DEPTH``, whose aliases expand it
+    past ``MAX_VALUES`` values, ``MAX_TEXT`` characters or ``MAX_DEPTH`` levels or make it contain
+    itself, and an integer of more than ``MAX_INT_DIGITS`` digits. Aliases share nodes, so a few
+    lines can stand for billions of values, and everything after loading (merging, validation,
+    ``to_dict``, writing config.yaml) copies them out: the expansion is counted on the node graph,
+    once per node. Dates and times stay the text they were written as (as in YAML 1.2): no setting
+    takes one, and a ``datetime`` neither writes to JSON nor compares equal after a round trip.
+    """
+
+    def __init__(self, text: str, source: str) -> None:
+        super().__init__(text)
+        self.source, self.depth, self.composed = source, 0, 0
+
+    def refuse(self, mark: Any, problem: str) -> ConfigError:
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        return ConfigError(f"{self.source}{where}: {problem}")
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        # the composer recurses per level: refused here, a deep document never reaches the recursion limit
+        self.depth += 1
+        self.composed += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                raise self.refuse(self.peek_event().start_mark, f"values nest deeper than {MAX_DEPTH} levels")
+            if self.composed > MAX_VALUES:
+                raise self.refuse(self.peek_event().start_mark, f"more than {MAX_VALUES:,} values; a config "
+                                                                "holds far fewer")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def get_single_node(self) -> Any:
+        node = super().get_single_node()
+        if node is not None:
+            self.check_expansion(node)
+        return node
+
+    def check_expansion(self, root: Any) -> None:
+        """Refuse a node graph that contains itself, or whose aliases expand it past the bounds; linear
+        in the nodes as written (each node's expanded size is computed once, from its children's)."""
+        size: dict[int, tuple[int, int, int]] = {}  # node -> (values, characters, depth), expanded
+        open_nodes: set[int] = set()
+        stack: list[tuple[Any, bool]] = [(root, False)]
+        while stack:
+            node, finished = stack.pop()
+            children = _children(node)
+            if finished:
+                open_nodes.discard(id(node))
+                below = [size[id(c)] for c in children]
+                values = min(MAX_VALUES + 1, 1 + sum(v for v, _, _ in below))
+                text = min(MAX_TEXT + 1, sum(t for _, t, _ in below) if children else len(str(node.value)))
+                size[id(node)] = values, text, 1 + max((d for _, _, d in below), default=0)
+                if values > MAX_VALUES or text > MAX_TEXT or size[id(node)][2] > MAX_DEPTH:
+                    raise self.refuse(node.start_mark, "through its aliases, this value expands to more than "
+                                      f"{MAX_VALUES:,} values, {MAX_TEXT:,} characters or {MAX_DEPTH} levels; a "
+                                      "config holds far fewer")
+            elif id(node) in open_nodes:
+                raise self.refuse(node.start_mark, "an alias refers to a value that contains it (the value "
+                                                   "would be infinite)")
+            elif id(node) not in size:
+                open_nodes.add(id(node))
+                stack.append((node, True))
+                stack.extend((c, False) for c in children)
+
+    def construct_yaml_int(self, node: Any) -> int:
+        text = str(node.value)
+        if len(text.replace("_", "")) > MAX_INT_DIGITS + 3:  # refused before converting: int() of it is costly
+            raise self.refuse(node.start_mark, _long_integer(len(text)))
+        value = super().construct_yaml_int(node)
+        if abs(value) >= _INT_BOUND:
+            raise self.refuse(node.start_mark, _long_integer(None))
+        return value
+
+    def construct_yaml_timestamp(self, node: Any) -> str:  # type: ignore[override]
+        return str(self.construct_scalar(node))
+
+
+_BoundedLoader.add_constructor("tag:yaml.org,2002:int", _BoundedLoader.construct_yaml_int)
+_BoundedLoader.add_constructor("tag:yaml.org,2002:timestamp", _BoundedLoader.construct_yaml_timestamp)
+_INT_BOUND = 10**MAX_INT_DIGITS
+
+
+def _children(node: Any) -> list[Any]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _long_integer(characters: int | None) -> str:
+    written = f" ({characters:,} characters)" if characters is not None else ""
+    return (f"an integer of more than {MAX_INT_DIGITS} digits{written}; no setting takes one (a seed or a "
+            "count has at most 19)")
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """The value of YAML document ``text`` (a config file, or one ``--set`` value), bounded as
+    ``_BoundedLoader`` says; every problem is a ``ConfigError`` naming ``source`` (and the line)."""
+    loader = None
+    try:
+        loader = _BoundedLoader(text, source)  # its reader already refuses control characters
+        return loader.get_single_data()
+    except yaml.YAMLError as err:
+        raise ConfigError(shorten(f"{source} is not valid YAML: {' '.join(str(err).split())}", MAX_MESSAGE)) from None
+    except (ValueError, OverflowError, RecursionError) as err:  # ConfigError included: a bound above
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"{source} holds a value YAML cannot construct ({type(err).__name__}: "
+                          f"{shorten(str(err), 200)})") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+class _Budget:
+    """What is left of ``MAX_VALUES`` and ``MAX_TEXT`` while ``plain_data`` walks a value."""
+
+    def __init__(self) -> None:
+        self.values, self.text = MAX_VALUES, MAX_TEXT
+
+    def spend(self, where: str, text: int = 0) -> None:
+        self.values, self.text = self.values - 1, self.text - text
+        if self.values < 0 or self.text < 0:
+            raise ConfigError(f"{where or 'the settings'}: more than {MAX_VALUES:,} values or {MAX_TEXT:,} "
+                              "characters in all; a config holds far fewer")
+
+
+def plain_data(value: Any, where: str, budget: _Budget | None = None, depth: int = 0) -> Any:
+    """``value`` as the plain data a config holds -- None, booleans, integers, floats other than NaN,
+    strings, lists, and mappings with string keys -- with tuples as lists; else ``ConfigError`` naming
+    the setting (``where``, dotted).
+
+    Everything a config holds is written to config.yaml and identity.json and must read back equal:
+    a set, bytes or a date has no such form, NaN never equals itself (the run could never resume),
+    an integer key turns into a string in JSON. Size and nesting are bounded as ``load_yaml``'s, for
+    a mapping handed in from Python too (a shared or self-referencing structure included).
+    """
+    budget = _Budget() if budget is None else budget
+    budget.spend(where, len(value) if isinstance(value, str) else 0)
+    if depth > MAX_DEPTH:
+        raise ConfigError(f"{where}: values nest deeper than {MAX_DEPTH} levels (or contain themselves)")
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        if abs(value) >= _INT_BOUND:
+            raise ConfigError(f"{where}: {_long_integer(None)}")
+        return int(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            raise ConfigError(f"{where}: NaN is not a setting (it never equals itself, so a run could not "
+                              "resume); give a number")
+        return float(value)
+    if isinstance(value, (list, tuple)):
+        return [plain_data(v, f"{where}[{i}]", budget, depth + 1) for i, v in enumerate(value)]
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ConfigError(f"{where or 'a setting'}: the key {brief(k)} is not a string; quote it (YAML "
+                                  "reads unquoted yes/no/on/off as booleans, 1 as a number and ~ as null)")
+            budget.spend(where, len(k))
+            out[k] = plain_data(v, f"{where}.{k}" if where else k, budget, depth + 1)
+        return out
+    raise ConfigError(f"{where}: {brief(value)} is a {type(value).__name__}; a setting is text, a number, a "
+                      "boolean, null, a list or a mapping")
+
+
+def config_yaml(config: ExperimentConfig) -> str:
+    """The text of a run's ``config.yaml``: what ``load_config`` reads back as ``config``."""
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+def _check_writable(config: ExperimentConfig, source: str) -> ExperimentConfig:
+    """``config`` itself, once its config.yaml is known to be readable again: expanded aliases and
+    escaped characters can make the written file larger than the one read."""
+    try:
+        size = len(config_yaml(config).encode("utf-8"))
+    except (yaml.YAMLError, ValueError, RecursionError) as err:  # not expected after plain_data: said, not raised
+        raise ConfigError(f"{source}: the settings cannot be written as config.yaml ({type(err).__name__}: "
+                          f"{shorten(str(err), 200)})") from None
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{source}: written out as config.yaml (aliases expanded), these settings take {size:,} "
+                          f"bytes, more than the {MAX_CONFIG_BYTES:,} a config file may hold; give large data to a "
+                          "loader as a file path in data.options")
+    return config
 
 
 def config_from_dict(raw: Mapping[str, Any], scale: str | None = None, overrides: Mapping[str, Any] | None = None,
-                     source: str = "config") -> ExperimentConfig:
-    """The config of mapping ``raw`` with a scale and overrides; errors name ``source``, or ``--set`` when
-    only the overrides make the settings invalid."""
-    raw = dict(raw)
+                     source: str = "config", overrides_from: str = "--set") -> ExperimentConfig:
+    """The config of mapping ``raw`` with a scale and overrides; errors name ``source``, or
+    ``overrides_from`` (the command-line options that gave the overrides) when only the overrides make
+    the settings invalid. Every message is at most ``MAX_MESSAGE`` characters."""
+    try:
+        return _check_writable(_config_from_dict(raw, scale, overrides, source, overrides_from), source)
+    except ConfigError as err:
+        raise ConfigError(shorten(str(err), MAX_MESSAGE)) from None
+
+
+def _config_from_dict(raw: Mapping[str, Any], scale: str | None, overrides: Mapping[str, Any] | None,
+                      source: str, overrides_from: str) -> ExperimentConfig:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source}: expected a mapping of settings, got {brief(raw)}")
+    try:
+        raw = plain_data(raw, "", depth=1)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    if overrides:
+        try:
+            overrides = plain_data(overrides, "", depth=1)
+        except ConfigError as err:
+            raise ConfigError(f"{overrides_from}: {err}") from None
     scales = raw.pop("scales", {}) or {}
     if not isinstance(scales, Mapping):
         raise ConfigError(f"{source}: scales must be a mapping of name -> settings")
     if scale is not None:
         if scale not in scales:
-            raise ConfigError(f"{source}: no scale {scale!r}; it defines {sorted(scales) or 'none'}")
+            defined = brief(sorted(scales), 300) if scales else "none"
+            raise ConfigError(f"{source}: no scale {brief(scale)}; it defines {defined}")
         if not isinstance(scales[scale], Mapping):
-            raise ConfigError(f"{source}: scale {scale!r} must be a mapping of settings")
+            raise ConfigError(f"{source}: scale {brief(scale)} must be a mapping of settings")
         raw = _deep_merge(raw, scales[scale])
     if not overrides:
         try:
             return build(ExperimentConfig, raw)
-        except (TypeError, ValueError, RecursionError) as err:
+        except (TypeError, ValueError, OverflowError, RecursionError) as err:
             raise ConfigError(f"{source}: {err}") from None
-    try:  # the merged settings decide; blame --set only when the file alone is valid
+    try:  # the merged settings decide; blame the overrides only when the file alone is valid
         return build(ExperimentConfig, _deep_merge(raw, overrides))
-    except (TypeError, ValueError, RecursionError) as err:
+    except (TypeError, ValueError, OverflowError, RecursionError) as err:
         try:
             build(ExperimentConfig, raw)
-        except (TypeError, ValueError, RecursionError):
-            raise ConfigError(f"{source} with --set: {err}") from None
-        raise ConfigError(f"--set (over {source}): {err}") from None
+        except (TypeError, ValueError, OverflowError, RecursionError):
+            raise ConfigError(f"{source} with {overrides_from}: {err}") from None
+        raise ConfigError(f"{overrides_from} (over {source}): {err}") from None
 
 
 def build(cls: type, data: Mapping[str, Any], where: str = "") -> Any:
     """Construct dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types by name."""
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{where.rstrip('.') or cls.__name__}: expected a mapping, got {brief(data)}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted((k for k in data if k not in names), key=str)
     if unknown:
-        raise ConfigError(f"unknown setting(s) {[f'{where}{u}' for u in unknown]}; known: {sorted(names)}")
+        listed = brief([f"{where}{u}" for u in unknown], 300)
+        raise ConfigError(f"unknown setting(s) {listed}; known: {sorted(names)}")
     kwargs = {k: _coerce(hints[k], v, f"{where}{k}") for k, v in data.items()}
     try:
         return cls(**kwargs)
@@ -242,7 +488,7 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         return build(hint, value, where + ".")
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{where} must be one of {list(args)}; got {value!r}")
+            raise ConfigError(f"{where} must be one of {list(args)}; got {brief(value)}")
         return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -259,21 +505,28 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
                 return _coerce(arg, value, where)
             except ValueError:
                 continue
-        raise ConfigError(f"{where}: {value!r} is not a valid {hint}")
+        raise ConfigError(f"{where}: {brief(value)} is not a valid {hint}")
     if origin is dict:
         if not isinstance(value, Mapping):
-            raise ConfigError(f"{where} must be a mapping; got {value!r}")
-        return dict(value)
+            raise ConfigError(f"{where} must be a mapping; got {brief(value)}")
+        # free-form (a user's loader or model options): checked as plain data, however it was handed in
+        return plain_data(value, where, depth=where.count(".") + 2)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where} must be a list; got {value!r}")
+            raise ConfigError(f"{where} must be a list; got {brief(value)}")
         return tuple(_coerce(args[0], v, where) for v in value)
     if hint is float:
         if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{where} must be a number; got {value!r}")
+            raise ConfigError(f"{where} must be a number; got {brief(value)}")
+        if isinstance(value, int) and abs(value) >= _INT_BOUND:
+            raise ConfigError(f"{where}: {_long_integer(None)}")
+        if math.isnan(value):
+            raise ConfigError(f"{where} must be a number; got NaN")
         return float(value)
     if hint in (int, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
-        raise ConfigError(f"{where} must be {hint.__name__}; got {value!r}")
+        raise ConfigError(f"{where} must be {hint.__name__}; got {brief(value)}")
+    if hint is int and abs(value) >= _INT_BOUND:
+        raise ConfigError(f"{where}: {_long_integer(None)}")
     return value
 
 

@@ -506,8 +506,9 @@ def export_run(run_dir: str | Path, context: str, level: float | None = None, ou
     routed = tickets.routed
     channels = None
     # a name first (contexts may be named "0", "1", ...), else an index
-    k = routed.masks.check_context(context if context in routed.masks.context_names or not context.isdigit()
-                                   else int(context))
+    # a context's name first; else digits (with a sign: -1 is refused as an index, not looked up as a name)
+    as_index = context not in routed.masks.context_names and re.fullmatch(r"[+-]?[0-9]{1,18}", context)
+    k = routed.masks.check_context(int(context) if as_index else context)
     if out is None:
         folder = f"{safe_filename(routed.masks.context_names[k], k)}_{level:.4f}"
         out = _inside(run_dir / "export" / folder, run_dir, "the run directory")

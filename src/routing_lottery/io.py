@@ -59,7 +59,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, brief
 from .masks import MaskSet, check_shape
 
 TICKETS_FORMAT = "routing-lottery/tickets"
@@ -382,11 +382,6 @@ def _json_type(value: Any) -> str:
     return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
-def _brief(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def save_tickets(
     directory: str | Path, model: nn.Module, masks: MaskSet, metadata: Mapping[str, Any] | None = None
 ) -> Path:
@@ -454,12 +449,12 @@ def _read_index(directory: Path) -> dict[str, Any]:
     if _nested_deeper_than(index, MAX_INDEX_DEPTH):
         raise CheckpointError(f"{path} is corrupt: its JSON nests deeper than {MAX_INDEX_DEPTH} levels")
     if not isinstance(index, dict) or index.get("format") != TICKETS_FORMAT:
-        found = _brief(index.get("format")) if isinstance(index, dict) else f"a JSON {_json_type(index)}"
+        found = brief(index.get("format")) if isinstance(index, dict) else f"a JSON {_json_type(index)}"
         raise CheckpointError(f"{path} is not a ticket checkpoint index (format {found}, expected {TICKETS_FORMAT!r})")
     version = index.get("version")
     if type(version) is not int or version not in READABLE_VERSIONS:  # type(): True == 1.0 == 1
         raise CheckpointError(
-            f"{path} has version {_brief(version)}; this library reads versions {', '.join(map(str, READABLE_VERSIONS))}"
+            f"{path} has version {brief(version)}; this library reads versions {', '.join(map(str, READABLE_VERSIONS))}"
         )
     # Version 1 never wrote the field, so one that is there is checked too: flipping 2 to 1 is no way around it.
     if (version >= 2 or "index_sha256" in index) and index.get("index_sha256") != _index_sha256(index):
@@ -474,19 +469,19 @@ def _read_index(directory: Path) -> dict[str, Any]:
     def field(name: str, kind: type) -> Any:
         value = index.get(name)
         if not isinstance(value, kind):
-            raise corrupt(f"field {name!r} is {'missing' if name not in index else _brief(value)}, expected a JSON "
+            raise corrupt(f"field {name!r} is {'missing' if name not in index else brief(value)}, expected a JSON "
                           f"{ {list: 'array', dict: 'object', str: 'string'}[kind] }")
         return value
 
     context_names = field("context_names", list)
     if not context_names or not all(isinstance(c, str) for c in context_names):
-        raise corrupt(f"context_names must be a non-empty array of strings; got {_brief(context_names)}")
+        raise corrupt(f"context_names must be a non-empty array of strings; got {brief(context_names)}")
     try:
         shapes = {n: list(check_shape(s, f"tensors[{n!r}]")) for n, s in field("tensors", dict).items()}
         signature: Signature = {}
         for key, entry in field("state", dict).items():
             if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str):
-                raise ValueError(f"state[{key!r}] must be an object with a shape and a dtype string; got {_brief(entry)}")
+                raise ValueError(f"state[{key!r}] must be an object with a shape and a dtype string; got {brief(entry)}")
             signature[key] = (list(check_shape(entry.get("shape"), f"state[{key!r}].shape")), entry["dtype"])
     except ValueError as err:
         raise corrupt(str(err)) from None

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .errors import ConfigError
+from .errors import ConfigError, brief
 from .pruning import validate_sparsity, validate_step
 from .training import OptimizerConfig
 
@@ -91,6 +91,12 @@ class RTLConfig:
     seed: int = 0
     pruning: PruningConfig = field(default_factory=PruningConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+
+    def __post_init__(self) -> None:
+        # torch and NumPy take seeds as signed 64-bit integers: a larger one fails deep inside
+        # (``Overflow when unpacking long``) after the run directory was claimed
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed must be an integer in 0..2**63-1; got {brief(self.seed)}")
 
     @property
     def recipe(self) -> RTLConfig:

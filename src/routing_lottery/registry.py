@@ -11,9 +11,9 @@ import importlib
 import os
 import sys
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
-from .errors import ConfigError
+from .errors import ConfigError, RoutingLotteryError, brief, shorten
 
 T = TypeVar("T")
 
@@ -22,23 +22,35 @@ class RegistryError(ConfigError):
     """A name that is neither registered nor an importable ``package.module:attribute`` path."""
 
 
+class EntryError(RoutingLotteryError, ValueError):
+    """An entry a setting chose (a user's loader, model factory or task builder) raised when called.
+
+    The message names the setting, the entry and the error; the original is its ``__cause__``
+    (``rtl --debug`` shows where it happened). A ``ValueError`` as the library's other input errors.
+    """
+
+
 def import_path(path: str) -> object:
     """The object named by ``package.module:attribute`` (attribute may be dotted)."""
     module_name, _, attribute = path.partition(":")
     if not module_name or not attribute:
-        raise RegistryError(f"{path!r} is not an import path of the form package.module:attribute")
+        raise RegistryError(f"{brief(path)} is not an import path of the form package.module:attribute")
     try:
         obj: object = importlib.import_module(module_name)
     except ImportError as err:
         # The `rtl` script's sys.path starts at its own bin directory, not where the user stands:
         # look in the working directory too, as `python -m` would.
         if os.getcwd() in sys.path or "" in sys.path:
-            raise RegistryError(f"cannot import {module_name!r} for {path!r} ({err}); is it on PYTHONPATH?") from None
+            raise RegistryError(f"cannot import {brief(module_name)} for {brief(path)} ({shorten(str(err), 300)}); "
+                                "is it on PYTHONPATH?") from None
         sys.path.insert(0, os.getcwd())
         return import_path(path)
+    except Exception as err:  # noqa: BLE001 -- the user's module failed while importing: say which
+        raise RegistryError(f"importing {brief(module_name)} for {brief(path)} raised {type(err).__name__}: "
+                            f"{shorten(str(err), 300)}") from err
     for part in attribute.split("."):
         if not hasattr(obj, part):
-            raise RegistryError(f"{module_name!r} has no attribute {attribute!r} (from {path!r})")
+            raise RegistryError(f"{brief(module_name)} has no attribute {brief(attribute)} (from {brief(path)})")
         obj = getattr(obj, part)
     return obj
 
@@ -46,8 +58,9 @@ def import_path(path: str) -> object:
 class Registry(Generic[T]):
     """Named entries of one kind; ``get`` also resolves ``package.module:attribute`` paths."""
 
-    def __init__(self, kind: str, loaders: tuple[str, ...] = ()) -> None:
+    def __init__(self, kind: str, loaders: tuple[str, ...] = (), setting: str | None = None) -> None:
         self.kind = kind
+        self.setting = setting or kind  # the config setting that names an entry: errors in the entry name it
         self._entries: dict[str, T] = {}
         # Modules that register the built-in entries, imported on first lookup so that importing
         # the registry stays cheap and free of cycles.
@@ -80,8 +93,27 @@ class Registry(Generic[T]):
             return self._entries[name]
         if ":" in name:
             return import_path(name)  # type: ignore[return-value]
-        raise RegistryError(f"unknown {self.kind} {name!r}; registered: {sorted(self._entries)}, "
+        raise RegistryError(f"unknown {self.kind} {brief(name)}; registered: {sorted(self._entries)}, "
                             "or give an import path package.module:attribute")
+
+    def call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """Call the entry ``name`` (as ``get``) with the arguments; whatever it raises names the setting.
+
+        A user's loader or factory that fails deep in their own code would otherwise reach the user as
+        an anonymous "unexpected" error, with nothing saying which setting chose that code. The
+        library's own errors pass unchanged: they name their culprit already.
+        """
+        entry: Any = self.get(name)
+        try:
+            return entry(*args, **kwargs)
+        except RoutingLotteryError:
+            raise
+        except Exception as err:  # noqa: BLE001 -- any failure of the entry, named by its setting
+            detail = shorten(str(err), 500)
+            if isinstance(err, (ValueError, OSError)):  # an input error: its message is the point
+                raise EntryError(f"{self.setting} {brief(name)}: {detail}") from err
+            raise EntryError(f"{self.setting} {brief(name)} raised {type(err).__name__}"
+                             + (f": {detail}" if detail else "")) from err
 
     def names(self) -> list[str]:
         self._load()

@@ -15,7 +15,7 @@ from torch import nn
 from ..registry import Registry
 
 ModelFactory = Callable[..., nn.Module]
-MODELS: Registry[ModelFactory] = Registry("model")
+MODELS: Registry[ModelFactory] = Registry("model", setting="model.name")
 
 
 @MODELS.register("ghostnet")

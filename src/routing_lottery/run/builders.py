@@ -16,6 +16,7 @@ from typing import Any
 
 from ..config import ExperimentConfig, SpeechConfig
 from ..data.labelled import Splits, as_splits, stratified_holdout, stratified_subset
+from ..errors import brief
 from ..registry import Registry
 from ..tasks.base import Task
 
@@ -23,15 +24,15 @@ TaskBuilder = Callable[[ExperimentConfig], "Task | Sequence[Task]"]
 DatasetLoader = Callable[[Any, int], Any]
 
 TASKS: Registry[TaskBuilder] = Registry("task")
-DATASETS: Registry[DatasetLoader] = Registry("dataset")
+DATASETS: Registry[DatasetLoader] = Registry("dataset", setting="data.name")
 
 
 def build_tasks(config: ExperimentConfig) -> list[Task]:
     """The config's task(s): a list of one, or one per part (INR: per image)."""
-    built = TASKS.get(config.task)(config)
+    built = TASKS.call(config.task, config)  # an error inside a user's builder names config.task
     tasks = list(built) if isinstance(built, (list, tuple)) else [built]
     if not tasks:
-        raise ValueError(f"task builder {config.task!r} returned no task")
+        raise ValueError(f"task builder {brief(config.task)} returned no task")
     return tasks
 
 
@@ -65,7 +66,7 @@ def build_classification(config: ExperimentConfig) -> Task:
     from ..tasks.classification import ClassificationTask
 
     data, training = config.data, config.training
-    splits = as_splits(DATASETS.get(data.name)(data, config.seed), f"dataset loader {data.name!r}")
+    splits = as_splits(DATASETS.call(data.name, data, config.seed), f"dataset loader {brief(data.name)}")
     if training.batch_size is None:
         raise ValueError("training.batch_size must be a number for classification")
     train_set = stratified_subset(splits.train, data.train_per_class, seed=config.seed)

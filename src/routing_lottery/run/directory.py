@@ -41,9 +41,8 @@ import filelock
 import safetensors
 import safetensors.torch
 import torch
-import yaml
 
-from ..config import EXECUTION_SETTINGS, ExperimentConfig
+from ..config import EXECUTION_SETTINGS, ExperimentConfig, config_yaml
 from ..data.fingerprint import fingerprint
 from ..errors import CheckpointError, ConfigError, RunLockedError
 from ..io import (
@@ -303,7 +302,7 @@ class RunDirectory:
             else:
                 self._write_identity(identity)
             if config is not None and self.lock:  # a worker's config differs in execution settings only
-                atomic_write_text(self.path / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+                atomic_write_text(self.path / "config.yaml", config_yaml(config))
         return resuming
 
     def _recorded_identity(self) -> tuple[dict[str, Any] | None, str, dict[str, str]]:

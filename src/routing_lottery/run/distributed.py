@@ -73,7 +73,7 @@ from ..routed import Inputs
 from ..tickets import Log
 from ..training import SILENT, Loss, ProgressSink, data_parallel, joint_retrain
 from .directory import resolve_device
-from .workers import Job, Plan, balance, cpu_budget, run_jobs, stage_one_costs
+from .workers import Job, Plan, WorkerFailed, balance, cpu_budget, run_jobs, stage_one_costs
 
 PROGRESS_DIR = ".ranks"
 # Ranks wait in collectives while rank 0 works alone (the baselines, an unbalanced stage 1): hours,
@@ -536,7 +536,7 @@ class RankWatcher:
                 self.progress.advance(state["trained"] - seen["trained"], f"[rank {rank}] {state['status']}")
                 seen["trained"] = state["trained"]
             if state["error"]:
-                raise RuntimeError(f"rank {rank} failed in stage 1: {state['error']}; the rounds it finished are on "
+                raise WorkerFailed(f"rank {rank} failed in stage 1: {state['error']}; the rounds it finished are on "
                                    "disk, re-launching resumes")
             if state["done"]:
                 self.done.add(rank)

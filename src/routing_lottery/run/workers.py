@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import queue as queue_module
+import signal
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,7 +30,16 @@ from typing import Any
 
 import torch
 
+from ..errors import RoutingLotteryError
+
 Job = tuple[str, int]  # ("single", 0) or ("context", k)
+
+
+class WorkerFailed(RoutingLotteryError, RuntimeError):
+    """A stage-1 worker failed or was killed; the message names it, its error and that re-launching resumes.
+
+    The library's own type, so the command line prints it as the one line it is, not as "unexpected".
+    """
 
 
 @dataclass(frozen=True)
@@ -101,7 +111,7 @@ def run_jobs(experiment: Any, jobs: Sequence[Job]) -> None:
 def run_stage_one(experiment: Any, workers: int) -> Plan:
     """Run the experiment's stage-1 streams in ``workers`` processes; return the plan they followed.
 
-    Raises RuntimeError naming the worker and its error when one fails (the rounds it finished stay
+    Raises ``WorkerFailed`` naming the worker and its error when one fails (the rounds it finished stay
     on disk: a re-launch resumes).
     """
     plan = balance(stage_one_costs(experiment), workers)
@@ -143,10 +153,21 @@ def run_stage_one(experiment: Any, workers: int) -> Plan:
     failed = {w: p.exitcode for w, p in enumerate(processes) if p.exitcode not in (0, None)}
     if errors or failed:
         rank = next(iter(errors or failed))
-        detail = errors.get(rank, f"exit code {failed.get(rank)} (killed?)")
-        raise RuntimeError(f"stage-1 worker {rank} failed: {detail.strip().splitlines()[-1]}; the rounds it finished "
-                           "are on disk, re-launching resumes")
+        detail = errors[rank].strip().splitlines()[-1] if rank in errors else _exit_reason(failed[rank])
+        raise WorkerFailed(f"stage-1 worker {rank} failed: {detail}; the rounds it finished are on disk, "
+                           "re-launching resumes")
     return plan
+
+
+def _exit_reason(code: int) -> str:
+    """What a worker's exit code says: a signal by name (SIGKILL is most often the out-of-memory killer)."""
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
+    return f"exit code {code}"
 
 
 def _job_name(job: Job) -> str:

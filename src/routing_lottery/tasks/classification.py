@@ -107,8 +107,9 @@ class ClassificationTask:
     def build_model(self) -> nn.Module:
         from ..models import MODELS
 
-        factory = MODELS.get(self.model) if isinstance(self.model, str) else self.model
-        model = factory(num_outputs=self.num_contexts, input_shape=self.input_shape, **self.model_options)
+        arguments = {"num_outputs": self.num_contexts, "input_shape": self.input_shape, **self.model_options}
+        # by name: a factory that raises is named by the setting that chose it (registry.Registry.call)
+        model = MODELS.call(self.model, **arguments) if isinstance(self.model, str) else self.model(**arguments)
         if not isinstance(model, nn.Module):
             raise ValueError(f"model factory {self.model!r} returned {type(model).__name__}, not an nn.Module")
         with torch.no_grad():  # a wrong head fails here, not after an hour of training
