@@ -595,7 +595,7 @@ def plot_confusion(chosen: Any, true: Any, names: Sequence[str], path: str | Pat
         totals = counts.sum(axis=1, keepdims=True)
         shares = np.divide(counts, totals, out=np.zeros(counts.shape, dtype=np.float64), where=totals > 0)
         matrices[router] = (counts, shares, routing_accuracy(a, b), len(a))
-    side = max(4.0, 0.6 * k + 2.5)
+    side = max(3.5, 0.42 * k + 1.8)  # inches per panel: cells stay readable at fontsize 8
     fig = Figure(figsize=(side * len(panels) + 1.0, side + 0.4), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (router, (counts, shares, accuracy, rows)) in zip(axes, matrices.items()):

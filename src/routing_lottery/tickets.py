@@ -401,8 +401,10 @@ class AdaptiveTickets:
             per_epoch = masks.num_contexts * max(s.num_batches for s in streams)
             self.progress.advance((saved["epoch"] + 1) * per_epoch, f"{key}: epoch {saved['epoch'] + 1} on disk")
 
+        keep_last = self.out is not None  # see below: only then is the last epoch's state read again
+
         def checkpoint(epoch: int, optimizers: Sequence[Any]) -> None:
-            if self.store is not None:
+            if self.store is not None and (keep_last or epoch + 1 < training.epochs):
                 self.store.save_training(key, basis, {"epoch": epoch, "model": snapshot(self.model),
                                                       "optimizers": [o.state_dict() for o in optimizers]})
 
@@ -412,7 +414,7 @@ class AdaptiveTickets:
                           resume=resume, on_epoch=checkpoint)
         # The runner keeps a finished level in its records and ticket checkpoint; a directory given as
         # ``out`` keeps the last epoch instead, so that fit() called again loads the result.
-        if self.store is not None and self.out is None:
+        if self.store is not None and not keep_last:
             self.store.drop_training(key)
         self.masks, self.level = masks, level
         return self.routed
