@@ -9,13 +9,17 @@ everything else -- θ₀, IMP rounds, joint retraining, resuming, accounting -- 
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import nn
 
+from ..errors import CheckpointError
+from ..report import method_rank
 from ..training import Stream
 
 SharedPredict = Callable[[torch.Tensor], torch.Tensor]
@@ -84,3 +88,47 @@ class Task(Protocol):
 
     def score_routed(self, predict: RoutedPredict, label: str, outputs: Path | None = None) -> list[Row]:
         """Rows of metrics when every test input is handled by its own context's subnetwork."""
+
+
+# -- outputs a task keeps while scoring (INR reconstructions, speech examples) ------------------------
+Kept = TypeVar("Kept")
+
+
+def output_key(path: Path) -> tuple[str, float] | None:
+    """``(method, level)`` of an output named ``<method>_<level>.<ext>`` by the runner; None for any other name."""
+    method, _, level = path.stem.rpartition("_")
+    try:
+        value = float(level)
+    except ValueError:
+        return None
+    return (method, value) if method and math.isfinite(value) else None
+
+
+def output_problem(load: Callable[[Path], object], path: Path) -> str | None:
+    """Why the output at ``path`` is missing or unusable (``load`` raised ``CheckpointError``); None when it verifies.
+
+    A resumed run asks this of every finished (method, level) and recomputes the ones that fail,
+    so its figures are drawn from the same outputs as an uninterrupted run's.
+    """
+    try:
+        load(path)
+    except CheckpointError as err:
+        return str(err)
+    return None
+
+
+def verified_outputs(directory: Path, pattern: str, load: Callable[[Path], Kept],
+                     figure: Path) -> dict[tuple[str, float], Kept]:
+    """The outputs in ``directory`` matching ``pattern`` that ``load`` verifies, keyed ``(method, level)`` in
+    table order; one that fails is left out of ``figure`` with a warning naming it, files of other
+    names are ignored."""
+    kept = {}
+    for path in sorted(directory.glob(pattern)):
+        key = output_key(path)
+        if key is None:
+            continue  # not a file the runner wrote
+        try:
+            kept[key] = load(path)
+        except CheckpointError as err:
+            warnings.warn(f"{err}; left out of {figure} (resume the run to regenerate it)", stacklevel=3)
+    return dict(sorted(kept.items(), key=lambda item: (method_rank(item[0][0]), item[0][0], item[0][1])))

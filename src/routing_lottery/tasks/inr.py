@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import io
 import math
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,12 +43,12 @@ from ..io import atomic_write_bytes, atomic_write_with_sha256, read_with_sha256
 from ..methods import method_label
 from ..report import method_rank, per_context_key
 from ..training import Batch, Stream
-from .base import rows_by_context
+from .base import output_problem, rows_by_context, verified_outputs
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["InrTask", "PredictRegion", "output_key", "pixel_grid", "psnr", "save_grid"]
+__all__ = ["InrTask", "PredictRegion", "pixel_grid", "psnr", "save_grid"]
 
 PredictRegion = Callable[[int, torch.Tensor], torch.Tensor]
 """``predict(k, inputs)``: RGB ``(n, 3)`` for ``(n, 3)`` input rows that all belong to region ``k``."""
@@ -215,16 +214,8 @@ class InrTask:
         return array
 
     def output_problem(self, outputs: Path, label: str) -> str | None:
-        """Why the reconstruction ``score_*`` kept for ``label`` is missing or unusable; None when it verifies.
-
-        A resumed run asks this of every finished (method, level) and recomputes the ones that fail,
-        so the figure is drawn from the same images as an uninterrupted run's.
-        """
-        try:
-            self.load_output(outputs / f"{label}.npy")
-        except CheckpointError as err:
-            return str(err)
-        return None
+        """Why the reconstruction ``score_*`` kept for ``label`` is missing or unusable; None when it verifies."""
+        return output_problem(self.load_output, outputs / f"{label}.npy")
 
     def write_figures(self, outputs: Path) -> list[Path]:
         """``reconstructions.png`` beside ``outputs``: the original, the region map and dense in the first
@@ -234,16 +225,8 @@ class InrTask:
         warning naming it (a resumed run has recomputed the ones its records refer to by now)."""
         if not outputs.is_dir():
             return []
-        images = {}
         path = outputs.parent / "reconstructions.png"
-        for kept in sorted(outputs.glob("*.npy"), key=_label_order):
-            key = output_key(kept)
-            if key is None:
-                continue  # not a file this task wrote
-            try:
-                images[key] = self.load_output(kept)
-            except CheckpointError as err:
-                warnings.warn(f"{err}; left out of {path} (resume the run to regenerate it)", stacklevel=2)
+        images = verified_outputs(outputs, "*.npy", self.load_output, path)
         save_grid(path, self.original(), images, regions=self.image.regions,
                   title=f"{self.image.name}: reconstructions by sparsity (rows) and method (columns), PSNR in dB")
         return [path]
@@ -394,23 +377,6 @@ def save_grid(
     fig.savefig(buffer, format="png")
     atomic_write_bytes(path, buffer.getvalue())
     return fig
-
-
-def _label_order(path: Path) -> tuple[float, int, str]:
-    method, level = output_key(path) or ("", math.inf)
-    order = ("dense", "single_imp", "multi_imp", "rtl", "random")
-    return level, order.index(method) if method in order else len(order), path.name
-
-
-# -- kept outputs' names -----------------------------------------------------------------------------
-def output_key(path: Path) -> tuple[str, float] | None:
-    """``(method, level)`` of an output named ``<method>_<level>.<ext>`` by the runner; None for any other name."""
-    method, _, level = path.stem.rpartition("_")
-    try:
-        value = float(level)
-    except ValueError:
-        return None
-    return (method, value) if method and math.isfinite(value) else None
 
 
 def _to_image(img: torch.Tensor | np.ndarray) -> np.ndarray:

@@ -23,7 +23,6 @@ test clips (environments have equal clip counts by construction, so the two aver
 from __future__ import annotations
 
 import io
-import warnings
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -38,12 +37,10 @@ from ..data.speech import SpeechDataset, SpeechSplit
 from ..data.fingerprint import fingerprint
 from ..errors import CheckpointError
 from ..io import atomic_write_with_sha256, read_with_sha256
-from ..report import method_rank
 from ..router import spectrum_features
 from ..models.unet import MaskActivation, SpeechUNet
 from ..training import Batch, Stream
-from .base import RoutedPredict, Row, SharedPredict, rows_by_context
-from .inr import output_key
+from .base import RoutedPredict, Row, SharedPredict, output_problem, rows_by_context, verified_outputs
 
 PredictEnvironment = RoutedPredict
 """``(environment id, noisy (B, T)) -> enhanced (B, T)``: a method's routed enhancer.
@@ -172,16 +169,8 @@ class SpeechTask:
         return arrays
 
     def output_problem(self, outputs: Path, label: str) -> str | None:
-        """Why the example clips ``score_*`` kept for ``label`` are missing or unusable; None when they verify.
-
-        A resumed run asks this of every finished (method, level) and recomputes the ones that fail,
-        so the spectrograms are drawn from the same clips as an uninterrupted run's.
-        """
-        try:
-            self.load_output(outputs / f"{label}.npz")
-        except CheckpointError as err:
-            return str(err)
-        return None
+        """Why the example clips ``score_*`` kept for ``label`` are missing or unusable; None when they verify."""
+        return output_problem(self.load_output, outputs / f"{label}.npz")
 
     def write_figures(self, outputs: Path) -> list[Path]:
         """``spectrograms/<environment>_<i>_<level>.png`` beside ``outputs``: one per example clip and level.
@@ -192,7 +181,7 @@ class SpeechTask:
         """
         if not outputs.is_dir():
             return []
-        kept = self._read_kept(outputs)
+        kept = verified_outputs(outputs, "*.npz", self.load_output, outputs.parent / "spectrograms")
         if not kept:
             return []
         levels = sorted({level for _, level in kept if level > 0}) or [0.0]
@@ -206,20 +195,6 @@ class SpeechTask:
                 self._write_clip(path, test.noisy[row], test.clean[row], enhanced)
                 written.append(path)
         return written
-
-    def _read_kept(self, directory: Path) -> dict[tuple[str, float], dict[str, np.ndarray]]:
-        """The verified example enhancements, keyed (method, level) from ``<method>_<level>.npz``, in method order."""
-        kept = {}
-        for path in sorted(directory.glob("*.npz")):
-            key = output_key(path)
-            if key is None:
-                continue  # not a file this task wrote
-            try:
-                kept[key] = self.load_output(path)
-            except CheckpointError as err:
-                warnings.warn(f"{err}; left out of {directory.parent / 'spectrograms'} (resume the run to "
-                              "regenerate it)", stacklevel=3)
-        return dict(sorted(kept.items(), key=lambda item: (method_rank(item[0][0]), item[0][0], item[0][1])))
 
     def _write_clip(self, path: Path, noisy: torch.Tensor, clean: torch.Tensor,
                     enhanced: Mapping[str, torch.Tensor]) -> None:
