@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 
 from routing_lottery.data.cifar import load_cifar10
 from routing_lottery.errors import DataError
+from byte_edits import apply_edits, edit_lists
 from test_data import CIFAR10_NAMES, py2_pickle, write_py2_cifar10
 
 FILES = ("batches.meta", "data_batch_1", "test_batch")
@@ -66,20 +67,7 @@ class Corpus:
         return f"Corpus({self.folders})"
 
     def mutate(self, style, name, edits):
-        data, structure = bytearray(self.originals[style, name]), self.structure[style, name]
-        for kind, (in_structure, where), value in edits:
-            at = min(structure[where % len(structure)], len(data)) if in_structure else where % (len(data) + 1)
-            if kind == "flip" and at < len(data):
-                data[at] ^= 1 << value
-            elif kind == "overwrite":
-                data[at:at + 1] = bytes([value])
-            elif kind == "insert":
-                data[at:at] = value
-            elif kind == "delete":
-                del data[at:at + value]
-            elif kind == "truncate":
-                del data[at:]
-        return bytes(data)
+        return apply_edits(self.originals[style, name], edits, self.structure[style, name])
 
 
 @pytest.fixture(scope="module")
@@ -88,16 +76,8 @@ def corpus(tmp_path_factory):
                    "py3": _write_py3(tmp_path_factory.mktemp("py3"))})
 
 
-# a position: in the pickle's structure (opcodes, arguments) or anywhere, reduced modulo the length
-WHERE = st.tuples(st.booleans(), st.integers(0, 1 << 16))
-EDIT = st.one_of(
-    st.tuples(st.just("flip"), WHERE, st.integers(0, 7)),
-    st.tuples(st.just("overwrite"), WHERE, BYTE),
-    st.tuples(st.just("insert"), WHERE, st.lists(BYTE, min_size=1, max_size=8).map(bytes)),
-    st.tuples(st.just("delete"), WHERE, st.integers(1, 8)),
-    st.tuples(st.just("truncate"), WHERE, st.none()),
-)
-CASES = st.tuples(st.sampled_from(FILES), st.lists(EDIT, min_size=1, max_size=3))
+# positions in the pickle's structure (opcodes, arguments) or anywhere
+CASES = st.tuples(st.sampled_from(FILES), edit_lists(BYTE))
 
 
 def _check(folder, name, mutated, original):

@@ -32,6 +32,7 @@ from routing_lottery.export import (INDEX_FILE, LOADER_FILE, MAX_NAME_CHARACTERS
 from routing_lottery.masks import MaskSet
 from routing_lottery.pruning import random_mask_like
 from routing_lottery.routed import RoutedModel
+from byte_edits import apply_edits, edit_lists
 from toy import toy_model
 
 SECONDS_PER_CASE = 5.0  # a case takes about a millisecond; a loader that hangs or balloons fails this
@@ -64,20 +65,7 @@ class Export:
         return f"Export({self.folder})"
 
     def mutate(self, name, edits):
-        data, hot = bytearray(self.originals[name]), self.hot[name]
-        for kind, (in_hot, where), value in edits:
-            at = hot[where % len(hot)] if in_hot else where % (len(data) + 1)
-            if kind == "flip" and at < len(data):
-                data[at] ^= 1 << value
-            elif kind == "overwrite":
-                data[at:at + 1] = bytes([value])
-            elif kind == "insert":
-                data[at:at] = value
-            elif kind == "delete":
-                del data[at:at + value]
-            elif kind == "truncate":
-                del data[at:]
-        return bytes(data)
+        return apply_edits(self.originals[name], edits, self.hot[name])
 
     def rerecord(self, name, data):
         """export.json with ``name``'s entry made to match ``data``."""
@@ -117,15 +105,7 @@ def export(tmp_path_factory):
         yield Export(folder, routed, inputs)
 
 
-WHERE = st.tuples(st.booleans(), st.integers(0, 1 << 20))  # in the hot positions or anywhere
-EDIT = st.one_of(
-    st.tuples(st.just("flip"), WHERE, st.integers(0, 7)),
-    st.tuples(st.just("overwrite"), WHERE, st.integers(0, 255)),
-    st.tuples(st.just("insert"), WHERE, st.binary(min_size=1, max_size=8)),
-    st.tuples(st.just("delete"), WHERE, st.integers(1, 8)),
-    st.tuples(st.just("truncate"), WHERE, st.none()),
-)
-EDITS = st.lists(EDIT, min_size=1, max_size=3)
+EDITS = edit_lists(positions=1 << 20)  # in the hot positions or anywhere
 
 
 def _written(export, files):

@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from routing_lottery.threads import MAX_PID, PID_NAME, LoadMeter, Registry, ThreadBudget, _start_ticks, share
+from test_threads import NoLoad, Recorder
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "mkfifo") or not hasattr(os, "getuid"), reason="POSIX registry")
 
@@ -31,19 +32,6 @@ FAST_TMP = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.
 directory on a journaled disk can take milliseconds), else the usual temp directory."""
 HANG_S = 10.0  # a registry call that takes this long is blocked (an open FIFO, a lock)
 SLOW_S = 3.0  # generous for a loaded CI machine; a healthy example takes milliseconds
-
-
-class NoLoad(LoadMeter):
-    def sample(self, pids):
-        return None
-
-
-class Recorder:
-    def __init__(self):
-        self.calls = []
-
-    def __call__(self, threads):
-        self.calls.append(threads)
 
 
 def budget(registry, cores=2, **options):
