@@ -29,6 +29,24 @@ def test_mixed_batch_equals_per_context_forwards():
     assert not torch.allclose(routed(x, 0), routed(x, 1))
 
 
+def test_masked_forward_masks_a_tied_weight_under_every_name():
+    class Tied(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc = torch.nn.Linear(4, 4, bias=False)
+            self.dec = torch.nn.Linear(4, 4, bias=False)
+            self.dec.weight = self.enc.weight  # one tensor, two names
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.dec(torch.relu(self.enc(x)))
+
+    model, x = Tied(), torch.randn(3, 4)
+    mask = {"enc.weight": torch.rand(4, 4, generator=torch.Generator().manual_seed(0)) < 0.5}
+    w = model.enc.weight.detach() * mask["enc.weight"]
+    expected = torch.relu(x @ w.T) @ w.T  # both uses see the masked tensor
+    assert torch.allclose(masked_forward(model, mask, x), expected, atol=1e-6)
+
+
 def test_masked_forward_equals_forward_with_zeroed_weights():
     model = toy_model()
     masks = _masks(model)

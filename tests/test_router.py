@@ -137,6 +137,20 @@ def test_detector_router_with_thresholds_uses_calibrated_margins():
         DetectorRouter(thresholds=thresholds([0.0, 0.0]))(routed, x)
 
 
+def test_detector_router_chooses_from_logits_scored_already_as_it_would_by_running_them():
+    routed = detector_toy()
+    xs, _ = detector_inputs(seed=5)
+    logits = torch.stack([routed(xs, k)[:, k] for k in range(routed.num_contexts)], dim=1)
+    t = thresholds([6.0, 1.0, 1.0])
+    for router in (DetectorRouter(), DetectorRouter(thresholds=t)):
+        assert torch.equal(router.choose_from_logits(logits), router(routed, xs))
+    assert DetectorRouter(thresholds=t).choose_from_logits(torch.tensor([[8.0, 6.0, 0.0]])).tolist() == [1]
+    # a custom confidence needs the whole outputs: no shortcut
+    assert DetectorRouter(confidence=lambda k, out: out[:, k]).choose_from_logits(logits) is None
+    with pytest.raises(ValueError, match=r"\(N, K\) detector logits"):
+        DetectorRouter(thresholds=t).choose_from_logits(logits[:, :2])
+
+
 def test_detector_router_needs_k_detector_outputs_or_a_confidence():
     routed = RoutedModel(EntropyNet(), entropy_masks())  # 2 outputs, K = 3 contexts
     x, true = entropy_inputs()

@@ -132,16 +132,34 @@ class DetectorRouter:
             if not isinstance(score, torch.Tensor) or tuple(score.shape) != (rows,):
                 found = tuple(score.shape) if isinstance(score, torch.Tensor) else type(score).__name__
                 raise ValueError(f"confidence must return one score per row, shape ({rows},); got {found} for context {k}")
-            if self.thresholds is not None:
-                # float64 on the CPU, as calibration.decide computes margins: the same decisions.
-                score = score.detach().to("cpu", torch.float64) - self.thresholds.thresholds[k]
             columns.append(score)
         self._num_contexts = k_total
-        return torch.stack(columns, dim=1)
+        return self._margins(torch.stack(columns, dim=1))
+
+    def _margins(self, scores: torch.Tensor) -> torch.Tensor:
+        if self.thresholds is None:
+            return scores
+        # float64 on the CPU, as calibration.decide computes margins: the same decisions.
+        return scores.detach().to("cpu", torch.float64) - self.thresholds.thresholds.to(torch.float64)
 
     def __call__(self, routed: RoutedModel, x: Inputs) -> torch.Tensor:
         device = as_tuple(x)[0].device
         return self.scores(routed, x).argmax(dim=1).to(device=device, dtype=torch.long)
+
+    def choose_from_logits(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """The choice from detector logits computed already, without running the network again.
+
+        ``logits`` is (N, K), column k subnetwork k's own output k -- what the K passes of
+        ``__call__`` would compute with the default confidence, so an evaluation that scored the
+        detectors once routes from the same numbers. None with a custom ``confidence``, which
+        needs the whole outputs.
+        """
+        if self.confidence is not None:
+            return None
+        if logits.dim() != 2 or (self.thresholds is not None and logits.shape[1] != self.thresholds.num_contexts):
+            raise ValueError(f"choose_from_logits needs (N, K) detector logits; got {tuple(logits.shape)}")
+        self._num_contexts = logits.shape[1]
+        return self._margins(logits).argmax(dim=1).to(dtype=torch.long)
 
 
 # -- entropy: superposed masks, one forward and one backward -------------------------------------
@@ -165,12 +183,14 @@ class EntropyRouter:
     chosen context is ``argmin_k dH/dalpha_k``: the mask whose weight, increased, makes the output
     most confident. SupSup infers one task per batch (it sums H over the batch); doing it per
     example lets a batch mix contexts, at the price of one set of superposed weights per example
-    in a chunk (``chunk_size`` rows are vmapped at once; lower it for large models).
+    in a chunk of rows vmapped at once.
 
     Parameters
     ----------
     uncertainty : ``outputs (N, ...) -> (N,)``, minimised; default ``softmax_entropy``.
-    chunk_size : rows per vmapped call.
+    chunk_size : rows per vmapped call. Default: as many as keep the chunk's superposed weights
+        within ``CHUNK_BYTES`` (256 MiB), between 1 and 1024 rows -- fewer, larger calls are
+        faster, and a large model still fits.
 
     The model must be in evaluation mode: a forward of one example in training mode would use
     BatchNorm statistics of a batch of one and move the shared running statistics.
@@ -178,10 +198,13 @@ class EntropyRouter:
 
     name = "entropy"
     passes = 2
+    CHUNK_BYTES = 256 * 2**20
+    MAX_CHUNK = 1024
 
-    def __init__(self, uncertainty: Callable[[torch.Tensor], torch.Tensor] = softmax_entropy, chunk_size: int = 64) -> None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive integer; got {chunk_size!r}")
+    def __init__(self, uncertainty: Callable[[torch.Tensor], torch.Tensor] = softmax_entropy,
+                 chunk_size: int | None = None) -> None:
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive integer or None (sized by memory); got {chunk_size!r}")
         self.uncertainty = uncertainty
         self.chunk_size = chunk_size
         self._vmappable = True
@@ -207,13 +230,17 @@ class EntropyRouter:
 
         first = params[names[0]]
         alpha = torch.full((rows, k_total), 1.0 / k_total, dtype=first.dtype, device=first.device)
+        chunk_size = self.chunk_size
+        if chunk_size is None:  # one superposed copy of the masked weights per row in a chunk
+            per_row = sum(params[n].numel() * params[n].element_size() for n in names)
+            chunk_size = max(1, min(self.MAX_CHUNK, self.CHUNK_BYTES // max(per_row, 1)))
         chunks = []
         # The outer no_grad keeps autograd from recording the shared parameters; torch.func.grad
         # ignores it for its own input, alpha.
         with torch.no_grad(), _vmappable_attention():
-            for start in range(0, rows, self.chunk_size):
-                a = alpha[start:start + self.chunk_size]
-                xs = tuple(t[start:start + self.chunk_size] for t in inputs)
+            for start in range(0, rows, chunk_size):
+                a = alpha[start:start + chunk_size]
+                xs = tuple(t[start:start + chunk_size] for t in inputs)
                 if self._vmappable:
                     try:
                         chunks.append(vmap(grad(one_example))(a, xs))
@@ -597,19 +624,18 @@ def plot_confusion(chosen: Any, true: Any, names: Sequence[str], path: str | Pat
         matrices[router] = (counts, shares, routing_accuracy(a, b), len(a))
     side = max(3.5, 0.42 * k + 1.8)  # inches per panel: cells stay readable at fontsize 8
     fig = Figure(figsize=(side * len(panels) + 1.0, side + 0.4), layout="constrained")
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]  # one set of row labels: fewer texts to draw
     for ax, (router, (counts, shares, accuracy, rows)) in zip(axes, matrices.items()):
         image = ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
         if k <= 20:
-            for i in range(k):
-                for j in range(k):
-                    ax.text(j, i, str(int(counts[i, j])), ha="center", va="center", fontsize=8,
-                            color="white" if shares[i, j] > 0.5 else "black")
+            for i, j in zip(*np.nonzero(counts)):  # empty cells stay blank: fewer texts, faster drawing
+                ax.text(j, i, str(int(counts[i, j])), ha="center", va="center", fontsize=8,
+                        color="white" if shares[i, j] > 0.5 else "black")
         ax.set_xticks(range(k), list(names), rotation=45, ha="right")
-        ax.set_yticks(range(k), list(names))
         ax.set_xlabel("chosen context")
-        ax.set_ylabel("true context")
         ax.set_title(f"{router + ' router: ' if router else ''}accuracy {accuracy:.3f}, {rows} rows")
+    axes[0].set_yticks(range(k), list(names))
+    axes[0].set_ylabel("true context")
     fig.colorbar(image, ax=list(axes), label="share of the true context's rows")
     fig.suptitle(title)
     return save_png(fig, path)
