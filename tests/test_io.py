@@ -411,6 +411,55 @@ def test_torch_load_detects_a_flipped_bit(tmp_path):
         torch_load(path)
 
 
+def _write_with_header(path, obj):
+    import io as _io
+
+    buffer = _io.BytesIO()
+    torch.save(obj, buffer)
+    body = buffer.getvalue()
+    path.write_bytes(b"RTLSHA256 " + hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
+
+
+def test_torch_checkpoints_pack_their_tensors_and_give_them_back_bit_for_bit(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    state = {"epoch": 1, "model": {"w": torch.randn(3, 4, generator=g), "n": torch.tensor(7)},
+             "optimizers": [{"state": {0: {"step": torch.tensor(5.0), "exp_avg": torch.randn(6, generator=g)}},
+                             "param_groups": [{"lr": 1e-3, "params": [0]}]}, {"state": {}, "param_groups": []}],
+             "masks": (torch.rand(2, 2, generator=g) < 0.5, torch.zeros(0)), "name": "x"}
+    path = tmp_path / "train.pt"
+    atomic_torch_save(path, state)
+    raw = torch.load(_body(path), weights_only=True)
+    assert len(raw["blobs"]) == 3  # float32, int64, bool: one flat tensor each, not one per tensor
+    loaded = torch_load(path)
+    assert loaded["epoch"] == 1 and loaded["name"] == "x" and isinstance(loaded["masks"], tuple)
+    for got, want in [(loaded["model"]["w"], state["model"]["w"]), (loaded["model"]["n"], state["model"]["n"]),
+                      (loaded["optimizers"][0]["state"][0]["exp_avg"], state["optimizers"][0]["state"][0]["exp_avg"]),
+                      (loaded["optimizers"][0]["state"][0]["step"], state["optimizers"][0]["state"][0]["step"]),
+                      (loaded["masks"][0], state["masks"][0]), (loaded["masks"][1], state["masks"][1])]:
+        assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)
+    assert loaded["optimizers"][1] == {"state": {}, "param_groups": []}
+    # a file written before packing (plain torch.save behind the header) still loads
+    _write_with_header(tmp_path / "old.pt", {"epoch": 2, "w": torch.ones(2)})
+    assert torch.equal(torch_load(tmp_path / "old.pt")["w"], torch.ones(2))
+
+
+def _body(path):
+    import io as _io
+
+    return _io.BytesIO(path.read_bytes()[75:])
+
+
+def test_torch_load_refuses_packed_references_outside_their_tensors(tmp_path):
+    for skeleton, blobs, why in [(("__rtl_tensor__", 0, 2, (3,)), [torch.zeros(4)], "runs past its blob"),
+                                 (("__rtl_tensor__", 1, 0, (1,)), [torch.zeros(4)], "bad tensor reference"),
+                                 (("__rtl_tensor__", 0, -1, (1,)), [torch.zeros(4)], "bad tensor reference"),
+                                 ({"a": 1}, [torch.zeros(2, 2)], "not a list of 1-D tensors")]:
+        path = tmp_path / "hostile.pt"
+        _write_with_header(path, {"__rtl_packed__": 1, "skeleton": skeleton, "blobs": blobs})
+        with pytest.raises(CheckpointError, match=f"hostile.pt is truncated or corrupt.*{why}"):
+            torch_load(path)
+
+
 def test_torch_load_refuses_a_file_without_checksum_header(tmp_path):
     path = tmp_path / "plain.pt"
     torch.save({"epoch": 0}, path)
