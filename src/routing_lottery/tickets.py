@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import nn
 
-from .data.fingerprint import fingerprint
+from .fingerprint import fingerprint
 from .errors import ConfigError
 from .io import CheckpointError, load_tickets, model_fingerprint, save_tickets
 from .masks import Mask, MaskSet

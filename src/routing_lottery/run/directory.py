@@ -43,7 +43,7 @@ import safetensors.torch
 import torch
 
 from ..config import EXECUTION_SETTINGS, ExperimentConfig, config_yaml
-from ..data.fingerprint import fingerprint
+from ..fingerprint import fingerprint
 from ..errors import CheckpointError, ConfigError, RunLockedError
 from ..io import (
     atomic_torch_save, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, remove_stale_temp_files,

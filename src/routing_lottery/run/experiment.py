@@ -17,7 +17,7 @@ import torch
 
 from ..config import ExperimentConfig, build
 from ..io import atomic_write_json, atomic_write_text
-from ..data.fingerprint import fingerprint
+from ..fingerprint import fingerprint
 from ..errors import ConfigError
 from ..masks import Mask, MaskSet
 from ..methods import METHODS, Method, Row

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ExperimentConfig
-from ..data.fingerprint import fingerprint
+from ..fingerprint import fingerprint
 from ..report import is_per_context_key, write_deployment, write_results
 from ..tasks.base import Task
 from ..tickets import Log, quiet

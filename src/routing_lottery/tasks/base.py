@@ -71,7 +71,7 @@ class Task(Protocol):
     def shared_stream(self) -> Stream: ...
 
     def data_fingerprint(self) -> str:
-        """A hash of the data this task serves (``data.fingerprint.fingerprint``): part of a run's identity."""
+        """A hash of the data this task serves (``fingerprint.fingerprint``): part of a run's identity."""
 
     def build_model(self) -> nn.Module:
         """The network whose weights the K context masks share (and multiple IMP copies)."""

@@ -31,7 +31,7 @@ from torch.nn import functional as F
 
 from torch import nn
 
-from ..data.fingerprint import fingerprint
+from ..fingerprint import fingerprint
 from ..errors import DataError
 from ..data.labelled import LabelledDataset
 from ..metrics import BinaryCounts, binary_counts, confusion_matrix, macro, one_vs_rest_from_confusion

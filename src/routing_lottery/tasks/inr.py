@@ -37,7 +37,7 @@ from torch import nn
 
 from ..data.regions import RegionImage
 from ..models.inr import CoordinateMLP, RegionEmbeddingMLP
-from ..data.fingerprint import fingerprint
+from ..fingerprint import fingerprint
 from ..errors import CheckpointError
 from ..io import atomic_write_bytes, atomic_write_with_sha256, read_with_sha256
 from ..methods import method_label

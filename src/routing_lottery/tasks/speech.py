@@ -34,7 +34,7 @@ from torch import nn
 
 from ..audio import save_spectrograms, si_snr, si_snr_improvement, weighted_sdr_loss
 from ..data.speech import SpeechDataset, SpeechSplit
-from ..data.fingerprint import fingerprint
+from ..fingerprint import fingerprint
 from ..errors import CheckpointError
 from ..io import atomic_write_with_sha256, read_with_sha256
 from ..router import spectrum_features

@@ -1,4 +1,4 @@
-"""A content fingerprint of the data a task serves: part of a run's identity.
+"""A content fingerprint of tensors and data: part of a run's identity (core: tickets and the run directory both use it).
 
 Two runs in one directory must see the same data; the config alone cannot tell (a user's loader
 may return another split for the same settings), so each task hashes what it actually serves.
