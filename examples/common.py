@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from routing_lottery import AdaptiveTickets, load_config
+from routing_lottery import AdaptiveTickets
+from routing_lottery.experiments import load_config
 from routing_lottery.run import build_tasks
 from routing_lottery.run.experiment import seeded_models
 from routing_lottery.training import derive_seed
@@ -35,7 +36,7 @@ def main(config_path: str | Path, argv: Sequence[str] | None = None) -> dict[str
     model, _ = seeded_models(task, derive_seed(config.seed, "init"))  # the same θ₀ as `rtl run` gives
     rtl = AdaptiveTickets(model, config)
     print(rtl.describe())
-    routed = rtl.fit({name: task.context_stream(k) for k, name in enumerate(names)})
+    routed = rtl.fit({name: task.context_stream(k) for k, name in enumerate(names)}).routed
 
     test = task.test_set
     with torch.no_grad():  # one mixed batch, every row through its own context's subnetwork

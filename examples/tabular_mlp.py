@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from routing_lottery import LabelledDataset
+from routing_lottery.experiments import LabelledDataset
 
 CONFIG = Path(__file__).with_name("tabular.yaml")
 

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from routing_lottery.data.digits import load_digits_splits
-from routing_lottery import LabelledDataset
+from routing_lottery.experiments import LabelledDataset
 
 CONFIG = Path(__file__).with_name("transformer.yaml")
 

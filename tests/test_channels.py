@@ -267,7 +267,7 @@ def test_a_channel_run_exports_from_its_directory(tmp_path):
     from routing_lottery.cli import packaged_config
     from routing_lottery.config import load_config
     from routing_lottery.diagnose import load_level_masks
-    from routing_lottery.export import export_run
+    from routing_lottery.run.deploy import export_run
     from routing_lottery.run import make_runner
 
     tiny = {"data": {"train_per_class": 10, "test_per_class": 4, "image_size": 8, "calibration": 0.0},

@@ -151,7 +151,7 @@ def test_a_killed_worker_is_reported_as_the_library_error_it_is(tmp_path, monkey
     fake = SimpleNamespace(Queue=_EmptyQueue, Process=_KilledProcess)
     monkeypatch.setattr(torch.multiprocessing, "get_context", lambda method: fake)
     monkeypatch.setattr(workers_module, "stage_one_costs", lambda experiment: {("context", 0): 5, ("single", 0): 3})
-    tickets = SimpleNamespace(rewind_point=lambda stream: None)
+    tickets = SimpleNamespace(_rewind_point=lambda stream: None)
     experiment = SimpleNamespace(config=ExperimentConfig(), tickets=tickets, shared_tickets=tickets, classifier=None,
                                  log=lambda message: None, run=SimpleNamespace(path=tmp_path))
     with pytest.raises(workers_module.WorkerFailed) as err:

@@ -17,7 +17,7 @@ from routing_lottery.errors import CheckpointError, ConfigError
 from routing_lottery.masks import MaskSet
 from routing_lottery.router import inject_errors
 from routing_lottery.run import build_tasks, make_runner
-from routing_lottery.run import deploy
+from routing_lottery.methods import deployment as deploy
 from routing_lottery.tasks.inr import InrTask
 
 TINY = {"data": {"train_per_class": 12, "test_per_class": 6, "image_size": 8, "calibration": 0.25},

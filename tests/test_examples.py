@@ -11,8 +11,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from routing_lottery import (AdaptiveTickets, OptimizerConfig, PruningConfig, RTLConfig, TrainingConfig, check_task,
-                             load_config)
+from routing_lottery import AdaptiveTickets, OptimizerConfig, PruningConfig, RTLConfig, TrainingConfig
+from routing_lottery.experiments import check_task, load_config
 from routing_lottery.cli import app
 from routing_lottery.io import load_tickets
 from routing_lottery.pruning import prunable_names
@@ -117,7 +117,7 @@ def test_front_door_on_the_tabular_example(tmp_path):
                        training=TrainingConfig(imp_epochs=1, epochs=2, optimizer=OptimizerConfig(lr=3e-3)))
     rtl = AdaptiveTickets(model, recipe)
     assert "1.weight" in rtl.describe()
-    routed = rtl.fit({name: task.context_stream(k) for k, name in enumerate(names)})
+    routed = rtl.fit({name: task.context_stream(k) for k, name in enumerate(names)}).routed
 
     x, labels = task.test_set.inputs, task.test_set.labels
     contexts = [names[c] for c in labels]  # a mixed batch, every row routed by its context's name
@@ -143,3 +143,22 @@ def test_script_entry_point_prints_each_context_and_saves(tmp_path, capsys, monk
     assert list(scores) == ["class_0", "class_1", "class_2"] and all(0 <= v <= 1 for v in scores.values())
     assert "masked: 3 tensors" in printed and "class_2" in printed
     assert (tmp_path / "tickets").is_dir()
+
+
+# -- your own training loop (issue 24): the examples run, and every step stays inside its mask ----------
+def test_own_loop_adamw_example(capsys):
+    from examples.own_loop_adamw import main as run
+
+    scores = run(["--epochs", "4"])
+    assert list(scores) == ["zero_to_two", "three_to_five", "six_to_nine"] and min(scores.values()) > 0.8
+    assert "weights outside every mask that are not zero: 0" in capsys.readouterr().out
+
+
+def test_own_loop_hf_trainer_example(capsys):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from examples.own_loop_hf_trainer import main as run
+
+    assert min(run([]).values()) > 0.7
+    assert "weights outside every mask that are not zero: 0" in capsys.readouterr().out
+

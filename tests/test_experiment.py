@@ -290,7 +290,7 @@ def test_a_user_task_on_other_data_is_refused_in_the_same_directory(tmp_path):
 
 
 def test_check_task_passes_the_built_in_classification_task_and_lists_a_broken_ones_faults():
-    from routing_lottery import TaskContractError, check_task
+    from routing_lottery.experiments import TaskContractError, check_task
 
     task = build_tasks(tiny_config())[0]
     check_task(task)

@@ -14,8 +14,9 @@ from typer.testing import CliRunner
 from routing_lottery.cli import app, packaged_config
 from routing_lottery.config import load_config
 from routing_lottery.errors import CheckpointError
-from routing_lottery.export import (INDEX_FILE, LOADER_FILE, PROGRAM_FILE, WEIGHTS_FILE, export_context, export_run,
+from routing_lottery.export import (INDEX_FILE, LOADER_FILE, PROGRAM_FILE, WEIGHTS_FILE, export_context,
                                     load_compact_state, load_program)
+from routing_lottery.run.deploy import export_run
 from routing_lottery.masks import MaskSet
 from routing_lottery.pruning import random_mask_like
 from routing_lottery.routed import RoutedModel

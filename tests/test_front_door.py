@@ -14,9 +14,8 @@ from torch import nn
 from torch.nn import functional as F
 from typer.testing import CliRunner
 
-from routing_lottery import (
-    AdaptiveTickets, LabelledDataset, OptimizerConfig, PruningConfig, RTLConfig, TrainingConfig, tensor_stream,
-)
+from routing_lottery import AdaptiveTickets, OptimizerConfig, PruningConfig, RTLConfig, TrainingConfig, tensor_stream
+from routing_lottery.experiments import LabelledDataset
 from routing_lottery.config import config_from_dict
 from routing_lottery.errors import ConfigError
 from routing_lottery.tasks.classification import ClassificationTask
@@ -129,7 +128,7 @@ def fit_breast_cancer(config: RTLConfig) -> tuple[float, list[str]]:
     rtl = AdaptiveTickets(task.build_model(), config)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        routed = rtl.fit({name: task.context_stream(k) for k, name in enumerate(task.context_names)})
+        routed = rtl.fit({name: task.context_stream(k) for k, name in enumerate(task.context_names)}).routed
     row = task.score_routed(lambda k, x: routed(x, k), "rtl")[0]
     return row["balanced_accuracy"], [str(w.message) for w in caught]
 
@@ -171,7 +170,7 @@ def object_task() -> ClassificationTask:
 
 def test_a_run_from_a_task_object_says_so_and_export_refuses_clearly(tmp_path):
     from routing_lottery.cli import app
-    from routing_lottery.export import export_run
+    from routing_lottery.run.deploy import export_run
     from routing_lottery.run import make_runner
 
     config = config_from_dict({"methods": ["rtl"], "pruning": {"sparsities": [0.5], "step": 0.5},
@@ -224,7 +223,7 @@ def test_tied_weights_are_masked_once_under_their_first_name(tmp_path):
     rtl = AdaptiveTickets(model, SMALL)
     assert rtl.prunable == ["emb.weight", "hidden.weight"]  # head.weight is emb.weight
     assert "tied: also head.weight" in rtl.describe()
-    routed = rtl.fit(token_streams())
+    routed = rtl.fit(token_streams()).routed
     union = rtl.masks.union()["emb.weight"]
     assert torch.all(model.head.weight.detach()[~union] == 0)  # rewinding through the alias kept the zeros
     tokens = torch.tensor([1, 5, 7, 2])
@@ -258,7 +257,7 @@ def test_weight_norm_masks_the_direction_and_keeps_a_weight_in_every_row(old_sty
     rtl = AdaptiveTickets(model, recipe)
     assert rtl.prunable == [direction, "2.weight"]
     assert "weight_norm direction v of 0.weight" in rtl.describe()
-    routed = rtl.fit(regression_streams())
+    routed = rtl.fit(regression_streams()).routed
     assert bool(rtl.masks.stacked[direction].any(dim=2).all())  # no row's norm is 0/0
     assert rtl.masks.counts() == [round(0.15 * rtl.total)] * 2
     x = torch.randn(6, 8)

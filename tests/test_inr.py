@@ -323,7 +323,7 @@ def test_inr_config_runs_per_image_and_averages(tmp_path):
 
 
 def test_check_task_passes_the_inr_task():
-    from routing_lottery import check_task
+    from routing_lottery.experiments import check_task
 
     check_task(InrTask(_toy_image(), hidden=8, depth=2, octaves=2))
 

@@ -386,7 +386,7 @@ def test_config_speech_section_builds_the_same_mixtures(tiny: speech_data.Speech
 
 
 def test_check_task_passes_the_speech_task(tiny: speech_data.SpeechDataset, one_thread) -> None:
-    from routing_lottery import check_task
+    from routing_lottery.experiments import check_task
 
     check_task(SpeechTask(tiny, n_fft=256, hop_length=64))
 

@@ -34,7 +34,7 @@ def streams(shift: float = 0.0) -> dict[str, object]:
 
 def test_fit_routes_by_name_with_exact_zeros_outside_each_mask():
     rtl = AdaptiveTickets(model(), CONFIG)
-    routed = rtl.fit(streams())
+    routed = rtl.fit(streams()).routed
     assert rtl.level == 0.7 and rtl.masks.context_names == ["north", "south", "east"]
     assert all(abs(sparsity(rtl.masks[k]) - 0.7) < 0.02 for k in range(3))
     params = dict(rtl.model.named_parameters())
@@ -54,7 +54,7 @@ def test_fit_routes_by_name_with_exact_zeros_outside_each_mask():
 
 def test_save_and_load_carry_the_recipe(tmp_path):
     rtl = AdaptiveTickets(model(), CONFIG)
-    routed = rtl.fit(streams())
+    routed = rtl.fit(streams()).routed
     rtl.save(tmp_path / "tickets", {"note": "demo"})
     back = AdaptiveTickets.load(tmp_path / "tickets", model(seed=9))
     assert back.config == CONFIG and back.level == 0.7 and back.metadata["note"] == "demo"

@@ -37,10 +37,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.stats import binom
-from sklearn.metrics import precision_recall_curve, roc_curve
 
 from .metrics import BinaryCounts, binary_counts, macro
+from .plotting import context_colors, save_png
 
 OBJECTIVES = ("f1", "balanced_accuracy", "precision")
 RULES = ("abstain", "most_confident")
@@ -284,6 +283,8 @@ def fit_thresholds(
 
 
 def _pr_curve(y: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    from sklearn.metrics import precision_recall_curve  # an optional dependency of the core: imported when used
+
     # scikit-learn appends a last point (precision 1, recall 0) with no threshold: drop it.
     precision, recall, thresholds = precision_recall_curve(y, score)
     return precision[:-1], recall[:-1], thresholds
@@ -297,6 +298,8 @@ def _best_f1(y: np.ndarray, score: np.ndarray) -> float:
 
 
 def _best_balanced_accuracy(y: np.ndarray, score: np.ndarray) -> float:
+    from sklearn.metrics import roc_curve
+
     fpr, tpr, thresholds = roc_curve(y, score, drop_intermediate=False)
     finite = np.isfinite(thresholds)  # the first point (fire on nothing) has threshold +inf
     fpr, tpr, thresholds = fpr[finite][::-1], tpr[finite][::-1], thresholds[finite][::-1]
@@ -318,6 +321,8 @@ def _precision_target(y: np.ndarray, score: np.ndarray, target: float) -> tuple[
 
 
 def _precision_guaranteed(y: np.ndarray, score: np.ndarray, target: float, delta: float) -> tuple[float, bool, str]:
+    from scipy.stats import binom
+
     precision, _, thresholds = _pr_curve(y, score)
     # Candidates from high to low; n and tp count the calibration examples at or above each.
     candidates = thresholds[::-1]
@@ -453,12 +458,12 @@ def plot_precision_recall(
     and the uncalibrated logit-0 point (hollow), with the precision target as a dashed line.
 
     Pass the calibration scores to see where the thresholds were chosen, or test scores to see
-    where they land. Written atomically (``diagnostics.figures.save_png``); returns the path.
+    where they land. Written atomically (``plotting.save_png``); returns the path.
     """
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
-    from .diagnostics.figures import _context_colors, save_png
+    from sklearn.metrics import precision_recall_curve as _curve
 
     s = _as_scores(scores)
     n, k = s.shape
@@ -467,7 +472,7 @@ def plot_precision_recall(
     names = [f"context {j}" for j in range(k)] if names is None else list(names)
     if len(names) != k:
         raise ValueError(f"names has {len(names)} entries for K = {k} detectors")
-    colors = _context_colors(k)
+    colors = context_colors(k)
     chosen = detector_counts(s, c, thresholds)
     before = detector_counts(s, c, None)
     fig = Figure(figsize=(7.5, 5.5))
@@ -476,7 +481,7 @@ def plot_precision_recall(
         y = c == j
         if not y.any() or y.all():
             continue  # no curve without positives and negatives
-        precision, recall, _ = precision_recall_curve(y, s[:, j])
+        precision, recall, _ = _curve(y, s[:, j])
         ax.plot(recall, precision, color=colors[j], lw=1.5, drawstyle="steps-post", label=names[j])
         ax.plot(chosen[j].recall, chosen[j].precision, "o", color=colors[j], ms=8, mec="black")
         ax.plot(before[j].recall, before[j].precision, "o", mfc="none", mec=colors[j], ms=8, mew=1.5)

@@ -1,8 +1,11 @@
-"""The ``rtl`` command line: ``demo``, ``run CONFIG``, ``report RUN``."""
+"""The ``rtl`` command line, the experiment framework's thin face: ``demo``, ``run CONFIG``, ``sweep``,
+``study``, ``diagnose RUN``, ``calibrate RUN``, ``export RUN``, ``partition`` and ``report RUN``
+(``rtl COMMAND --help`` says what each takes)."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import time
 from collections.abc import Callable
@@ -17,7 +20,24 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.markup import escape
 from rich.table import Table
 
-from .errors import CheckpointError, ConfigError, RoutingLotteryError, brief, shorten
+from .config import load_config, load_yaml
+from .contexts.clustering import partition_names
+from .contexts.encoders import EncoderUnavailable
+from .contexts.names import name_set
+from .contexts.partitions import format_partition, reference_partition, reference_scores
+from .data.digits import DIGIT_NAMES
+from .diagnose import diagnose_run, DiagnoseSettings, mask_collapse_warning
+from .diagnostics.collapse import CollapseSettings
+from .errors import brief, CheckpointError, ConfigError, RoutingLotteryError, shorten
+from .io import read_json
+from .kernels import choices_markdown, KernelChoice
+from .methods import method_label
+from .report import metric_keys, record_cell, sorted_records
+from .run import make_runner
+from .run.deploy import calibrate_run, export_run
+from .run.distributed import torchrun_session
+from .sweep import study_sweeps, write_sweep_report
+from .threads import thread_budget
 from .training import SILENT
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -120,7 +140,6 @@ def resolve_config(config: str) -> Path:
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """``a.b=1`` pairs into a nested mapping; values parsed as YAML (numbers, lists, null)."""
-    from .config import load_yaml
 
     out: dict[str, Any] = {}
     for pair in pairs:
@@ -149,10 +168,6 @@ def execute(config_path: Path, out: Path, scale: Optional[str], overrides: dict[
     nothing but errors and leave when the run ends. An invalid override is blamed on
     ``overrides_from``, the options that gave them (``options_named``).
     """
-    from .config import load_config
-    from .run import make_runner
-    from .run.distributed import torchrun_session
-    from .threads import thread_budget
 
     config = load_config(config_path, scale, overrides, overrides_from=overrides_from)
     session = torchrun_session(config)  # None unless torchrun started several processes
@@ -203,8 +218,6 @@ HEADERS = {"balanced_accuracy": "bal. acc.", "precision": "prec.", "parameters":
 
 
 def print_table(records: list[dict[str, Any]], title: str) -> None:
-    from .methods import method_label
-    from .report import metric_keys, record_cell, sorted_records
 
     rows = sorted_records(records)
     if any(r.get("image") == "mean" for r in rows):  # INR: the mean over images (per image in results.csv)
@@ -309,9 +322,6 @@ def sweep(
 ) -> None:
     """Every method at increasing sparsity: warn of subnetwork collapse from the masks alone, measure the metric,
     compare at equal storage, and study which label-free signal warned first."""
-    from .diagnose import DiagnoseSettings, mask_collapse_warning
-    from .diagnostics.collapse import CollapseSettings
-    from .sweep import write_sweep_report
 
     path, overrides = config_and_overrides(config, data, set_, device, seeds, workers)
     if methods is not None:
@@ -319,7 +329,6 @@ def sweep(
         if "rtl" not in overrides["methods"]:
             raise typer.BadParameter("--methods must include rtl: the sweep studies RTL's masks")
     overrides.setdefault("pruning", {})["sparsities"] = sweep_levels(levels)
-    from .config import load_config
 
     named = options_named(set_, data=data, device=device, seeds=seeds, workers=workers, methods=methods, levels=levels)
     if "rtl" not in load_config(path, scale, overrides, overrides_from=named).methods:  # refused now, not later
@@ -351,9 +360,6 @@ def study(
     threshold: float = typer.Option(3.0, help="Collapse rule: robust residuals off the trend that raise a warning."),
 ) -> None:
     """Which label-free signal warned of collapse before the metric dropped: each signal's lead, per experiment."""
-    from .diagnose import DiagnoseSettings
-    from .diagnostics.collapse import CollapseSettings
-    from .sweep import study_sweeps
 
     study_sweeps(list(sweeps), out, DiagnoseSettings(collapse=CollapseSettings(threshold=threshold)))
     console.print((out / "study.md").read_text())
@@ -368,8 +374,6 @@ def diagnose(
     layer_heatmaps: bool = typer.Option(True, help="A heatmap per layer and level (else all-weights only)."),
 ) -> None:
     """Mask similarity, collapse warning and semantic alignment of a run's RTL masks, with figures and report.md."""
-    from .diagnose import DiagnoseSettings, diagnose_run
-    from .diagnostics.collapse import CollapseSettings
 
     if measure not in ("path", "wup"):
         raise typer.BadParameter("--measure must be path or wup")
@@ -393,7 +397,6 @@ def calibrate(
 ) -> None:
     """Fit a threshold per RTL detector on the run's held-out calibration split (never test), save them with the
     tickets, and write calibration.md with precision and recall before and after."""
-    from .run.deploy import calibrate_run
 
     calibrate_run(run_dir, {"calibration": objective, "target_precision": target_precision, "delta": delta,
                             "rule": rule}, log=lambda m: console.print(f"  {escape(m)}"))
@@ -413,7 +416,6 @@ def export(
 ) -> None:
     """One context's subnetwork as files that run without this library: compact weights (kept values + 1-bit mask),
     a standalone loader, a torch.export program, and export.json with sizes, checksums and a verification."""
-    from .export import export_run
 
     if context.startswith("-") and context[1:].isdigit():  # -1 is not "the last": say so, not "unknown name"
         raise ConfigError(f"--context {brief(context)}: context indices run from 0 to K-1 (K contexts; they do not "
@@ -433,10 +435,6 @@ def export(
                   f"Outputs on {v['rows']} inputs of this context equal the routed model's (max |diff| "
                   f"{v['max_abs_diff']:.2g}). {escape(index['program'])}")
     if "kernels" in index:
-        import dataclasses
-
-        from .kernels import KernelChoice, choices_markdown
-
         k = index["kernels"]
         fields = {f.name for f in dataclasses.fields(KernelChoice)}
         console.print(choices_markdown([KernelChoice(**{**{f: c[f] for f in fields},
@@ -470,11 +468,6 @@ def partition(
     template: Optional[str] = typer.Option(None, help='Prompt around each name, e.g. "a photo of a {}".'),
 ) -> None:
     """Group class names into contexts: offline text embeddings, UMAP, HDBSCAN; scored against the paper."""
-    from .contexts.clustering import partition_names
-    from .contexts.partitions import format_partition, reference_partition, reference_scores
-    from .contexts.encoders import EncoderUnavailable
-    from .contexts.names import name_set
-    from .data.digits import DIGIT_NAMES
 
     try:
         if reference is not None:
@@ -508,7 +501,6 @@ def partition(
 @reports_errors
 def report(run_dir: Path = typer.Argument(..., help="A run directory.")) -> None:
     """Print the results table of a finished run."""
-    from .io import read_json
 
     path = run_dir / "results.json"
     if not path.exists():

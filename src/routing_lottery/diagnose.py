@@ -23,8 +23,10 @@ from typing import Any
 
 import numpy as np
 
+from .diagnostics import figures
 from .diagnostics.collapse import CollapseSettings, CollapseWarning, detect_collapse, metric_drop_level
 from .diagnostics.semantic import MantelResult, WordNetUnavailable, layer_alignment, semantic_similarity_matrix
+from .diagnostics.signals import study_sweep
 from .diagnostics.similarity import ALL_WEIGHTS, SimilarityReport, depth_groups, similarity_report
 from .channels import channel_view
 from .io import CheckpointError, atomic_write_json, atomic_write_text, load_masks, read_json
@@ -133,8 +135,6 @@ def _semantic(context_names: Sequence[str], members: Sequence[Sequence[str]] | N
 
 def diagnose_run(run_dir: str | Path, settings: DiagnoseSettings | None = None, log: Log = lambda m: None) -> dict[str, Any]:
     """Write every diagnostic of a finished run; return the summary that ``summary.json`` holds."""
-    from .diagnostics import figures
-
     settings = settings or DiagnoseSettings()
     run_dir = Path(run_dir)
     out = run_dir / "diagnostics"
@@ -209,6 +209,27 @@ def diagnose_run(run_dir: str | Path, settings: DiagnoseSettings | None = None, 
     atomic_write_json(out / "summary.json", summary)
     write_report(run_dir, records, summary, reports)
     return summary
+
+
+def study_run(run_dir: str | Path, settings: CollapseSettings | None = None) -> dict[str, Any] | None:
+    """``study_sweep`` on one finished run directory (its RTL checkpoints and results), with its
+    experiment and seed; None when it has fewer levels than the rule needs or no metric at every level."""
+    run_dir = Path(run_dir)
+    settings = settings or CollapseSettings()
+    masks, _ = load_level_masks(run_dir)
+    records = read_json(run_dir / "results.json") if (run_dir / "results.json").exists() else []
+    metric = primary_metric(records)
+    levels = [lv for lv in masks if lv > 0]
+    if metric is None or len(levels) < settings.min_history + 1:
+        return None
+    by_level = rtl_metric_by_level(records, metric)
+    if not all(lv in by_level for lv in levels):
+        return None
+    rtl = [r for r in records if r.get("method") == "rtl"]
+    result = study_sweep(levels, [masks[lv] for lv in levels], [by_level[lv] for lv in levels], METRICS[metric],
+                         settings)
+    return {"run": str(run_dir), "experiment": rtl[0].get("experiment", run_dir.name) if rtl else run_dir.name,
+            "seed": rtl[0].get("seed") if rtl else None, "metric": metric, **result}
 
 
 def collapse_verdict(warning: CollapseWarning, drop: float | None, metric: str | None, num_levels: int) -> str:

@@ -48,9 +48,11 @@ import torch
 from torch import nn
 
 from .channels import ChannelStructure, slice_model
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError
 from .io import atomic_write_bytes, atomic_write_json, read_json
+from .kernels import prepare
 from .routed import RoutedModel, as_tuple
+from .timing import compare, device_sync
 
 FORMAT = "routing-lottery-compact/2"  # 1: the digest left the metadata (its shapes map) out; not read
 WEIGHTS_FILE, LOADER_FILE, PROGRAM_FILE, INDEX_FILE = "weights.safetensors", "load_weights.py", "model.pt2", "export.json"
@@ -81,7 +83,7 @@ def safe_filename(name: str, index: int) -> str:
     return f"{stem}@{int(index)}"
 
 
-def _inside(path: Path, root: Path, what: str) -> Path:
+def inside_directory(path: Path, root: Path, what: str) -> Path:
     """``path``, after checking that it resolves (links followed) under ``root``; else ``CheckpointError``.
 
     Names are made safe before they become paths; what can still lead elsewhere is a symbolic link
@@ -372,7 +374,7 @@ def export_context(routed: RoutedModel, context: int | str, out: str | Path, exa
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for file in (WEIGHTS_FILE, LOADER_FILE, PROGRAM_FILE, PREPARED_FILE, INDEX_FILE):
-        _inside(out / file, out, "the export directory")
+        inside_directory(out / file, out, "the export directory")
     module = routed.standalone(k).eval()
     mask = {n: m.bool() for n, m in routed.mask(k).items()}
     # the same state written densely in the same format: what the compact file is measured against
@@ -421,9 +423,6 @@ def export_context(routed: RoutedModel, context: int | str, out: str | Path, exa
 def _prepare_kernels(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[dict[str, Any], bytes]:
     """Per-layer kernels for ``module`` measured on ``inputs``: the choices and timings, and the
     prepared module's ``torch.save`` bytes (checked to compute what the dense one does)."""
-    from .kernels import prepare
-    from .timing import compare, device_sync
-
     prepared, choices = prepare(module, inputs)
     with torch.no_grad():
         if not torch.allclose(prepared(*inputs), module(*inputs), atol=1e-4, rtol=1e-4):
@@ -470,54 +469,6 @@ def verify_export(out: Path, routed: RoutedModel, k: int, inputs: tuple[torch.Te
             "max_abs_diff": max(v for key, v in diffs.items() if not key.endswith("seconds")), **diffs}
 
 
-def export_run(run_dir: str | Path, context: str, level: float | None = None, out: str | Path | None = None,
-               rows: int = 256, kernels: bool = False) -> dict[str, Any]:
-    """``rtl export``: context ``context`` of a finished run's RTL tickets at ``level`` (default: the highest).
-
-    The default directory is ``RUN/export/<safe_filename(context)>_<level>``, checked to resolve
-    inside the run directory (context names come from data sets, and a class may be named ``../x``).
-    """
-    from .config import load_config
-    from .diagnose import rtl_checkpoints
-    from .run.builders import build_tasks
-    from .tickets import AdaptiveTickets
-
-    run_dir = Path(run_dir)
-    checkpoints = rtl_checkpoints(run_dir)
-    if not checkpoints:
-        raise CheckpointError(f"{run_dir} holds no RTL checkpoints (checkpoints/rtl_*); for a run with several seeds "
-                              "or images, name one: RUN/seeds/<s> or RUN/images/<name>")
-    if level is None:
-        level = max(checkpoints)
-    match = [lv for lv in checkpoints if abs(lv - level) < 5e-5]
-    if not match:
-        raise ValueError(f"no RTL checkpoint at sparsity {level}; {run_dir} has {sorted(checkpoints)}")
-    level = match[0]
-    config = load_config(run_dir / "config.yaml")
-    tasks = build_tasks(config.replace(replicates=1))
-    task = tasks[0] if len(tasks) == 1 else next((t for t in tasks if getattr(t, "name", None) == run_dir.name), None)
-    if task is None:
-        raise ConfigError(f"{run_dir}: cannot tell which of the config's parts this run is; export from its own directory")
-    tickets = AdaptiveTickets.load(checkpoints[level], task.build_model())
-    routed = tickets.routed
-    channels = None
-    # a name first (contexts may be named "0", "1", ...), else an index
-    # a context's name first; else digits (with a sign: -1 is refused as an index, not looked up as a name)
-    as_index = context not in routed.masks.context_names and re.fullmatch(r"[+-]?[0-9]{1,18}", context)
-    k = routed.masks.check_context(int(context) if as_index else context)
-    if out is None:
-        folder = f"{safe_filename(routed.masks.context_names[k], k)}_{level:.4f}"
-        out = _inside(run_dir / "export" / folder, run_dir, "the run directory")
-    example = _context_inputs(task, k, rows)
-    first = example[:2] if isinstance(example, torch.Tensor) else tuple(t[:2] for t in example)
-    if config.pruning.granularity == "channel":
-        # the groups are a function of the architecture and the recipe's roots: traced again here
-        channels = ChannelStructure.trace(tickets.model, first, tickets.selected)
-    return export_context(routed, k, out, first, verify=example,
-                          metadata={"run": str(run_dir), "sparsity": level, "experiment": config.name},
-                          kernels=kernels, channels=channels)
-
-
 def _channels_of(structure: ChannelStructure, mask: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The channels ``mask`` keeps, after checking it is a channel ticket of ``structure`` (no stray weight)."""
     if set(mask) != set(structure.names):
@@ -532,17 +483,4 @@ def _channels_of(structure: ChannelStructure, mask: Mapping[str, torch.Tensor]) 
     return keep
 
 
-def _context_inputs(task: Any, k: int, rows: int) -> Any:
-    """Up to ``rows`` test inputs of context ``k`` (the task's ``context_examples``), else a training batch."""
-    if callable(getattr(task, "context_examples", None)):
-        inputs, contexts = task.context_examples("test")
-        chosen = (torch.as_tensor(contexts) == k).nonzero(as_tuple=True)[0][:rows]
-        if len(chosen):
-            parts = as_tuple(inputs)
-            picked = tuple(p[chosen] for p in parts)
-            return picked if len(picked) > 1 else picked[0]
-    batch = task.context_stream(k).epoch(torch.Generator().manual_seed(0))[0][0]
-    return batch[:rows] if isinstance(batch, torch.Tensor) else tuple(t[:rows] for t in batch)
-
-
-__all__ = ["export_context", "export_run", "load_compact_state", "load_program", "safe_filename", "verify_export"]
+__all__ = ["export_context", "inside_directory", "load_compact_state", "load_program", "safe_filename", "verify_export"]

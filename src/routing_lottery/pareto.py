@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .plotting import save_png
 from .methods import ARGMAX, method_label
 from .report import aggregate_rows, method_rank, method_style, primary_metric_key, sorted_records
 from .seeds import interval_of
@@ -280,7 +281,7 @@ def plot_pareto(records: Sequence[Row], path: str | Path, metric: str | None = N
     ----------
     records : result rows as for ``budget_comparison``; rows without ``parameters`` cannot be placed
         and are left out (the figure draws what it can rather than refuse).
-    path : where the PNG goes, written atomically (``diagnostics.figures.save_png``).
+    path : where the PNG goes, written atomically (``plotting.save_png``).
     metric : defaults to the table's primary metric.
     title : drawn above the panel.
     higher_is_better : which direction the frontier keeps.
@@ -304,8 +305,6 @@ def plot_pareto(records: Sequence[Row], path: str | Path, metric: str | None = N
     from matplotlib import colormaps
     from matplotlib.figure import Figure
     from matplotlib.ticker import EngFormatter, LogLocator, NullFormatter, NullLocator
-
-    from .diagnostics.figures import save_png
 
     fig = Figure(figsize=(8.5, 4.6), layout="constrained")
     ax = fig.subplots()

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .plotting import save_png
 from .io import atomic_write_json, atomic_write_text
 from .methods import ARGMAX, METHODS, method_label
 
@@ -236,8 +237,6 @@ def plot_results(records: Sequence[dict[str, Any]], path: str | Path, columns: S
     from matplotlib.figure import Figure
     from matplotlib.ticker import EngFormatter, LogLocator, NullFormatter, NullLocator, PercentFormatter
 
-    from .diagnostics.figures import save_png
-
     with_params = any(p is not None for points in series.values() for _, _, p, _ in points)
     fig = Figure(figsize=(11.5 if with_params else 6.5, 4.4), layout="constrained")
     axes = fig.subplots(1, 2 if with_params else 1, squeeze=False)[0]
@@ -345,8 +344,6 @@ def plot_routing_errors(records: Sequence[dict[str, Any]], rows: Sequence[dict[s
     from matplotlib import colormaps
     from matplotlib.figure import Figure
     from matplotlib.ticker import PercentFormatter
-
-    from .diagnostics.figures import save_png
 
     levels = sorted({float(r["sparsity"]) for r in errors})
     fig = Figure(figsize=(4.2 * len(levels) + 1.5, 4.0), layout="constrained")

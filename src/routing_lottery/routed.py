@@ -13,7 +13,7 @@ import copy
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -22,11 +22,25 @@ from torch.func import functional_call, vmap
 from . import timing
 from .masks import Mask, MaskSet
 
-if TYPE_CHECKING:  # for annotations only: router.py imports this module at run time, so no import cycle
-    from .router import Router
-
 Inputs = torch.Tensor | tuple[torch.Tensor, ...]
 """A model's inputs: one tensor, or several (token ids and a padding mask, say) passed as ``model(*x)``."""
+
+
+class Router(Protocol):
+    """Anything that chooses one context per input row (``router.py`` holds the built-in ones and their registry).
+
+    ``name`` labels it in reports; ``passes`` is the number of network forward passes per input it
+    spends to choose (a backward pass counts as one), so a cost report can add it to the one
+    routed forward that follows.
+    """
+
+    name: str
+    passes: int
+
+    def __call__(self, routed: RoutedModel, x: Inputs) -> torch.Tensor:
+        """(N,) int64 context ids in ``0..K-1`` for the N rows of ``x``."""
+        ...
+
 
 MIXED_PATHS: tuple[str, ...] = ("auto", "vmap", "loop")
 """How ``RoutedModel`` runs a batch that mixes contexts: measured per batch shape, batched, or per group."""
@@ -75,8 +89,13 @@ def lacks_batching_rule(err: RuntimeError) -> bool:
     return "atching rule" in str(err)
 
 
-def masked_forward(model: nn.Module, mask: Mapping[str, torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
-    """``model(*inputs)`` with every masked tensor replaced by ``weight * mask``.
+def masked_forward(model: nn.Module, mask: Mapping[str, torch.Tensor], *inputs: Any, **kwargs: Any) -> Any:
+    """``model(*inputs, **kwargs)`` with every masked tensor replaced by ``weight * mask``.
+
+    The functional form of a masked forward for one context, for a user's own loop: ``mask`` is
+    that context's float mask (``routed.mask(k)``, or ``masks[k]`` as floats); in training mode it
+    is differentiable, and the gradient reaching ``weight`` is already masked. Keyword inputs
+    (``input_ids=..., labels=...``) pass through to the model.
 
     A tensor shared under several names (tied weights) is replaced under all of them. Untying is
     asked of ``functional_call`` only when the model has such a tensor: it walks every module on
@@ -85,7 +104,12 @@ def masked_forward(model: nn.Module, mask: Mapping[str, torch.Tensor], *inputs: 
     named = dict(model.named_parameters(remove_duplicate=False))
     buffers = [b for _, b in model.named_buffers(remove_duplicate=False)]
     tied = len({id(p) for p in named.values()}) < len(named) or len({id(b) for b in buffers}) < len(buffers)
-    return functional_call(model, {n: named[n] * m for n, m in mask.items()}, inputs, strict=False, tie_weights=tied)
+    return functional_call(model, {n: named[n] * m for n, m in mask.items()}, inputs, kwargs or None, strict=False,
+                           tie_weights=tied)
+
+
+routed_forward = masked_forward
+"""Another name of ``masked_forward``: one context's subnetwork called as a function."""
 
 
 @torch.no_grad()
@@ -225,7 +249,10 @@ class RoutedModel(nn.Module):
     as a ValueError naming the layer, the shape it expects and the shape it got.
 
     It starts in evaluation mode (and puts ``model`` in it): routing an input must not move the
-    shared BatchNorm statistics. Call ``.train()`` to train through it.
+    shared BatchNorm statistics. Call ``.train()`` to train through it: in training mode every
+    forward is ``w * m_k``, differentiable. In your own loop, ``with routed.use(k):`` makes
+    ``routed(...)`` context k's subnetwork, called with the model's own arguments (keyword inputs
+    included); pair it with ``training.context_optimizers`` for the per-context steps.
 
     Without an oracle for the contexts, give it a ``router`` (``router.py``): ``routed(x)`` then
     asks the router for one context per row and routes as usual.
@@ -246,6 +273,8 @@ class RoutedModel(nn.Module):
     >>> logits = routed(images, torch.tensor([0, 3, 3, 1]))
     >>> routed.router = DetectorRouter()                # or LearnedRouter.fit(...), EntropyRouter()
     >>> logits = routed(images)                         # contexts chosen by the router
+    >>> with routed.use("cats"):                        # one context's subnetwork, any call signature
+    ...     out = routed(input_ids=ids, attention_mask=att)
     """
 
     def __init__(self, model: nn.Module, masks: MaskSet, vmap_below: int = 512, router: Router | None = None,
@@ -258,6 +287,7 @@ class RoutedModel(nn.Module):
         self.mixed_path = mixed_path
         self.timer = timer
         self._vmappable = True
+        self._active: list[int] = []  # contexts entered with use(), innermost last
         self._path_decisions: dict[tuple[Any, ...], PathDecision] = {}
         self._weights: dict[str, torch.Tensor] | None = None  # masked_weights' cache and what it was made from
         self._weights_key: tuple[tuple[int, ...], ...] = ()
@@ -367,14 +397,40 @@ class RoutedModel(nn.Module):
             self.refresh()
         return super().train(mode)
 
-    def _run(self, k: int, *inputs: torch.Tensor) -> torch.Tensor:
+    def _run(self, k: int, *inputs: Any, **kwargs: Any) -> Any:
         """Context ``k``'s subnetwork on ``inputs``: its materialized weights at inference, else ``w * m_k``."""
         if self._cacheable():
             weights = {n: w[k] for n, w in self._materialized().items()}
         else:
             params = dict(self.model.named_parameters())
             weights = {n: params[n] * m[k] for n, m in self.stacked_masks().items()}
-        return functional_call(self.model, weights, inputs, strict=False)
+        return functional_call(self.model, weights, inputs, kwargs or None, strict=False)
+
+    @contextlib.contextmanager
+    def use(self, context: int | str) -> Iterator[RoutedModel]:
+        """Inside the block, ``routed(*args, **kwargs)`` is context ``context``'s subnetwork: a masked
+        forward for one context inside any training loop or ``Trainer``.
+
+        Every argument goes to the model as it is (``routed(x)``, ``routed(input_ids=ids,
+        labels=y)``); in training mode the forward is ``w * m_k``, differentiable, with gradients
+        already masked. Blocks nest (the innermost wins) and the previous context comes back on
+        leaving, an exception included. Outside any block, ``forward`` routes as usual.
+
+        >>> routed.train()
+        >>> with routed.use("cats"):
+        ...     loss = F.cross_entropy(routed(x), y)
+        """
+        k = self.masks.check_context(context)
+        self._active.append(k)
+        try:
+            yield self
+        finally:
+            self._active.pop()
+
+    @property
+    def active_context(self) -> int | None:
+        """The context a ``use`` block set (the innermost), or ``None`` outside every block."""
+        return self._active[-1] if self._active else None
 
     def subnetwork(self, x: torch.Tensor, k: int | str) -> torch.Tensor:
         """Forward a batch whose rows all belong to context ``k``."""
@@ -403,23 +459,43 @@ class RoutedModel(nn.Module):
                              f"got shape {tuple(context.shape)}")
         return context.long()
 
-    def forward(self, x: torch.Tensor | tuple[torch.Tensor, ...],
-                context: torch.Tensor | Sequence[int | str] | int | str | None = None) -> torch.Tensor:
-        """Outputs for ``x`` (a tensor, or a tuple of per-row tensors for multi-input models), each row
-        through its context's subnetwork; ``context`` is one id or name for the batch, or one per row,
-        or ``None`` to let ``self.router`` choose one per row."""
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """``forward(x, context=None, **inputs)``: outputs for ``x`` (a tensor, or a tuple of per-row
+        tensors for multi-input models), each row through its context's subnetwork; ``context`` is
+        one id or name for the batch, or one per row, or ``None`` to let ``self.router`` choose one
+        per row. Keyword ``inputs`` (``input_ids=...``) go to the model; they need one context for
+        the whole batch (``x`` may then be left out).
+
+        Inside a ``use(k)`` block every argument goes to context k's subnetwork as it is.
+        """
         if self.training != self.model.training:
             raise RuntimeError(f"the routed model is in {'training' if self.training else 'evaluation'} mode but the "
                                "shared model is not: call routed.train() or routed.eval(), not the model's")
+        if self._active:
+            return self._run(self._active[-1], *args, **kwargs)
+        return self._route(*args, **kwargs)
+
+    def _route(self, x: Inputs | None = None, context: torch.Tensor | Sequence[int | str] | int | str | None = None,
+               **kwargs: Any) -> Any:
+        """``forward`` outside a ``use`` block: one context, one per row, or the router's."""
+        if x is None and not kwargs:
+            raise TypeError("routed model called without inputs: routed(x, context) or routed(context=k, **inputs)")
+        one = isinstance(context, (int, str)) or (isinstance(context, torch.Tensor) and context.dim() == 0)
+        if kwargs and not one:
+            raise ValueError(f"keyword inputs ({', '.join(kwargs)}) need one context for the whole batch: "
+                             "routed(x, k, **inputs), routed(context=k, **inputs) or inside `with routed.use(k):`; "
+                             f"got {'no context' if context is None else 'one context per row'} (mixed batches "
+                             "take positional inputs)")
         if context is None:
             if self.router is None:
                 raise ValueError("no context given and no router set: pass one context per row, routed(x, context), "
-                                 "or set a router that infers them, e.g. routed.router = LearnedRouter.fit(train_x, "
-                                 "train_contexts, K), DetectorRouter() or EntropyRouter() (routing_lottery.router)")
+                                 "run one context's subnetwork inside `with routed.use(k):`, or set a router that "
+                                 "infers them, e.g. routed.router = LearnedRouter.fit(train_x, train_contexts, K), "
+                                 "DetectorRouter() or EntropyRouter() (routing_lottery.router)")
             context = self.router(self, x)
-        inputs = as_tuple(x)
+        inputs = () if x is None else as_tuple(x)
         if isinstance(context, (int, str)) or (isinstance(context, torch.Tensor) and context.dim() == 0):
-            return self._run(self.masks.check_context(context), *inputs)
+            return self._run(self.masks.check_context(context), *inputs, **kwargs)
         _check_rows(inputs)
         context = self.context_ids(context, inputs[0].shape[0])
         present = torch.unique(context).tolist()

@@ -22,6 +22,21 @@ Three strategies, by what they spend (``passes``: network forward passes per inp
     A small classifier of its own (standardise, PCA, multinomial logistic regression) fitted on
     the training contexts, applied in pure torch; it never runs the network.
 
+Routers are registered by name in ``ROUTERS``, as models, methods and tasks are (``registry.py``), so
+a config's ``deploy.routers`` and a saved ticket set name them the same way. Adding one is one class
+and one line; a class that is not registered is named by its import path instead::
+
+    @ROUTERS.register("nearest")            # or, unregistered, "my_package.routers:NearestRouter"
+    class NearestRouter:
+        name, passes = "nearest", 0
+        def __init__(self, thresholds=None): ...           # keyword options (build_router offers them)
+        def __call__(self, routed, x): ...                  # (N,) context ids
+        # optional: fit(inputs, contexts, num_contexts, **options) if it learns from labelled contexts,
+        # save(directory) + classmethod load(directory, **options) if it has state to keep
+
+``save_router`` / ``load_router`` write and read any of them through the registry (a ``kind.json``
+naming it, plus what its own ``save`` writes), so nothing outside this module names a router class.
+
 ``inject_errors`` corrupts true contexts at a chosen rate, to measure how routed accuracy degrades
 with routing errors independently of any router; ``routing_accuracy`` and ``plot_confusion``
 score a router against the true contexts.
@@ -30,41 +45,35 @@ score a router against the true contexts.
 from __future__ import annotations
 
 import hashlib
+import inspect
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import safetensors.torch
 import torch
 from torch.func import functional_call, grad, vmap
 
-from .errors import CheckpointError, DataError
+from .errors import CheckpointError, DataError, RoutingLotteryError, brief, shorten
 from .io import atomic_write_bytes, atomic_write_json, read_json
-from .routed import Inputs, _vmappable_attention, as_tuple, lacks_batching_rule
+from .metrics import confusion_matrix
+from .plotting import save_png
+from .registry import Registry, RegistryError
+from .routed import Inputs, Router, _vmappable_attention, as_tuple, lacks_batching_rule
 
 if TYPE_CHECKING:
     from .calibration import Thresholds
     from .routed import RoutedModel
 
-STRATEGIES = ("detectors", "entropy", "learned")
-"""The routers' names, as they appear in reports."""
 
-
-class Router(Protocol):
-    """Anything that chooses one context per input row.
-
-    ``name`` labels it in reports; ``passes`` is the number of network forward passes per input it
-    spends to choose (a backward pass counts as one), so a cost report can add it to the one
-    routed forward that follows.
-    """
-
-    name: str
-    passes: int
-
-    def __call__(self, routed: RoutedModel, x: Inputs) -> torch.Tensor:
-        """(N,) int64 context ids in ``0..K-1`` for the N rows of ``x``."""
-        ...
+ROUTERS: Registry[Callable[..., Router]] = Registry("router", setting="deploy.routers")
+"""Router classes (or factories) by name: ``ROUTERS.call("detectors", thresholds=t)`` builds one from keyword
+options, and ``ROUTERS.get("my_package.routers:MyRouter")`` finds a user's class by import path. Optional
+capabilities, found on the class: ``fit(inputs, contexts, num_contexts, **options)`` (a router learned from
+labelled contexts, ``fit_router``), ``save(directory)`` and a classmethod ``load(directory, **options)``
+(state kept with the tickets, ``save_router`` / ``load_router``)."""
 
 
 # -- detectors: K forward passes -------------------------------------------------------------------
@@ -83,6 +92,7 @@ def output_logit(k: int, outputs: torch.Tensor) -> torch.Tensor:
     return outputs[:, k]
 
 
+@ROUTERS.register("detectors")
 class DetectorRouter:
     """Run all K subnetworks and pick, per row, the one most confident about its own context.
 
@@ -175,6 +185,7 @@ def softmax_entropy(outputs: torch.Tensor) -> torch.Tensor:
     return entropy.reshape(entropy.shape[0], -1).mean(dim=1)
 
 
+@ROUTERS.register("entropy")
 class EntropyRouter:
     """SupSup one-shot context inference, per example (Wortsman et al. 2020).
 
@@ -302,6 +313,7 @@ def _check_contexts(contexts: Any, rows: int, num_contexts: int) -> torch.Tensor
     return c
 
 
+@ROUTERS.register("learned")
 class LearnedRouter:
     """A small classifier of contexts of its own: standardise, PCA, multinomial logistic regression.
 
@@ -507,17 +519,205 @@ REFIT_ROUTER = ("Refit the router (LearnedRouter.fit) and save it again; for a r
 """The remedy every ``LearnedRouter.load`` error ends with."""
 
 
-def router_problem(directory: str | Path, features: Callable[[Inputs], torch.Tensor] | None = None) -> str | None:
-    """Why the router saved in ``directory`` does not load (missing, truncated, corrupt, other features); None if it does.
+STRATEGIES: tuple[str, ...] = tuple(ROUTERS.names())
+"""The built-in routers' names, as they appear in reports and in ``deploy.routers``: the registry's entries
+once this module has registered its own (a user's later registrations do not change it)."""
 
-    Loads it completely (index, checksum, tensors, shapes), so None means ``LearnedRouter.load``
-    succeeds. A resuming run calls this on every reused checkpoint and refits the router when it
-    fails, rather than leaving a file that only ``rtl export`` or ``rtl calibrate`` would trip on.
+
+# -- any router, through the registry: build, fit, save, load -------------------------------------
+ROUTER_KIND = "kind.json"
+"""The file ``save_router`` writes in a router's directory: which router it is (registered name or import path)."""
+KIND_FORMAT = "routing-lottery/router"
+KIND_VERSION = 1
+LEGACY_ROUTER = "learned"
+"""What a directory without ``kind.json`` holds: before the registry only ``LearnedRouter`` was saved."""
+
+
+def _offered(function: Callable[..., Any], options: Mapping[str, Any]) -> dict[str, Any]:
+    """The options ``function`` takes by name; all of them if it takes ``**kwargs``.
+
+    Callers that serve every router (a run's deployment, a ticket set's load) offer what they have --
+    thresholds, a feature map -- and each router takes what it names: the detector router its
+    thresholds, the learned one its features, a user's router either or neither.
     """
     try:
-        LearnedRouter._read(Path(directory), features)
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: offer nothing rather than guess
+        return {}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return dict(options)
+    by_name = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    named = {p.name for p in parameters if p.kind in by_name}
+    return {k: v for k, v in options.items() if k in named}
+
+
+def build_router(name: str, **offered: Any) -> Router:
+    """A new router ``name`` (registered, or ``package.module:Class``), given those of ``offered`` it takes.
+
+    ``build_router("detectors", thresholds=t)`` is ``DetectorRouter(thresholds=t)``;
+    ``build_router("entropy", thresholds=t)`` is ``EntropyRouter()``. An error of the router's own
+    constructor names the setting (``deploy.routers``) and the router, as ``Registry.call`` does.
+    """
+    return ROUTERS.call(name, **_offered(ROUTERS.get(name), offered))
+
+
+def needs_fitting(name: str) -> bool:
+    """Whether router ``name`` is fitted on labelled contexts (its class has ``fit``), as ``LearnedRouter`` is.
+
+    Such a router is a function of the training data, not of a routed model: a run fits it once and
+    reuses it for every method, where the others are built per routed model (``build_router``).
+    """
+    return callable(getattr(ROUTERS.get(name), "fit", None))
+
+
+def fit_router(name: str, inputs: Inputs, contexts: Any, num_contexts: int, **offered: Any) -> Router:
+    """Router ``name`` fitted on training inputs and their true contexts: ``Class.fit(inputs, contexts,
+    num_contexts, **options)`` with those of ``offered`` its ``fit`` takes (``features``, ``seed``...)."""
+    entry = ROUTERS.get(name)
+    fit = getattr(entry, "fit", None)
+    if not callable(fit):
+        raise TypeError(f"router {name!r} has no fit(inputs, contexts, num_contexts): it is built from options, "
+                        "not fitted; use build_router (needs_fitting tells which)")
+    return fit(inputs, contexts, num_contexts, **_offered(fit, offered))
+
+
+def router_name(router: Router) -> str:
+    """The name that finds ``router``'s class again: its registered name, else its import path ``module:Class``.
+
+    ``ValueError`` for a class no name can reach from another process (defined inside a function, or
+    shadowed in its module): register it, or define it at module level.
+    """
+    cls = type(router)
+    for name in ROUTERS.names():
+        if ROUTERS.get(name) is cls:
+            return name
+    path = f"{cls.__module__}:{cls.__qualname__}"
+    module = sys.modules.get(cls.__module__)
+    found: Any = module
+    for part in cls.__qualname__.split("."):
+        found = getattr(found, part, None)
+    if found is not cls:
+        raise ValueError(f"router {type(router).__qualname__} cannot be saved: its class is not registered and "
+                         f"{path!r} does not lead back to it (a class defined inside a function?); register it with "
+                         "@ROUTERS.register('name') or define it at module level")
+    return path
+
+
+def save_router(router: Router | None, directory: str | Path) -> Path | None:
+    """Write ``router`` into ``directory`` so that ``load_router`` gives it back; None (nothing written) without one.
+
+    What the router saves itself comes first (``router.save(directory)`` when its class has one:
+    ``LearnedRouter`` writes ``router.json`` + ``router.safetensors``, the format it always had),
+    then ``kind.json`` naming it (``router_name``), atomically and last, as an index after its data.
+
+    A router with no ``save`` (``DetectorRouter``, ``EntropyRouter``) gets ``kind.json`` alone rather
+    than nothing: a ticket set loaded later routes raw inputs again with the router it was saved
+    with, and its thresholds travel with the tickets' own metadata (``load_router(...,
+    thresholds=)``). Its functions are code, not state: a custom ``confidence`` or ``uncertainty``
+    is not written, so pass it again to ``load_router`` (``confidence=f``), as ``LearnedRouter``
+    takes its ``features``.
+    """
+    if router is None:
+        return None
+    name = router_name(router)
+    directory = Path(directory)
+    save = getattr(router, "save", None)
+    if callable(save):
+        save(directory)
+    atomic_write_json(directory / ROUTER_KIND, {"format": KIND_FORMAT, "version": KIND_VERSION, "router": name})
+    return directory
+
+
+def load_router(directory: str | Path, **options: Any) -> Router | None:
+    """The router ``save_router`` wrote in ``directory``; None when there is no such directory (none was saved).
+
+    ``kind.json`` names the router; the registry resolves the name (an import path imports its
+    module, as a config naming it would: load routers only from checkpoints you trust). Its class's
+    ``load(directory, **options)`` reads it when it has one; otherwise the class is built anew.
+    ``options`` are offered: each router takes those its ``load`` (or constructor) names
+    (``features=`` the learned router, ``thresholds=`` the detector router). A directory without
+    ``kind.json`` is a ``LearnedRouter`` saved before the registry, and loads as one.
+
+    Raises ``CheckpointError`` naming the file for anything wrong with what was saved: ``kind.json``
+    corrupt, a router name this process does not know (with the registered ones), a router's own
+    files that do not load.
+    """
+    directory = Path(directory)
+    if not directory.exists():
+        return None
+    return _load(directory, options)
+
+
+def _load(directory: Path, options: Mapping[str, Any]) -> Router:
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"{directory} is a file, not a saved router's directory")
+    kind_path = directory / ROUTER_KIND
+    name = _saved_name(kind_path) if kind_path.is_file() else LEGACY_ROUTER
+    entry = _saved_entry(kind_path, name)
+    load = getattr(entry, "load", None)
+    try:
+        if callable(load):
+            router = load(directory, **_offered(load, options))
+        else:  # nothing of its own was saved: build it anew
+            router = entry(**_offered(entry, options))
+    except RoutingLotteryError:
+        raise
+    except Exception as err:  # noqa: BLE001 -- a user's router failed to come back: say which and from where
+        raise CheckpointError(f"{kind_path}: router {brief(name)} does not load here ({type(err).__name__}: "
+                              f"{shorten(str(err), 300)})") from err
+    if not callable(router):
+        raise CheckpointError(f"{kind_path}: router {brief(name)} loaded as a {type(router).__name__}, which is not "
+                              "a router (a router is called as router(routed, x))")
+    return router
+
+
+def _saved_name(kind_path: Path) -> str:
+    """The router name recorded in ``kind_path``; ``CheckpointError`` naming the file if it is not one."""
+    kind = read_json(kind_path, max_bytes=2**12)
+    if not isinstance(kind, dict) or kind.get("format") != KIND_FORMAT:
+        found = brief(kind.get("format")) if isinstance(kind, dict) else type(kind).__name__
+        raise CheckpointError(f"{kind_path} is not a router's kind file (format {found}, expected {KIND_FORMAT!r})")
+    version = kind.get("version")
+    if type(version) is not int or version != KIND_VERSION:  # type(): True == 1
+        raise CheckpointError(f"{kind_path} has version {brief(version)}; this library reads version {KIND_VERSION}")
+    name = kind.get("router")
+    if not isinstance(name, str) or not name or len(name) > 300:
+        raise CheckpointError(f"{kind_path} is corrupt: field 'router' is {brief(name)}, expected a router's "
+                              "registered name or import path")
+    return name
+
+
+def _saved_entry(kind_path: Path, name: str) -> Callable[..., Router]:
+    """The registry's entry for a name read from a file; ``CheckpointError`` when this process has none."""
+    if ":" not in name and name not in ROUTERS:
+        # A name registered by the user's own module, not imported in this process, lands here too.
+        raise CheckpointError(f"{kind_path} names router {name!r}, which is not registered here (registered: "
+                              f"{sorted(ROUTERS.names())}); import the module that registers it before loading")
+    try:
+        entry = ROUTERS.get(name)
+    except RegistryError as err:
+        raise CheckpointError(f"{kind_path} names router {brief(name)}, which cannot be found: {err}") from None
+    if not callable(entry):
+        raise CheckpointError(f"{kind_path} names {brief(name)}, which is a {type(entry).__name__}, not a router "
+                              "class or factory")
+    return entry
+
+
+def router_problem(directory: str | Path, features: Callable[[Inputs], torch.Tensor] | None = None) -> str | None:
+    """Why the router saved in ``directory`` does not load (missing, truncated, corrupt, unknown, other features);
+    None if it does.
+
+    Loads it completely (``load_router``: kind file, then the router's own files, for the learned
+    router index, checksum, tensors and shapes), so None means ``load_router`` succeeds. A resuming
+    run calls this on every reused checkpoint and refits the router when it fails, rather than
+    leaving a file that only ``rtl export`` or ``rtl calibrate`` would trip on; a missing
+    directory is a problem too (a learned router's ``router.json`` is missing). The message stops
+    before ``LearnedRouter.load``'s remedy: each caller says its own (a run refits by itself).
+    """
+    try:
+        _load(Path(directory), {"features": features})
     except CheckpointError as err:
-        return str(err)
+        return str(err).removesuffix(f". {REFIT_ROUTER}")
     return None
 
 
@@ -600,12 +800,10 @@ def plot_confusion(chosen: Any, true: Any, names: Sequence[str], path: str | Pat
     draws one figure instead of one per router (text-heavy figures cost a second each to render).
     Colours are row-normalised (the share of each true context's rows sent to each context), so a
     small context's errors show as plainly as a large one's; cells carry the counts. Written
-    atomically (``diagnostics.figures.save_png``); returns the path.
+    atomically (``plotting.save_png``); returns the path.
     """
     from matplotlib.figure import Figure
 
-    from .diagnostics.figures import save_png
-    from .metrics import confusion_matrix
 
     panels = dict(chosen) if isinstance(chosen, Mapping) else {"": chosen}
     if not panels:
@@ -642,6 +840,8 @@ def plot_confusion(chosen: Any, true: Any, names: Sequence[str], path: str | Pat
 
 
 __all__ = [
-    "REFIT_ROUTER", "STRATEGIES", "DetectorRouter", "EntropyRouter", "LearnedRouter", "Router", "flatten_features",
-    "inject_errors", "output_logit", "plot_confusion", "router_problem", "routing_accuracy", "softmax_entropy",
+    "REFIT_ROUTER", "ROUTERS", "ROUTER_KIND", "STRATEGIES", "DetectorRouter", "EntropyRouter", "LearnedRouter",
+    "Router", "build_router", "fit_router", "flatten_features", "inject_errors", "load_router", "needs_fitting",
+    "output_logit", "plot_confusion", "router_name", "router_problem", "routing_accuracy", "save_router",
+    "softmax_entropy",
 ]

@@ -18,7 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from .diagnose import DiagnoseSettings, diagnose_run
-from .diagnostics.signals import study_markdown, study_run, study_table
+from .diagnose import study_run
+from .pareto import budget_comparison, budget_markdown, plot_pareto
+from .seeds import paired_markdown
+from .diagnostics.signals import study_markdown, study_table
 from .io import atomic_write_json, atomic_write_text, read_json
 from .report import markdown_table, primary_metric_key, aggregate_rows
 
@@ -39,8 +42,6 @@ def _seed_order(path: Path) -> tuple[int, str]:
 
 def write_sweep_report(out: str | Path, settings: DiagnoseSettings, log: Log = lambda m: None) -> dict[str, Any]:
     """Diagnose every run of the sweep, then write the sweep's ``report.md``; returns what it found."""
-    from .pareto import budget_comparison, budget_markdown, plot_pareto
-
     out = Path(out)
     parts = sweep_parts(out)
     if not parts:
@@ -65,8 +66,6 @@ def write_sweep_report(out: str | Path, settings: DiagnoseSettings, log: Log = l
             sections += [f"![equal storage]({figure.name})", ""]
         atomic_write_json(out / "pareto.json", rows)
     if (out / "paired.json").exists():
-        from .seeds import paired_markdown
-
         sections += ["## Paired tests over seeds", "", paired_markdown(read_json(out / "paired.json")), ""]
     sections += ["## Collapse study", "", study_markdown(study) or "No run had enough levels and a metric at each.", ""]
     sections += ["## Per run", ""] + [f"- `{name}`: {verdict}" for name, verdict in verdicts.items()] + [""]

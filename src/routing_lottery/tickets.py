@@ -20,7 +20,7 @@ Example
 >>> from routing_lottery import AdaptiveTickets, RTLConfig, PruningConfig, tensor_stream
 >>> streams = {name: tensor_stream(name, x_k, y_k, loss, batch_size=32) for name, (x_k, y_k) in data.items()}
 >>> rtl = AdaptiveTickets(model, RTLConfig(pruning=PruningConfig(sparsities=(0.5,), step=0.2)))
->>> routed = rtl.fit(streams)
+>>> routed = rtl.fit(streams).routed
 >>> routed(x, ["cat", "dog", "cat"])       # contexts by name (or index), mixed in one batch
 >>> rtl.save("tickets/")
 """
@@ -33,12 +33,14 @@ import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from .fingerprint import fingerprint
+from .calibration import Thresholds
+from .channels import ChannelStructure
 from .errors import ConfigError
 from .io import CheckpointError, load_tickets, model_fingerprint, save_tickets
 from .masks import Mask, MaskSet
@@ -47,12 +49,12 @@ from .pruning import (
     weight_norm_directions,
 )
 from .recipe import PruningConfig, RTLConfig
+from .settings import build
+from .store import IDENTITY_VERSION, CheckpointDirectory
 from .routed import RoutedModel, as_tuple
+from .router import Router, load_router, save_router
 from .training import SILENT, ProgressSink, State, Stream, derive_seed, extract_ticket, joint_retrain, snapshot, train
 
-if TYPE_CHECKING:
-    from .calibration import Thresholds
-    from .router import Router
 
 Log = Callable[[str], None]
 
@@ -152,7 +154,8 @@ class AdaptiveTickets:
         self.level: float | None = None
         self.metadata: dict[str, Any] = {}
         self.thresholds: Thresholds | None = None  # calibrated detector thresholds, saved with the tickets
-        self.router: Router | None = None  # routes inputs given without a context (routed(x)); learned ones are saved
+        self._router: Router | None = None
+        self._routed: RoutedModel | None = None  # ``routed``, kept while the masks and the model stay the same
 
     # -- what is masked ----------------------------------------------------------------------
     @property
@@ -162,8 +165,6 @@ class AdaptiveTickets:
             if self.example_inputs is None:
                 raise RuntimeError("channel tickets trace the model's channel dependencies on example inputs: "
                                    "pass example_inputs=..., or call extract() or retrain() with streams first")
-            from .channels import ChannelStructure
-
             self._structure = ChannelStructure.trace(self.model, self.example_inputs, self.selected)
         return self._structure
 
@@ -221,9 +222,7 @@ class AdaptiveTickets:
             self.example_inputs = first_inputs(streams[0])
         if self.out is None or self.store is not None:
             return
-        from .run.directory import IDENTITY_VERSION, RunDirectory
-
-        directory = RunDirectory(self.out, log=self.log)
+        directory = CheckpointDirectory(self.out, log=self.log)
         recipe = self.config.to_dict()
         recipe["pruning"].pop("sparsities")  # adding a level reuses the nested rounds on disk
         # θ₀'s fingerprint is part of the identity: another initialization is refused, and a corrupt
@@ -254,7 +253,7 @@ class AdaptiveTickets:
         # checkpoint, and a load here put the weights back to θ₀ under the saved optimizer states.
         return self._to_device(stored)
 
-    def rewind_point(self, stream: Stream | None = None) -> State:
+    def _rewind_point(self, stream: Stream | None = None) -> State:
         """Where survivors rewind to: θ₀ (the paper), or θ_j after ``pruning.rewind_steps`` dense steps
         on ``stream`` (all data)."""
         j = self.config.pruning.rewind_steps
@@ -279,7 +278,7 @@ class AdaptiveTickets:
         return self._rewind
 
     # -- stage 1 -----------------------------------------------------------------------------
-    def imp_rounds(self, stream_id: str, stream: Stream, epochs: int | None = None,
+    def _imp_rounds(self, stream_id: str, stream: Stream, epochs: int | None = None,
                    rewind_stream: Stream | None = None, context: str | None = None) -> list[Mask]:
         """Every IMP round's mask on one stream; rounds already in the store (for the same schedule) are reused.
 
@@ -303,7 +302,7 @@ class AdaptiveTickets:
             trace = LossTrace(stream, epochs)
             first = len(done)
             done += extract_ticket(
-                self.model, self.rewind_point(rewind_stream), self.prunable, trace.stream, self.schedule, epochs,
+                self.model, self._rewind_point(rewind_stream), self.prunable, trace.stream, self.schedule, epochs,
                 self.config.training.optimizer, derive_seed(self.config.seed, "imp", stream_id),
                 self.config.pruning.scope, self.progress, resume=(len(done) - 1, done[-1]) if done else None,
                 on_round=save, prune=self.structure.prune, start_mask=self.structure.ones())
@@ -316,7 +315,7 @@ class AdaptiveTickets:
                            f"{self.config.training.optimizer.lr:g}) or training.imp_epochs")
         return done
 
-    def mask_at(self, rounds: Sequence[Mask], level: float) -> Mask:
+    def _mask_at(self, rounds: Sequence[Mask], level: float) -> Mask:
         """The ticket at ``level`` from a stream's rounds (all ones at a level that prunes nothing)."""
         if round(level * self.total) == 0:
             return {n: m.to(self.device) for n, m in self.structure.ones().items()}
@@ -324,7 +323,7 @@ class AdaptiveTickets:
             raise ValueError(f"sparsity {level} is not one of this recipe's levels {self.levels}")
         return rounds[self.level_round[level]]
 
-    def basis(self, level: float) -> list[int]:
+    def _basis(self, level: float) -> list[int]:
         """What a ticket at ``level`` depends on in stage 1: the cumulative pruned count of every round up to it.
 
         Rounds saved for another plan (a level inserted below changes the later rounds) are
@@ -350,9 +349,9 @@ class AdaptiveTickets:
             warnings.warn("one context: its ticket is single-mask IMP on that context's data, and there is "
                           "nothing to route between", stacklevel=2)
             self.log("warning: one context, so RTL reduces to single-mask IMP")
-        rounds = [self.imp_rounds(f"context_{k:02d}", s, rewind_stream=rewind_stream, context=names[k])
+        rounds = [self._imp_rounds(f"context_{k:02d}", s, rewind_stream=rewind_stream, context=names[k])
                   for k, s in enumerate(streams)]
-        tickets = {level: MaskSet.from_tickets([self.mask_at(r, level) for r in rounds], names)
+        tickets = {level: MaskSet.from_tickets([self._mask_at(r, level) for r in rounds], names)
                    for level in self.levels}
         self._pruned_away = [line for level, masks in tickets.items()
                              if (line := pruned_away(masks, level, self.config.pruning))]
@@ -390,7 +389,7 @@ class AdaptiveTickets:
         basis = fingerprint(masks.packed())
         # The rewind point first: taking it may train the model (θ_j), so it must come before a
         # saved epoch's weights are loaded, never after.
-        init_state = self._rewound_aliases(self.rewind_point(rewind_stream), masks)
+        init_state = self._rewound_aliases(self._rewind_point(rewind_stream), masks)
         saved = self.store.load_training(key, basis) if self.store is not None else None
         resume = None
         finished = False
@@ -432,8 +431,9 @@ class AdaptiveTickets:
                             for a, c in tied.items()}}
 
     def fit(self, streams: Sequence[Stream] | Mapping[str, Stream], level: float | None = None,
-            rewind_stream: Stream | None = None) -> RoutedModel:
-        """Extract the tickets and retrain them jointly at ``level`` (default: the highest configured).
+            rewind_stream: Stream | None = None) -> AdaptiveTickets:
+        """Extract the tickets and retrain them jointly at ``level`` (default: the highest configured);
+        returns ``self``, as scikit-learn's ``fit`` does: ``rtl.fit(streams).routed(x, contexts)``.
 
         With ``out``, a second call on a finished directory loads the result (the same masks and
         weights, bit for bit) without training; an interrupted one resumes from its last epoch.
@@ -442,15 +442,58 @@ class AdaptiveTickets:
         if level not in self.levels:
             raise ValueError(f"sparsity {level} is not one of this recipe's levels {self.levels}")
         masks = self.extract(streams, rewind_stream)[level]
-        return self.retrain(streams, masks, level=level, rewind_stream=rewind_stream)
+        self.retrain(streams, masks, level=level, rewind_stream=rewind_stream)
+        return self
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Deprecated (0.2's ``fit`` returned the routed model): ``rtl.routed(...)``."""
+        warnings.warn("AdaptiveTickets.fit() returns the AdaptiveTickets since 0.3 (as scikit-learn's fit); route "
+                      "inputs with .routed(x, context)", DeprecationWarning, stacklevel=2)
+        return self.routed(*args, **kwargs)
 
     # -- inference and files -----------------------------------------------------------------
     @property
     def routed(self) -> RoutedModel:
-        """The routed model over the current masks (in evaluation mode)."""
+        """The routed model over the current masks (``RoutedModel``), made in evaluation mode on first use and
+        kept -- with what it caches (materialized weights, the mixed path it chose) -- until the masks or
+        the model change. Its router is ``self.router``."""
         if self.masks is None:
             raise RuntimeError("no tickets yet: call fit() or extract() + retrain(), or AdaptiveTickets.load()")
-        return RoutedModel(self.model, self.masks, router=self.router).eval()
+        if self._routed is None or self._routed.masks is not self.masks or self._routed.model is not self.model:
+            self._routed = RoutedModel(self.model, self.masks, router=self._router).eval()
+        return self._routed
+
+    @property
+    def router(self) -> Router | None:
+        """Routes inputs given without a context (``routed(x)``); saved with the tickets (``router.save_router``)."""
+        return self._router
+
+    @router.setter
+    def router(self, value: Router | None) -> None:
+        self._router = value
+        if self._routed is not None:
+            self._routed.router = value
+
+    # Stage-1 internals, named publicly in 0.2; the runner reads them as the tickets' friend.
+    def rewind_point(self, stream: Stream | None = None) -> State:
+        """Deprecated alias of a private method (0.2); kept for one release."""
+        _deprecated("rewind_point", "theta0 (or rtl.fit / retrain, which rewind for you)")
+        return self._rewind_point(stream)
+
+    def imp_rounds(self, *args: Any, **kwargs: Any) -> list[Mask]:
+        """Deprecated alias of a private method (0.2); kept for one release."""
+        _deprecated("imp_rounds", "extract(streams)")
+        return self._imp_rounds(*args, **kwargs)
+
+    def mask_at(self, rounds: Sequence[Mask], level: float) -> Mask:
+        """Deprecated alias of a private method (0.2); kept for one release."""
+        _deprecated("mask_at", "extract(streams)[level]")
+        return self._mask_at(rounds, level)
+
+    def basis(self, level: float) -> list[int]:
+        """Deprecated alias of a private method (0.2); kept for one release."""
+        _deprecated("basis", "nothing: it is bookkeeping of the run directory")
+        return self._basis(level)
 
     def save(self, directory: str | Path, metadata: Mapping[str, Any] | None = None) -> Path:
         """The shared weights, packed masks and recipe in ``directory`` (see ``io.save_tickets``)."""
@@ -462,10 +505,7 @@ class AdaptiveTickets:
         if self.thresholds is not None:
             recipe["thresholds"] = self.thresholds.to_dict()
         path = save_tickets(directory, self.model, self.masks, {**recipe, **(metadata or {})})
-        from .router import LearnedRouter
-
-        if isinstance(self.router, LearnedRouter):
-            self.router.save(path / "router")
+        save_router(self.router, path / "router")  # any registered router, by its name (router.ROUTERS)
         return path
 
     @classmethod
@@ -492,8 +532,6 @@ class AdaptiveTickets:
             tickets._structure = WeightStructure({n: params[n] for n in masks.tensor_names})
         tickets.masks, tickets.level, tickets.metadata = masks, metadata.get("sparsity"), metadata
         if metadata.get("thresholds") is not None:
-            from .calibration import Thresholds
-
             try:
                 tickets.thresholds = Thresholds.from_dict(metadata["thresholds"])
             except (KeyError, TypeError, ValueError) as err:
@@ -501,12 +539,14 @@ class AdaptiveTickets:
             if tickets.thresholds.num_contexts != masks.num_contexts:
                 raise CheckpointError(f"{directory}: {tickets.thresholds.num_contexts} thresholds for "
                                       f"{masks.num_contexts} contexts")
-        if (Path(directory) / "router").is_dir():
-            from .router import LearnedRouter
-
-            tickets.router = LearnedRouter.load(Path(directory) / "router", features=features)
+        tickets.router = load_router(Path(directory) / "router", features=features, thresholds=tickets.thresholds)
         tickets._initial = None  # the checkpoint holds trained weights, not the shared initialization
         return tickets
+
+
+def _deprecated(name: str, instead: str) -> None:
+    warnings.warn(f"AdaptiveTickets.{name} is internal since 0.3 and will be removed; use {instead}",
+                  DeprecationWarning, stacklevel=3)
 
 
 def _named(streams: Sequence[Stream] | Mapping[str, Stream]) -> tuple[list[str], list[Stream]]:
@@ -676,6 +716,4 @@ def tensor_stream(name: str, inputs: torch.Tensor | Sequence[torch.Tensor], targ
 
 
 def _recipe_from_dict(raw: Mapping[str, Any]) -> RTLConfig:
-    from .config import build
-
     return build(RTLConfig, json.loads(json.dumps(raw)))

@@ -1,4 +1,10 @@
-"""Training loops: masked training, per-context IMP (stage 1) and joint retraining (stage 2).
+"""Training: the pieces a user's own loop needs, and the paper's loops built on them.
+
+The pieces: ``ContextOptimizer`` / ``context_optimizers`` make any torch optimizer per-context
+(a step of context k moves nothing outside its mask m_k; state only at m_k), ``as_stream`` takes
+a ``DataLoader`` or any re-iterable of batches, and the masked forward for context k is
+``routed.RoutedModel.use(k)`` or ``routed.masked_forward``. The loops: masked training, per-context
+IMP (stage 1) and joint retraining (stage 2, Algorithm 2).
 
 Task-agnostic: a ``Stream`` says what one subnetwork trains on (its epoch of batches and its
 loss). Every source of randomness is a generator seeded from the run seed and the loop's
@@ -10,11 +16,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import hashlib
+import itertools
 import math
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -62,12 +69,125 @@ class OptimizerConfig:
 
 @dataclass(frozen=True)
 class Stream:
-    """What one subnetwork trains on: its batches (one epoch, ordered by a generator) and its loss."""
+    """What one subnetwork trains on: its batches (one epoch, ordered by a generator) and its loss.
+
+    ``epoch(generator)`` returns one epoch of ``(inputs, targets)`` batches, inputs a tensor or a
+    tuple of them: a list, or any iterable (a ``DataLoader``: see ``as_stream``).
+    """
 
     name: str
-    epoch: Callable[[torch.Generator], Sequence[Batch]]
+    epoch: Callable[[torch.Generator], Iterable[Batch]]
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     num_batches: int
+
+
+class _Epoch:
+    """One epoch of a re-iterable source of batches (``as_stream``): iterated afresh, each batch checked
+    to be ``(x, y)``, and the source's own draws from torch's global generator made from ``seed``."""
+
+    def __init__(self, name: str, source: Iterable[Any], count: int | None, seed: int) -> None:
+        self.name, self.source, self.count, self.seed = name, source, count, seed
+
+    def __len__(self) -> int:
+        return len(self.source) if self.count is None else self.count  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[Batch]:
+        # A DataLoader without a generator of its own draws its shuffle (and its workers' seeds) from
+        # the global generator when iteration starts: seeded here, that order follows the epoch's
+        # generator as every Stream's does. The fork ends before the first batch is handed out, so
+        # the training step's own randomness (dropout) is not drawn from it.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            batches = iter(self.source)
+            first = next(batches, _END)
+        if first is _END:
+            return
+        for i, batch in enumerate(itertools.chain([first], batches)):
+            yield _as_batch(self.name, i, batch)
+
+    def __getitem__(self, index: int) -> Batch:
+        """Batch ``index`` of this epoch, by iterating up to it: for a first look (a trace), not a loop."""
+        if not isinstance(index, int) or index < 0:
+            raise TypeError(f"stream {self.name!r}: an epoch of an iterable is indexed by a non-negative int; "
+                            f"got {index!r}")
+        found = next(itertools.islice(iter(self), index, None), _END)
+        if found is _END:
+            raise IndexError(f"stream {self.name!r}: batch {index} of an epoch of {len(self)}")
+        return found  # type: ignore[return-value]
+
+
+_END = object()
+
+
+def _as_batch(name: str, index: int, batch: Any) -> Batch:
+    """``batch`` as ``(inputs, targets)``: a DataLoader's default collate gives lists where tuples were."""
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], torch.Tensor)):
+        kind = f"a {type(batch).__name__} of {len(batch)}" if isinstance(batch, (tuple, list)) else type(batch).__name__
+        raise TypeError(f"stream {name!r}: batch {index} must be (inputs, targets) with targets a tensor; got {kind}. "
+                        "A dataset of several inputs should return ((x1, x2), y) per row")
+    x, y = batch
+    return (tuple(x) if isinstance(x, list) else x), y
+
+
+def as_stream(name: str, batches: Iterable[Any], loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+              num_batches: int | None = None) -> Stream:
+    """A ``Stream`` over a ``torch.utils.data.DataLoader`` or any re-iterable of ``(x, y)`` batches.
+
+    ``x`` is a tensor or a tuple of tensors (``model(*x)``; a list, as a DataLoader collates a
+    tuple, is taken as one), ``y`` a tensor. Each epoch iterates ``batches`` afresh. A
+    ``DataLoader`` with a ``generator=`` of its own reshuffles with it, continuing its sequence (a
+    resumed run restarts it); one without draws its order from torch's global generator as
+    iteration starts, which each epoch seeds from the generator it is given -- so an unseeded
+    loader's order follows the run seed and the epoch like any Stream's, the same on resume.
+
+    Parameters
+    ----------
+    name : the context's name.
+    batches : a DataLoader, a list of batches, or any object whose ``__iter__`` starts over; not a
+        generator or other one-shot iterator (a second epoch would find it empty).
+    loss : ``loss(outputs, targets)``.
+    num_batches : batches per epoch; default ``len(batches)``, or counted by one pass over
+        ``batches`` when it has no length (a DataLoader over an ``IterableDataset``).
+
+    Example
+    -------
+    >>> loader = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True)
+    >>> stream = as_stream("cats", loader, F.cross_entropy)
+    >>> joint_retrain(model, theta0, masks, [stream, as_stream("dogs", dog_batches, F.cross_entropy)], ...)
+    """
+    if isinstance(batches, Iterator):
+        raise TypeError(f"stream {name!r}: batches is a one-shot iterator ({type(batches).__name__}), but every "
+                        "epoch iterates it afresh: pass something re-iterable, e.g. a DataLoader or list(batches)")
+    if not isinstance(batches, Iterable):
+        raise TypeError(f"stream {name!r}: batches must be an iterable of (x, y) batches (a DataLoader, a list); "
+                        f"got {type(batches).__name__}")
+    if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int)
+                                    or num_batches < 1):
+        raise ValueError(f"stream {name!r}: num_batches must be a positive integer; got {num_batches!r}")
+    sized = _has_len(batches)
+    if sized:
+        count = len(batches)  # type: ignore[arg-type]
+    elif num_batches is not None:
+        count = num_batches
+    else:
+        with torch.random.fork_rng(devices=[]):  # the counting pass leaves the caller's global generator as it was
+            count = sum(1 for _ in batches)
+    if count == 0:
+        raise ValueError(f"stream {name!r} has no batches: the {type(batches).__name__} is empty")
+
+    def epoch(gen: torch.Generator) -> _Epoch:
+        return _Epoch(name, batches, None if sized else count, int(torch.randint(0, 2**62, (), generator=gen)))
+
+    return Stream(name, epoch, loss, num_batches if num_batches is not None else count)
+
+
+def _has_len(obj: object) -> bool:
+    """Whether ``len(obj)`` answers: a DataLoader over an IterableDataset without ``__len__`` raises TypeError."""
+    try:
+        len(obj)  # type: ignore[arg-type]
+    except TypeError:
+        return False
+    return True
 
 
 class ProgressSink(Protocol):
@@ -175,16 +295,18 @@ def train(
     model.train()
     steps = 0
     for epoch in range(epochs):
-        batches = stream.epoch(generator(seed, epoch))
-        if len(batches) == 0:  # training nothing and then pruning untrained weights would pass silently
-            raise DataError(f"stream {stream.name!r} has no training batches (an empty context?)")
+        batches = stream.epoch(generator(seed, epoch))  # a list, or any iterable (a DataLoader's epoch)
+        taken = 0
         with seeded_global_rng(device, seed, "global", epoch):
             for batch in batches:
                 loss = masked_step(model, params, fmask, opt, stream.loss, *_to_device(batch, device))
                 steps += 1
+                taken += 1
                 progress.advance(1, f"{stream.name} epoch {epoch + 1}/{epochs} loss {loss.item():.3f}")
                 if max_steps is not None and steps >= max_steps:
                     return
+        if taken == 0:  # training nothing and then pruning untrained weights would pass silently
+            raise DataError(f"stream {stream.name!r} has no training batches (an empty context?)")
 
 
 def masked_step(model: nn.Module, params: Mapping[str, torch.Tensor], fmask: Mapping[str, torch.Tensor],
@@ -251,33 +373,82 @@ def extract_ticket(
     return masks
 
 
-class SubnetworkOptimizer:
-    """One context's optimizer in joint retraining, with state only for what that context can change.
+MakeOptimizer = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
+"""Builds a torch optimizer over the parameters it is given, e.g. ``lambda p: torch.optim.AdamW(p, lr=3e-4)``."""
 
-    K full optimizers over the shared θ would hold K copies of every moment, although context k
-    only ever changes the positions inside its mask m_k (and the dense parameters). So each masked
-    tensor is stood in for by a 1-D proxy leaf: before a step it receives the weight and its
-    gradient at the positions of m_k (``masked_select``), the real torch optimizer steps it, and
-    the result is written back (``masked_scatter_``); between steps the proxy holds no storage.
-    Dense parameters (not masked: BatchNorm, biases, ...) are stepped in place, in full. Adam and
-    SGD are elementwise, so this is the update a full optimizer gives when its step outside m_k is
-    undone -- same weights, with state that grows with the masks' density.
 
-    ``state_dict()`` is the inner optimizer's, parameters in model order with a proxy in place of
-    each masked tensor; ``load_state_dict`` also takes one saved by a full-model optimizer in that
-    order (before this class existed) and keeps its state at the positions of m_k.
+class ContextOptimizer:
+    """Any torch optimizer, made per-context: a step of context k moves only m_k and the dense parameters.
+
+    In joint retraining (Algorithm 2) the K subnetworks take turns on one shared θ, each with its
+    own optimizer state. A plain optimizer over all parameters would fall into the Adam trap:
+    context j's momentum and weight decay would move weights that only context i uses, and
+    revive weights outside every mask. This wrapper closes it for any optimizer; use it in your
+    own loop exactly as the optimizer it wraps (``zero_grad``, ``backward``, clipping, ``step``).
+
+    ``compact=True`` (the default): each masked tensor is stood in for by a 1-D proxy leaf.
+    Before a step it receives the weight and its gradient at the positions of m_k
+    (``masked_select``), the wrapped optimizer steps it, and the result is written back
+    (``masked_scatter_``); between steps the proxy holds no storage. Dense parameters (not
+    masked: BatchNorm, biases, ...) are stepped in place, in full. The state then grows with the
+    mask's density rather than being K copies of the model -- and the update is the full
+    optimizer's with its step outside m_k undone *for elementwise optimizers* (Adam, AdamW, SGD
+    with momentum, RMSprop, Adagrad, ...). Shape-aware optimizers (Adafactor's factored moments,
+    Shampoo's preconditioners, LAMB's per-tensor trust ratio, anything taking a norm over a
+    tensor) see the 1-D proxies instead of the tensors: use ``compact=False`` for them.
+
+    ``compact=False``: the real parameters go to the wrapped optimizer (full-shape state; any
+    optimizer), and after each step every masked tensor's positions outside m_k are put back
+    to their values before the step.
+
+    Gradients live on the real parameters until ``step()``, so ``clip_grad_norm_`` over
+    ``model.parameters()`` works between ``backward`` and ``step``. Schedulers attach to the
+    wrapped optimizer: ``CosineAnnealingLR(opt.optimizer, T)``. A ``closure`` is called once,
+    before the step; with ``compact=True`` the wrapped optimizer never sees it, so optimizers
+    that re-evaluate it (LBFGS) need ``compact=False``, where it is passed through. A
+    ``GradScaler`` unscales through ``param_groups``, which holds the proxies when compact:
+    use ``compact=False`` with it (bfloat16 autocast needs no scaler).
+
+    Parameters
+    ----------
+    model : the shared network; mask : context k's boolean (or 0/1) mask per masked tensor name;
+    make_optimizer : ``params -> torch.optim.Optimizer``, given the parameters in
+        ``model.named_parameters()`` order (with ``compact=True``, a proxy in place of each masked
+        tensor); compact : as above.
+
+    Example
+    -------
+    >>> opts = context_optimizers(model, masks, lambda p: torch.optim.AdamW(p, lr=3e-4, weight_decay=0.01))
+    >>> with routed.use(k):
+    ...     loss = loss_fn(routed(x), y)
+    >>> opts[k].zero_grad(); loss.backward(); opts[k].step()
     """
 
-    def __init__(self, model: nn.Module, mask: Mapping[str, torch.Tensor], config: OptimizerConfig) -> None:
+    def __init__(self, model: nn.Module, mask: Mapping[str, torch.Tensor], make_optimizer: MakeOptimizer, *,
+                 compact: bool = True) -> None:
         self._params = dict(model.named_parameters())
-        self._mask = {n: m.to(device=self._params[n].device, dtype=torch.bool) for n, m in mask.items()}
+        self._mask = _bool_mask(mask, self._params)
+        self.compact = compact
         self._proxies = {n: torch.empty(0, dtype=p.dtype, device=p.device)
-                         for n, p in self._params.items() if n in self._mask}
-        self.optimizer = config.build([self._proxies.get(n, p) for n, p in self._params.items()])
+                         for n, p in self._params.items() if n in self._mask} if compact else {}
+        optimizer = make_optimizer([self._proxies.get(n, p) for n, p in self._params.items()])
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"make_optimizer must return a torch.optim.Optimizer; got {type(optimizer).__name__}")
+        self.optimizer = optimizer
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The wrapped optimizer's parameter groups (learning rates and the rest live there)."""
+        return self.optimizer.param_groups
+
+    @property
+    def mask(self) -> Mapping[str, torch.Tensor]:
+        """This context's boolean mask m_k, on the model's device."""
+        return self._mask
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the gradients of every parameter this context touches, masked shared weights included."""
-        for n in self._proxies:
+        for n in self._proxies:  # compact: the wrapped optimizer knows only the proxies
             w = self._params[n]
             if set_to_none or w.grad is None:
                 w.grad = None
@@ -285,9 +456,22 @@ class SubnetworkOptimizer:
                 w.grad.zero_()
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One optimizer step of this context: only positions inside m_k and dense parameters move.
+
+        Returns the closure's loss (``None`` without one).
+        """
+        if not self.compact:
+            return self._step_full(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._step_compact()
+        return loss
+
     @torch.no_grad()
-    def step(self) -> None:
-        """One optimizer step of this context: only positions inside its mask and dense parameters move."""
+    def _step_compact(self) -> None:
         for n, proxy in self._proxies.items():
             w, m = self._params[n], self._mask[n]
             proxy.data = w.masked_select(m)
@@ -297,13 +481,26 @@ class SubnetworkOptimizer:
             self._params[n].masked_scatter_(self._mask[n], proxy)
             proxy.data, proxy.grad = torch.empty(0, dtype=proxy.dtype, device=proxy.device), None
 
-    def state_dict(self) -> dict:
+    def _step_full(self, closure: Callable[[], Any] | None) -> Any:
+        # Only the positions outside m_k are kept, not whole tensors: memory is what the step must not move.
+        with torch.no_grad():
+            outside = {n: (~m, self._params[n].masked_select(~m)) for n, m in self._mask.items()}
+        loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
+        with torch.no_grad():
+            for n, (out, before) in outside.items():
+                self._params[n].masked_scatter_(out, before)
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's state dict (with ``compact=True``, a proxy's state covers m_k only)."""
         return self.optimizer.state_dict()
 
-    def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(self._compact(state))
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Load a state saved by this wrapper; with ``compact=True`` also one saved by a full-model
+        optimizer over ``model.parameters()`` (its state kept at the positions of m_k)."""
+        self.optimizer.load_state_dict(self._compact(dict(state)) if self.compact else dict(state))
 
-    def _compact(self, state: dict) -> dict:
+    def _compact(self, state: dict[str, Any]) -> dict[str, Any]:
         """``state`` with full-shape state of a masked tensor gathered at the mask; refuses foreign masks."""
         per_param = dict(state["state"])
         for i, n in enumerate(self._params):
@@ -318,6 +515,38 @@ class SubnetworkOptimizer:
                                  f"({kept} positions); was it saved with other masks?")
             per_param[i] = entry
         return {**state, "state": per_param}
+
+    def __repr__(self) -> str:
+        kept = sum(int(m.sum()) for m in self._mask.values())
+        return f"ContextOptimizer({type(self.optimizer).__name__}, {kept} masked positions, compact={self.compact})"
+
+
+class SubnetworkOptimizer(ContextOptimizer):
+    """``ContextOptimizer`` built from an ``OptimizerConfig``, compact: its earlier name, kept so that code using it runs."""
+
+    def __init__(self, model: nn.Module, mask: Mapping[str, torch.Tensor], config: OptimizerConfig) -> None:
+        super().__init__(model, mask, config.build, compact=True)
+
+
+def context_optimizers(model: nn.Module, masks: MaskSet, make_optimizer: MakeOptimizer, *,
+                       compact: bool = True) -> list[ContextOptimizer]:
+    """One ``ContextOptimizer`` per context of ``masks``, in context order (see ``ContextOptimizer``).
+
+    >>> opts = context_optimizers(model, masks, lambda p: torch.optim.AdamW(p, lr=3e-4))
+    >>> schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(o.optimizer, T_max=100) for o in opts]
+    """
+    return [ContextOptimizer(model, masks[k], make_optimizer, compact=compact) for k in range(masks.num_contexts)]
+
+
+def _bool_mask(mask: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``mask`` as boolean tensors on their parameters' devices; names and shapes checked against the model."""
+    missing = [n for n in mask if n not in params]
+    if missing:
+        raise ValueError(f"mask names tensors the model does not have: {missing}")
+    wrong = {n: (tuple(m.shape), tuple(params[n].shape)) for n, m in mask.items() if m.shape != params[n].shape}
+    if wrong:
+        raise ValueError(f"mask shapes differ from their parameters' (mask, parameter): {wrong}")
+    return {n: m.to(device=params[n].device, dtype=torch.bool) for n, m in mask.items()}
 
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -363,7 +592,7 @@ def joint_retrain(
     seed: int,
     progress: ProgressSink = SILENT,
     resume: tuple[int, Sequence[dict]] | None = None,
-    on_epoch: Callable[[int, Sequence[SubnetworkOptimizer]], None] | None = None,
+    on_epoch: Callable[[int, Sequence[ContextOptimizer]], None] | None = None,
     data_parallel: DataParallel | None = None,
 ) -> None:
     """Stage 2, the paper's Algorithm 2: subnetworks take turns updating one shared θ.
@@ -373,9 +602,15 @@ def joint_retrain(
     k = 1..K, subnetwork k takes one step on its own batch. Each subnetwork has its own optimizer
     state and its step is masked: Adam's momentum from context j must not move a weight that
     only context i uses, and positions outside every mask stay exactly zero. That state covers
-    only the positions of its mask and the dense parameters (``SubnetworkOptimizer``), so it grows
+    only the positions of its mask and the dense parameters (``ContextOptimizer``), so it grows
     with the masks' density rather than being K copies of the model. A batch's inputs may be a
-    tensor or a tuple of tensors (``model(*x)``).
+    tensor or a tuple of tensors (``model(*x)``); a stream's epoch may be any iterable of batches
+    (``as_stream``), read into a list each epoch because contexts with fewer batches cycle them.
+
+    Built from the pieces a user's own loop has (``ContextOptimizer``, a masked forward such as
+    ``RoutedModel.use(k)`` or ``masked_forward``): the same loop written by hand with them, the
+    same generators and the same optimizer, gives the same weights bit for bit
+    (tests/test_own_loop.py).
 
     ``resume=(e, optimizer_states)`` continues after finished epoch ``e`` with the model already
     holding that epoch's weights; ``on_epoch(e, optimizers)`` is called after every epoch.
@@ -392,7 +627,7 @@ def joint_retrain(
     # Bool masks are views of the MaskSet on the model's device; each step makes its float mask
     # on the fly, so no context keeps a float copy of the model's size.
     bmasks = [{n: m.to(device) for n, m in masks[k].items()} for k in range(masks.num_contexts)]
-    optimizers = [SubnetworkOptimizer(model, bmask, optimizer) for bmask in bmasks]
+    optimizers = [ContextOptimizer(model, bmask, optimizer.build) for bmask in bmasks]
     start = 0
     if resume is None:
         model.load_state_dict(rewound(init_state, masks.union()))

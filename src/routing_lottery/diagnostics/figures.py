@@ -9,7 +9,6 @@ soon as its function returns. Files land through a temporary file in the same di
 
 from __future__ import annotations
 
-import io as _io
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -17,41 +16,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import PercentFormatter
 
-from ..io import atomic_write_bytes
+from ..plotting import DPI, context_colors, save_png
 from .semantic import MantelResult
 from .similarity import ALL_WEIGHTS, SimilarityReport, depth_groups
 
-DPI = 120
 ANNOTATE_MAX_K = 12  # above this, numbers in heatmap cells become unreadable
 
 
-def save_png(fig: Figure, path: str | Path) -> Path:
-    """Write ``fig`` to ``path`` as PNG, atomically (``io.atomic_write_bytes``): a killed run leaves no half file.
-
-    A figure with a layout engine (``layout="constrained"``) is laid out already and drawn once;
-    ``bbox_inches="tight"`` would draw it a second time to measure it. PNG's fastest compression
-    level: a run draws a figure per level, and the default level spends more time than the drawing
-    for files a few percent smaller.
-    """
-    path = Path(path)
-    FigureCanvasAgg(fig)
-    buffer = _io.BytesIO()
-    tight = None if fig.get_layout_engine() is not None else "tight"
-    fig.savefig(buffer, format="png", dpi=DPI, bbox_inches=tight, pil_kwargs={"compress_level": 1})
-    atomic_write_bytes(path, buffer.getvalue())
-    return path
-
-
-def _context_colors(k: int) -> list[Any]:
-    from matplotlib import colormaps
-
-    cmap = colormaps["tab10" if k <= 10 else "tab20"]
-    return [cmap(i % cmap.N) for i in range(k)]
+_context_colors = context_colors  # the name this module's figures use
 
 
 # -- heatmaps ------------------------------------------------------------------------------------

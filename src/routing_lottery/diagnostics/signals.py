@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from ..masks import MaskSet
@@ -101,30 +100,6 @@ def study_sweep(levels: Sequence[float], masks: Sequence[MaskSet], metric: Seque
     return out
 
 
-def study_run(run_dir: str | Path, settings: CollapseSettings | None = None) -> dict[str, Any] | None:
-    """``study_sweep`` on one finished run directory (its RTL checkpoints and results), with its
-    experiment and seed; None when it has fewer levels than the rule needs or no metric at every level."""
-    from ..diagnose import METRICS, load_level_masks, primary_metric, rtl_metric_by_level
-    from ..io import read_json
-
-    run_dir = Path(run_dir)
-    settings = settings or CollapseSettings()
-    masks, _ = load_level_masks(run_dir)
-    records = read_json(run_dir / "results.json") if (run_dir / "results.json").exists() else []
-    metric = primary_metric(records)
-    levels = [lv for lv in masks if lv > 0]
-    if metric is None or len(levels) < settings.min_history + 1:
-        return None
-    by_level = rtl_metric_by_level(records, metric)
-    if not all(lv in by_level for lv in levels):
-        return None
-    rtl = [r for r in records if r.get("method") == "rtl"]
-    result = study_sweep(levels, [masks[lv] for lv in levels], [by_level[lv] for lv in levels], METRICS[metric],
-                         settings)
-    return {"run": str(run_dir), "experiment": rtl[0].get("experiment", run_dir.name) if rtl else run_dir.name,
-            "seed": rtl[0].get("seed") if rtl else None, "metric": metric, **result}
-
-
 def study_table(entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (signal, experiment): how often it fired, led, lagged or missed, and its mean lead with a 95 % interval.
 
@@ -188,4 +163,4 @@ def study_markdown(rows: Sequence[dict[str, Any]]) -> str:
             "the runs where both happened.\n\n" + "\n".join(lines) + f"\n\n{verdict}\n")
 
 
-__all__ = ["SIGNALS", "best_signal", "study_markdown", "study_run", "study_sweep", "study_table"]
+__all__ = ["SIGNALS", "best_signal", "study_markdown", "study_sweep", "study_table"]

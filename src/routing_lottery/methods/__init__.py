@@ -8,20 +8,21 @@
 A method is an object with a ``name``, a table ``label``, what stage 1 it needs, and three calls:
 ``steps(run)`` (training steps at one level, for progress), ``fit(run, level)`` (train and
 score, returning result rows and its accounting) and ``damaged(run, level)`` (whether the files a
-finished fit left are intact). ``run`` is the experiment runner
-(``run.experiment.Experiment``): its tickets, task, streams and device. A new method is one new
-module with ``@METHODS.register("name")`` plus its name in ``_BUILT_IN``.
+finished fit left are intact). ``run`` is a ``methods.context.RunContext``: the few members of
+the run a method may use (its tickets, task, streams, device, ...), which the experiment runner
+(``run.experiment.Experiment``) provides. A new method is one new
+module with ``@METHODS.register("name")`` (built-in ones also listed in ``registries.METHODS``'s loaders), or
+``package.module:attribute`` in a config's ``methods``.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-from ..registry import Registry
+from ..registries import METHODS
+from .context import RunContext
 from .accounting import Accounting
 
-if TYPE_CHECKING:
-    from ..run.experiment import Experiment
 
 Row = dict[str, Any]
 
@@ -33,21 +34,19 @@ class Method(Protocol):
     needs_contexts: bool  # uses the K per-context IMP tickets of stage 1
     needs_single: bool  # uses the single-mask IMP rounds of stage 1
 
-    def steps(self, run: Experiment) -> int:
+    def steps(self, run: RunContext) -> int:
         """Training steps of one fit (the progress bar's share of this method at one level)."""
 
-    def fit(self, run: Experiment, level: float) -> tuple[list[Row], Accounting]:
+    def fit(self, run: RunContext, level: float) -> tuple[list[Row], Accounting]:
         """Train at ``level`` from the run's rewind point and score on the task's test data."""
 
-    def damaged(self, run: Experiment, level: float) -> str | None:
+    def damaged(self, run: RunContext, level: float) -> str | None:
         """What is wrong with the files a finished record of this method left (None: nothing, or none left).
 
         A resume trusts a record only when what it promised is intact (RTL: its ticket checkpoint).
         """
 
 
-_BUILT_IN = ("routing_lottery.methods.baselines", "routing_lottery.methods.shared")
-METHODS: Registry[Method] = Registry("method", loaders=_BUILT_IN)
 
 
 ARGMAX = "+argmax"
@@ -61,4 +60,4 @@ def method_label(name: str) -> str:
     return METHODS.get(name).label if name in METHODS else name
 
 
-__all__ = ["ARGMAX", "METHODS", "Method", "Accounting", "method_label"]
+__all__ = ["ARGMAX", "METHODS", "Accounting", "Method", "RunContext", "method_label"]

@@ -2,26 +2,23 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from ..masks import Mask
-from ..run.deploy import routed_rows
+from .deployment import routed_rows
 from ..routed import masked_forward
 from ..training import derive_seed, rewound, snapshot, train
 from . import METHODS, Row
+from .context import RunContext
 from .accounting import Accounting, dense_accounting, independent_accounting, single_mask_accounting
 
-if TYPE_CHECKING:
-    from ..run.experiment import Experiment
 
 
-def _fit_shared_network(run: Experiment, method: str, level: float, mask: Mask | None) -> list[Row]:
+def _fit_shared_network(run: RunContext, method: str, level: float, mask: Mask | None) -> list[Row]:
     """The shared network (dense, or one mask) trained on all data from its rewind point, then scored."""
     t, tickets = run.config.training, run.shared_tickets
     model = tickets.model
-    model.load_state_dict(rewound(tickets.rewind_point(run.classifier), mask))
+    model.load_state_dict(rewound(tickets._rewind_point(run.classifier), mask))
     train(model, mask, run.classifier, run.factor * t.epochs, t.optimizer,
           derive_seed(run.config.seed, method, str(level)), run.progress)
     model.eval()
@@ -38,17 +35,17 @@ class _SharedNetwork:
     name = ""
     needs_contexts, needs_single = False, False
 
-    def damaged(self, run: Experiment, level: float) -> str | None:
+    def damaged(self, run: RunContext, level: float) -> str | None:
         return None  # leaves nothing but its record
 
-    def steps(self, run: Experiment) -> int:
+    def steps(self, run: RunContext) -> int:
         return run.factor * run.config.training.epochs * run.classifier.num_batches
 
 
 class Dense(_SharedNetwork):
     name, label, per_level = "dense", "dense", False
 
-    def fit(self, run: Experiment, level: float) -> tuple[list[Row], Accounting]:
+    def fit(self, run: RunContext, level: float) -> tuple[list[Row], Accounting]:
         rows = _fit_shared_network(run, self.name, level, None)
         return rows, dense_accounting(run.shared_tickets.model, run.shared_tickets.prunable)
 
@@ -56,8 +53,8 @@ class Dense(_SharedNetwork):
 class SingleImp(_SharedNetwork):
     name, label, per_level, needs_single = "single_imp", "single IMP", True, True
 
-    def fit(self, run: Experiment, level: float) -> tuple[list[Row], Accounting]:
-        mask = run.shared_tickets.mask_at(run.single_rounds(), level)
+    def fit(self, run: RunContext, level: float) -> tuple[list[Row], Accounting]:
+        mask = run.shared_tickets._mask_at(run.single_rounds(), level)
         rows = _fit_shared_network(run, self.name, level, mask)
         return rows, single_mask_accounting(run.shared_tickets.model, run.shared_tickets.prunable, mask)
 
@@ -68,16 +65,16 @@ class MultiImp:
     name, label = "multi_imp", "multiple IMP"
     per_level, needs_contexts, needs_single = True, True, False
 
-    def steps(self, run: Experiment) -> int:
+    def steps(self, run: RunContext) -> int:
         return run.config.training.epochs * sum(s.num_batches for s in run.detectors)
 
-    def damaged(self, run: Experiment, level: float) -> str | None:
+    def damaged(self, run: RunContext, level: float) -> str | None:
         return None
 
-    def fit(self, run: Experiment, level: float) -> tuple[list[Row], Accounting]:
+    def fit(self, run: RunContext, level: float) -> tuple[list[Row], Accounting]:
         t, tickets = run.config.training, run.tickets
         masks = run.context_masks()[level]
-        model, rewind = tickets.model, tickets.rewind_point(run.classifier)
+        model, rewind = tickets.model, tickets._rewind_point(run.classifier)
         states = []
         for k, stream in enumerate(run.detectors):
             model.load_state_dict(rewound(rewind, masks[k]))

@@ -2,33 +2,31 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from ..errors import CheckpointError
 from ..io import load_masks
 from ..masks import MaskSet
-from ..run.deploy import learned_router, repair_router, routed_rows, router_applies
+from .deployment import learned_router, repair_router, routed_rows, router_applies
+from ..tasks.base import supports
 from ..training import generator
 from . import METHODS, Row
+from .context import RunContext
 from .accounting import Accounting, shared_accounting
 
-if TYPE_CHECKING:
-    from ..run.experiment import Experiment
 
 
 class _JointlyRetrained:
     name = ""
     per_level, needs_contexts, needs_single = True, True, False
 
-    def steps(self, run: Experiment) -> int:
+    def steps(self, run: RunContext) -> int:
         return run.config.training.epochs * len(run.detectors) * max(s.num_batches for s in run.detectors)
 
-    def masks(self, run: Experiment, level: float) -> MaskSet:
+    def masks(self, run: RunContext, level: float) -> MaskSet:
         raise NotImplementedError
 
-    def fit(self, run: Experiment, level: float) -> tuple[list[Row], Accounting]:
+    def fit(self, run: RunContext, level: float) -> tuple[list[Row], Accounting]:
         masks = self.masks(run, level)
         routed = run.tickets.retrain(run.detectors, masks, self.name, level, rewind_stream=run.classifier)
 
@@ -39,23 +37,23 @@ class _JointlyRetrained:
         self.keep(run, level)
         return rows, shared_accounting(run.tickets.model, run.tickets.prunable, masks)
 
-    def keep(self, run: Experiment, level: float) -> None:
+    def keep(self, run: RunContext, level: float) -> None:
         """What to leave in the run directory besides the record (RTL: its tickets)."""
 
-    def damaged(self, run: Experiment, level: float) -> str | None:
+    def damaged(self, run: RunContext, level: float) -> str | None:
         return None
 
 
 class Rtl(_JointlyRetrained):
     name, label = "rtl", "RTL"
 
-    def masks(self, run: Experiment, level: float) -> MaskSet:
+    def masks(self, run: RunContext, level: float) -> MaskSet:
         return run.context_masks()[level]
 
-    def damaged(self, run: Experiment, level: float) -> str | None:
+    def damaged(self, run: RunContext, level: float) -> str | None:
         """Its ticket checkpoint must be there and pass its checksums (diagnostics read it); a router
-        saved with it that does not load is refitted in place (``run.deploy.repair_router``)."""
-        checkpoint = run.run.checkpoint_dir(self.name, level)
+        saved with it that does not load is refitted in place (``methods.deployment.repair_router``)."""
+        checkpoint = run.checkpoint_dir(self.name, level)
         try:
             load_masks(checkpoint)
         except CheckpointError as err:
@@ -63,11 +61,11 @@ class Rtl(_JointlyRetrained):
         repair_router(run, checkpoint)
         return None
 
-    def keep(self, run: Experiment, level: float) -> None:
+    def keep(self, run: RunContext, level: float) -> None:
         if router_applies(run, "learned"):
             run.tickets.router = learned_router(run)  # saved with the tickets
-        run.tickets.save(run.run.checkpoint_dir(self.name, level),
-                         {"experiment": run.config.name, "context_members": getattr(run.task, "context_members", None)})
+        run.tickets.save(run.checkpoint_dir(self.name, level),
+                         {"experiment": run.config.name, "context_members": run.task.context_members if supports(run.task, "context_members") else None})
 
 
 class RandomTickets(_JointlyRetrained):
@@ -75,7 +73,7 @@ class RandomTickets(_JointlyRetrained):
 
     name, label = "random", "random tickets"
 
-    def masks(self, run: Experiment, level: float) -> MaskSet:
+    def masks(self, run: RunContext, level: float) -> MaskSet:
         masks = run.context_masks()[level]
         return MaskSet.from_tickets(
             [run.tickets.structure.random_like(masks[k], generator(run.config.seed, self.name, k, str(level)))

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from torch import nn
 
 from ..registry import Registry
+from .ghostnet import GhostNetTruncated
 
 ModelFactory = Callable[..., nn.Module]
 MODELS: Registry[ModelFactory] = Registry("model", setting="model.name")
@@ -21,8 +22,6 @@ MODELS: Registry[ModelFactory] = Registry("model", setting="model.name")
 @MODELS.register("ghostnet")
 def ghostnet(num_outputs: int, input_shape: Sequence[int], width: float = 1.0) -> nn.Module:
     """The paper's truncated GhostNet over images ``(C, H, W)``; ``width`` scales every channel count."""
-    from .ghostnet import GhostNetTruncated
-
     if len(input_shape) != 3:
         raise ValueError(f"ghostnet takes images (C, H, W); the data's rows have shape {tuple(input_shape)}: "
                          "name a model for them in model.name (a registered name or package.module:callable)")

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from ..errors import ConfigError
+
 from ..config import ExperimentConfig
 from ..tasks.base import Task
 from ..tickets import Log, quiet
@@ -30,8 +32,6 @@ def make_runner(config: ExperimentConfig, out: str | Path, progress: ProgressSin
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     if tasks is not None and config.workers > 1:
-        from ..errors import ConfigError
-
         raise ConfigError("workers > 1 rebuilds the task from the config in each worker process; a task handed in "
                           "as an object cannot be rebuilt there: register it (TASKS) and name it in the config, "
                           "or run with workers=1")

@@ -17,14 +17,21 @@ from typing import Any
 from ..config import ExperimentConfig, SpeechConfig
 from ..data.labelled import Splits, as_splits, stratified_holdout, stratified_subset
 from ..errors import brief
-from ..registry import Registry
+from ..registries import DATASETS, TASKS
+from ..contexts.clustering import partition_names
+from ..contexts.partitions import Partition, reference_partition
+from ..data.cifar import load_cifar10, load_cifar100
+from ..data.digits import load_digits_splits
+from ..data.regions import EMBEDDED_IMAGES, load_ade20k_folder, load_embedded_images
+from ..data.speech import FolderSpeechConfig, SpeechMixConfig, folder_speech_dataset, synthetic_speech_dataset
+from ..tasks.classification import ClassificationTask
+from ..tasks.inr import InrTask
+from ..tasks.speech import SpeechTask
 from ..tasks.base import Task
 
 TaskBuilder = Callable[[ExperimentConfig], "Task | Sequence[Task]"]
 DatasetLoader = Callable[[Any, int], Any]
 
-TASKS: Registry[TaskBuilder] = Registry("task")
-DATASETS: Registry[DatasetLoader] = Registry("dataset", setting="data.name")
 
 
 def build_tasks(config: ExperimentConfig) -> list[Task]:
@@ -39,15 +46,11 @@ def build_tasks(config: ExperimentConfig) -> list[Task]:
 # -- classification -----------------------------------------------------------------------------
 @DATASETS.register("digits")
 def _digits(data: Any, seed: int) -> Splits:
-    from ..data.digits import load_digits_splits
-
     return load_digits_splits(seed=seed, image_size=data.image_size)
 
 
 def _cifar(name: str) -> DatasetLoader:
     def load(data: Any, seed: int) -> Splits:
-        from ..data.cifar import load_cifar10, load_cifar100
-
         if data.root is None:
             raise ValueError(f"data.root must name the directory holding the {name} python pickles "
                              "(pass --data DIR or set data.root in the config)")
@@ -63,8 +66,6 @@ DATASETS.register("cifar100")(_cifar("cifar100"))
 @TASKS.register("classification")
 def build_classification(config: ExperimentConfig) -> Task:
     """Labelled data (any input shape) with one context per class or per class group, on any model."""
-    from ..tasks.classification import ClassificationTask
-
     data, training = config.data, config.training
     splits = as_splits(DATASETS.call(data.name, data, config.seed), f"dataset loader {brief(data.name)}")
     if training.batch_size is None:
@@ -90,13 +91,9 @@ def class_contexts(config: ExperimentConfig, class_names: list[str]) -> tuple[li
     how = config.data.contexts
     if how == "classes":
         return list(range(len(class_names))), class_names, None
-    from ..contexts.partitions import Partition, reference_partition
-
     if how in ("paper", "superclasses"):
         partition = reference_partition(how)
     elif how == "clusters":
-        from ..contexts.clustering import partition_names
-
         partition = partition_names(class_names, target=config.data.clusters, seed=config.seed)
     elif how.endswith(".json"):
         partition = Partition.load(how)
@@ -122,9 +119,6 @@ def _require_model(config: ExperimentConfig, task: str, model: str) -> None:
 @TASKS.register("speech")
 def build_speech_task(config: ExperimentConfig) -> Task:
     """Speech enhancement: synthetic speech in generated noise (default), or DNS speech + TAU noise folders."""
-    from ..data.speech import FolderSpeechConfig, SpeechMixConfig, folder_speech_dataset, synthetic_speech_dataset
-    from ..tasks.speech import SpeechTask
-
     _require_model(config, "speech", "unet")
     speech = config.speech or SpeechConfig()
     mix = SpeechMixConfig(**{f.name: getattr(speech, f.name) for f in dataclasses.fields(SpeechMixConfig)})
@@ -147,9 +141,6 @@ def build_speech_task(config: ExperimentConfig) -> Task:
 @TASKS.register("inr")
 def build_inr_tasks(config: ExperimentConfig) -> list[Task]:
     """One INR task per image: the embedded photographs with unsupervised regions, or an ADE20K folder."""
-    from ..data.regions import EMBEDDED_IMAGES, load_ade20k_folder, load_embedded_images
-    from ..tasks.inr import InrTask
-
     _require_model(config, "inr", "coordinate_mlp")
     data = config.data
     if data.name == "skimage":

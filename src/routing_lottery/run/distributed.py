@@ -69,6 +69,8 @@ from ..config import ExperimentConfig
 from ..errors import ConfigError, RoutingLotteryError
 from ..io import atomic_write_json, read_json
 from ..masks import MaskSet
+from .builders import build_tasks
+from .experiment import Experiment
 from ..routed import Inputs
 from ..tickets import Log
 from ..training import SILENT, Loss, ProgressSink, data_parallel, joint_retrain
@@ -204,14 +206,12 @@ class Session:
 
     def start(self, experiment: Any) -> None:
         """Rank 0, holding the lock: write what every stream starts from, then let the other ranks start."""
-        from .experiment import Experiment
-
         if not isinstance(experiment, Experiment):
             raise ConfigError("torchrun runs one experiment in one directory; this config makes several "
                               f"({type(experiment).__name__}): launch each part on its own")
-        experiment.tickets.rewind_point(experiment.classifier)  # written once, read by every rank
+        experiment.tickets._rewind_point(experiment.classifier)  # written once, read by every rank
         if experiment.shared_tickets is not experiment.tickets:
-            experiment.shared_tickets.rewind_point(experiment.classifier)
+            experiment.shared_tickets._rewind_point(experiment.classifier)
         shutil.rmtree(experiment.run.path / PROGRESS_DIR, ignore_errors=True)  # a previous launch's
         self.started = True
         self._broadcast(("go",))
@@ -290,9 +290,6 @@ def _rebuilt(name: str, message: str) -> BaseException:
 
 def _joined_experiment(config: ExperimentConfig, out: str | Path, progress: FileProgress) -> Any:
     """The experiment as a rank other than 0 sees it: the directory rank 0 claimed, without its lock."""
-    from .builders import build_tasks
-    from .experiment import Experiment
-
     tasks = build_tasks(config)
     if len(tasks) != 1:  # rank 0 refused it already
         raise ConfigError("torchrun runs one experiment in one directory")

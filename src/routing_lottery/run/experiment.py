@@ -16,16 +16,18 @@ from typing import Any
 import torch
 
 from ..config import ExperimentConfig, build
+from ..contexts.partitions import Partition, format_partition, reference_scores
 from ..io import atomic_write_json, atomic_write_text
 from ..fingerprint import fingerprint
 from ..errors import ConfigError
 from ..masks import Mask, MaskSet
 from ..methods import METHODS, Method, Row
 from ..report import write_deployment, write_results
-from ..tasks.base import Task
+from ..tasks.base import Task, supports
 from ..tickets import AdaptiveTickets, Log, first_inputs, quiet
 from ..training import SILENT, ProgressSink, derive_seed
 from .builders import TASKS
+from .workers import run_stage_one
 from .directory import RunDirectory, resolve_device, run_identity, software_environment
 
 PYTHON_OBJECT = "python_object"
@@ -110,8 +112,9 @@ class Experiment:
         self.outputs = self.run.path / "outputs"
         self._single: list[Mask] | None = None
         self._contexts: dict[float, MaskSet] | None = None
-        self.deployment: list[Row] = []  # rows without an oracle (run.deploy), apart from the results
-        self._learned_router: Any = None  # fitted once per run by run.deploy.learned_router
+        self.deployment: list[Row] = []  # rows without an oracle (methods.deployment), apart from the results
+        self.learned_router: Any = None  # fitted once per run by methods.deployment.learned_router
+        self.directory = self.run.path
 
     @property
     def num_contexts(self) -> int:
@@ -147,7 +150,7 @@ class Experiment:
     def single_rounds(self) -> list[Mask]:
         """Every round of single-mask IMP on all data (from disk where finished)."""
         if self._single is None:
-            self._single = self.shared_tickets.imp_rounds(
+            self._single = self.shared_tickets._imp_rounds(
                 "single", self.classifier, self.factor * self.config.training.imp_epochs, rewind_stream=self.classifier)
         return self._single
 
@@ -158,6 +161,10 @@ class Experiment:
             self._contexts = self.tickets.extract(streams, rewind_stream=self.classifier)
         return self._contexts
 
+    def checkpoint_dir(self, method: str, level: float) -> Path:
+        """Where ``method`` keeps its tickets at ``level`` (``methods.context.RunContext``)."""
+        return self.run.checkpoint_dir(method, level)
+
     # -- the comparison -----------------------------------------------------------------------
     def run_all(self) -> list[Row]:
         """Every method at every level (resuming what is on disk), then results and figures; under the lock."""
@@ -167,8 +174,6 @@ class Experiment:
     def _run_all(self) -> list[Row]:
         self.log("masks:\n" + self.tickets.describe())
         if self.config.workers > 1:  # stage 1 in worker processes (their steps drawn as they go); then from disk
-            from .workers import run_stage_one
-
             run_stage_one(self, self.config.workers)
             for tickets in {id(t): t for t in (self.tickets, self.shared_tickets)}.values():
                 tickets.progress = SILENT  # loading the workers' rounds must not count their steps twice
@@ -192,16 +197,15 @@ class Experiment:
         records = [r for r in records if "routing" not in r]
         write_results(self.run.path, records, self.config, summary=contexts_note)
         write_deployment(self.run.path, self.deployment, records, self.config)
-        write_figures = getattr(self.task, "write_figures", None)
-        if callable(write_figures):
-            write_figures(self.outputs)
+        if supports(self.task, "figures"):
+            self.task.write_figures(self.outputs)
         return records
 
-    def basis(self, method: Method, level: float) -> Any:
+    def _basis(self, method: Method, level: float) -> Any:
         """The stage-1 masks a record of ``method`` at ``level`` was computed from (their fingerprint):
         a record is reused only for exactly those masks."""
         if method.needs_single:
-            mask = self.shared_tickets.mask_at(self.single_rounds(), level)
+            mask = self.shared_tickets._mask_at(self.single_rounds(), level)
             return {"single": fingerprint(MaskSet.from_tickets([mask]).packed())}
         if method.needs_contexts:  # routed methods: their deployment rows depend on the deploy settings too
             return {"contexts": fingerprint(self.context_masks()[level].packed()),
@@ -210,7 +214,7 @@ class Experiment:
 
     def finished(self, method: Method, level: float) -> list[Row]:
         """The rows of (method, level): from disk when a previous run finished them, else computed."""
-        basis = self.basis(method, level)
+        basis = self._basis(method, level)
         rows = self.run.load_record(method.name, level, basis)
         problem = None if rows is None else method.damaged(self, level) or self.output_problem(method, level)
         if problem:
@@ -232,18 +236,17 @@ class Experiment:
     def output_problem(self, method: Method, level: float) -> str | None:
         """Why the example output the task kept while scoring (method, level) is missing or corrupt (the task's
         optional ``output_problem(outputs, label)``); None when it verifies or the task keeps none."""
-        check = getattr(self.task, "output_problem", None)
-        return check(self.outputs, f"{method.name}_{level:.4f}") if callable(check) else None
+        if not supports(self.task, "output_check"):
+            return None
+        return self.task.output_problem(self.outputs, f"{method.name}_{level:.4f}")
 
     def check_partition(self) -> None:
         """Refuse to resume with other class contexts than the run started with (named before the identity check,
         which would only say that the data fingerprint differs)."""
-        partition = getattr(self.task, "partition", None)
+        partition = self.task.partition if supports(self.task, "partition") else None
         path = self.run.path / "partition.json"
         if partition is None or not path.exists():
             return
-        from ..contexts.partitions import Partition
-
         started = Partition.load(path)
         if (started.names, started.assignment) != (partition.names, partition.assignment):
             raise ValueError(f"the class contexts differ from {path}, which this run started with "
@@ -254,11 +257,9 @@ class Experiment:
         """When contexts group classes: ``partition.json``/``.txt`` and its agreement with the shipped references.
 
         Returns the text for the results' report ("" when contexts are single classes)."""
-        partition = getattr(self.task, "partition", None)
+        partition = self.task.partition if supports(self.task, "partition") else None
         if partition is None:
             return ""
-        from ..contexts.partitions import format_partition, reference_scores
-
         partition.save(self.run.path / "partition.json")
         scores = reference_scores(partition)
         text = format_partition(partition) + "".join(f"\nadjusted Rand index vs {k}: {v:.3f}" for k, v in scores.items())

@@ -30,7 +30,10 @@ from typing import Any
 
 import torch
 
+from ..config import ExperimentConfig
 from ..errors import RoutingLotteryError
+from ..settings import build
+from .builders import build_tasks
 
 Job = tuple[str, int]  # ("single", 0) or ("context", k)
 
@@ -104,7 +107,7 @@ def run_jobs(experiment: Any, jobs: Sequence[Job]) -> None:
         if kind == "single":
             experiment.single_rounds()
         else:
-            experiment.tickets.imp_rounds(f"context_{k:02d}", experiment.detectors[k],
+            experiment.tickets._imp_rounds(f"context_{k:02d}", experiment.detectors[k],
                                           rewind_stream=experiment.classifier)
 
 
@@ -116,9 +119,9 @@ def run_stage_one(experiment: Any, workers: int) -> Plan:
     """
     plan = balance(stage_one_costs(experiment), workers)
     # What every stream starts from, written once by the parent (no two workers race to write it).
-    experiment.tickets.rewind_point(experiment.classifier)
+    experiment.tickets._rewind_point(experiment.classifier)
     if experiment.shared_tickets is not experiment.tickets:
-        experiment.shared_tickets.rewind_point(experiment.classifier)
+        experiment.shared_tickets._rewind_point(experiment.classifier)
     threads = cpu_budget(workers, experiment.config.threads)
     experiment.log(f"stage 1 on {workers} workers, {threads} thread(s) each: "
                    + "; ".join(f"worker {w}: {', '.join(_job_name(j) for j in jobs) or 'nothing'}"
@@ -127,7 +130,7 @@ def run_stage_one(experiment: Any, workers: int) -> Plan:
     context = torch.multiprocessing.get_context("spawn")
     messages = context.Queue()
     config = experiment.config.replace(threads=threads, workers=1)
-    processes = [context.Process(target=_worker, args=(config.to_dict(), str(experiment.run.path), list(jobs), w,
+    processes = [context.Process(target=_worker, args=(type(experiment), config.to_dict(), str(experiment.run.path), list(jobs), w,
                                                        messages), daemon=True)
                  for w, jobs in enumerate(plan.assignment) if jobs]
     for p in processes:
@@ -184,13 +187,11 @@ class _QueueProgress:
         self.messages.put(("advance", self.rank, steps, status))
 
 
-def _worker(config: dict[str, Any], out: str, jobs: Sequence[Job], rank: int, messages: Any) -> None:
-    """One worker: build the experiment (without claiming the directory) and run its IMP streams."""
+def _worker(experiment_class: Any, config: dict[str, Any], out: str, jobs: Sequence[Job], rank: int,
+            messages: Any) -> None:
+    """One worker: build the experiment (``experiment_class``, the parent's runner class: it reaches the
+    child by reference, as any class pickles) without claiming the directory, and run its IMP streams."""
     try:
-        from ..config import build, ExperimentConfig
-        from .builders import build_tasks
-        from .experiment import Experiment
-
         settings = build(ExperimentConfig, config)
         if settings.threads is not None:
             torch.set_num_threads(settings.threads)
@@ -200,7 +201,7 @@ def _worker(config: dict[str, Any], out: str, jobs: Sequence[Job], rank: int, me
         if task is None:
             raise ValueError(f"no part of the config's task is named {Path(out).name!r}; parts of a run over "
                              "several parts need names for workers to find theirs")
-        experiment = Experiment(settings, Path(out), task, progress=_QueueProgress(messages, rank),
+        experiment = experiment_class(settings, Path(out), task, progress=_QueueProgress(messages, rank),
                                 log=lambda m: messages.put(("log", rank, m)), lock=False)
         run_jobs(experiment, jobs)
     except BaseException:  # noqa: BLE001 -- everything reaches the parent, which raises it by name

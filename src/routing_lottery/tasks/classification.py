@@ -34,6 +34,7 @@ from torch import nn
 from ..fingerprint import fingerprint
 from ..errors import DataError
 from ..data.labelled import LabelledDataset
+from ..models import MODELS
 from ..metrics import BinaryCounts, binary_counts, confusion_matrix, macro, one_vs_rest_from_confusion
 from ..report import per_context_key
 from ..training import Batch, Stream
@@ -105,8 +106,6 @@ class ClassificationTask:
                            [self.batch_size, self.negative_ratio, model, dict(self.model_options)])
 
     def build_model(self) -> nn.Module:
-        from ..models import MODELS
-
         arguments = {"num_outputs": self.num_contexts, "input_shape": self.input_shape, **self.model_options}
         # by name: a factory that raises is named by the setting that chose it (registry.Registry.call)
         model = MODELS.call(self.model, **arguments) if isinstance(self.model, str) else self.model(**arguments)

@@ -226,7 +226,7 @@ class InrTask:
         if not outputs.is_dir():
             return []
         path = outputs.parent / "reconstructions.png"
-        images = verified_outputs(outputs, "*.npy", self.load_output, path)
+        images = verified_outputs(outputs, "*.npy", self.load_output, path, rank=method_rank)
         save_grid(path, self.original(), images, regions=self.image.regions,
                   title=f"{self.image.name}: reconstructions by sparsity (rows) and method (columns), PSNR in dB")
         return [path]

@@ -39,6 +39,7 @@ from ..errors import CheckpointError
 from ..io import atomic_write_with_sha256, read_with_sha256
 from ..router import spectrum_features
 from ..models.unet import MaskActivation, SpeechUNet
+from ..report import method_rank
 from ..training import Batch, Stream
 from .base import RoutedPredict, Row, SharedPredict, output_problem, rows_by_context, verified_outputs
 
@@ -181,7 +182,7 @@ class SpeechTask:
         """
         if not outputs.is_dir():
             return []
-        kept = verified_outputs(outputs, "*.npz", self.load_output, outputs.parent / "spectrograms")
+        kept = verified_outputs(outputs, "*.npz", self.load_output, outputs.parent / "spectrograms", rank=method_rank)
         if not kept:
             return []
         levels = sorted({level for _, level in kept if level > 0}) or [0.0]
