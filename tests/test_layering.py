@@ -28,8 +28,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("core2", ("training", "recipe", "routed", "kernels", "channels", "calibration")),
     ("core3", ("router", "export", "store")),
     ("core4", ("tickets", "__init__")),
-    ("parts", ("registries", "statistics", "audio", "data", "models", "contexts", "diagnostics",
-               "tasks.base", "tasks.checks")),  # the task contract sits low: methods and the runner read it
+    ("parts", ("registries", "contract", "statistics", "audio", "data", "models", "contexts", "diagnostics")),
     ("config", ("config",)),
     ("methods", ("methods",)),
     ("report", ("report",)),

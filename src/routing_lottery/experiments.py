@@ -18,7 +18,7 @@ from .methods import METHODS, Method, RunContext
 from .models import MODELS
 from .registries import DATASETS, TASKS
 from .run import make_runner, run_experiment
-from .tasks.base import CAPABILITIES, Task, capabilities, supports
+from .contract import CAPABILITIES, Task, capabilities, supports
 from .tasks.checks import TaskContractError, check_task
 
 __all__ = [

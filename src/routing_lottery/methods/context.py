@@ -27,7 +27,7 @@ class RunContext(Protocol):
     config: Any
     """The experiment config (``config.ExperimentConfig``): training, deploy and seed settings."""
     task: Any
-    """The task (``tasks.base.Task``): streams, scoring, and its optional capabilities."""
+    """The task (``contract.Task``): streams, scoring, and its optional capabilities."""
     device: torch.device
     tickets: AdaptiveTickets
     """The K context tickets over the shared network (stage 1's per-context IMP, joint retraining)."""

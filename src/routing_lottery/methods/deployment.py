@@ -33,7 +33,7 @@ from ..calibration import Thresholds, decide, detector_metrics, fit_thresholds, 
 from ..routed import RoutedModel, as_tuple
 from ..router import (build_router, fit_router, flatten_features, inject_errors, needs_fitting, plot_confusion,
                       router_problem, routing_accuracy, save_router)
-from ..tasks.base import supports, task_setting
+from ..contract import supports, task_setting
 from ..training import derive_seed, generator
 from . import ARGMAX
 from .context import RunContext

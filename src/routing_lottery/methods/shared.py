@@ -8,7 +8,7 @@ from ..errors import CheckpointError
 from ..io import load_masks
 from ..masks import MaskSet
 from .deployment import learned_router, repair_router, routed_rows, router_applies
-from ..tasks.base import supports
+from ..contract import supports
 from ..training import generator
 from . import METHODS, Row
 from .context import RunContext

@@ -11,7 +11,7 @@ import torch
 from ..errors import ConfigError
 
 from ..config import ExperimentConfig
-from ..tasks.base import Task
+from ..contract import Task
 from ..tickets import Log, quiet
 from ..training import SILENT, ProgressSink
 from .builders import DATASETS, TASKS, build_tasks

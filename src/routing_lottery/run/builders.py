@@ -27,7 +27,7 @@ from ..data.speech import FolderSpeechConfig, SpeechMixConfig, folder_speech_dat
 from ..tasks.classification import ClassificationTask
 from ..tasks.inr import InrTask
 from ..tasks.speech import SpeechTask
-from ..tasks.base import Task
+from ..contract import Task
 
 TaskBuilder = Callable[[ExperimentConfig], "Task | Sequence[Task]"]
 DatasetLoader = Callable[[Any, int], Any]

@@ -26,7 +26,7 @@ from ..export import export_context, inside_directory, safe_filename
 from ..routed import as_tuple
 from ..report import markdown_table
 from ..router import router_problem
-from ..tasks.base import supports
+from ..contract import supports
 from ..tickets import AdaptiveTickets
 from .builders import build_tasks
 from .experiment import Experiment

@@ -23,7 +23,7 @@ from ..errors import ConfigError
 from ..masks import Mask, MaskSet
 from ..methods import METHODS, Method, Row
 from ..report import write_deployment, write_results
-from ..tasks.base import Task, supports
+from ..contract import Task, supports
 from ..tickets import AdaptiveTickets, Log, first_inputs, quiet
 from ..training import SILENT, ProgressSink, derive_seed
 from .builders import TASKS

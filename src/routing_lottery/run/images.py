@@ -15,7 +15,7 @@ from typing import Any
 from ..config import ExperimentConfig
 from ..fingerprint import fingerprint
 from ..report import is_per_context_key, write_deployment, write_results
-from ..tasks.base import Task
+from ..contract import Task
 from ..tickets import Log, quiet
 from ..training import SILENT, ProgressSink
 from .directory import IDENTITY_COPY, IDENTITY_FILE, RunDirectory, run_identity

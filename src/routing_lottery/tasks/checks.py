@@ -22,8 +22,8 @@ from ..errors import RoutingLotteryError
 from ..pruning import prunable_names
 from ..routed import as_tuple
 from ..training import Stream, generator
-from .base import (CAPABILITIES, CHOSEN, FLAGS, REQUIRED_ATTRIBUTES, REQUIRED_METHODS, SETTINGS, VALUES, Task,
-                   capabilities, half_capabilities)
+from ..contract import (CAPABILITIES, CHOSEN, FLAGS, REQUIRED_ATTRIBUTES, REQUIRED_METHODS, SETTINGS, VALUES, Task,
+                       capabilities, half_capabilities)
 
 
 class TaskContractError(RoutingLotteryError, ValueError):
