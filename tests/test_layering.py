@@ -25,10 +25,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "routing_lottery"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("core0", ("errors", "timing", "registry", "settings", "fingerprint", "masks", "metrics")),
     ("core1", ("io", "plotting", "pruning", "threads")),
-    ("core2", ("training", "recipe", "routed", "kernels", "channels", "calibration")),
+    ("core2", ("training", "recipe", "routed", "kernels", "channels", "calibration", "scores")),
     ("core3", ("router", "export", "store")),
     ("core4", ("tickets", "__init__")),
-    ("parts", ("registries", "contract", "statistics", "audio", "data", "models", "contexts", "diagnostics")),
+    ("parts", ("registries", "contract", "statistics", "audio", "data", "models", "contexts", "diagnostics",
+               "lm")),  # pretrained language models: text domains, loading, serving (transformers where used)
     ("config", ("config",)),
     ("methods", ("methods",)),
     ("report", ("report",)),

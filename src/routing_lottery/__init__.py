@@ -24,6 +24,7 @@ from typing import Any
 from .masks import MaskSet
 from .recipe import PruningConfig, RTLConfig, TrainingConfig
 from .routed import RoutedModel, masked_forward
+from .scores import SCORES, input_norms, one_shot_mask
 from .router import ROUTERS, DetectorRouter, EntropyRouter, LearnedRouter
 from .tickets import AdaptiveTickets, tensor_stream
 from .training import ContextOptimizer, OptimizerConfig, Stream, as_stream, context_optimizers
@@ -33,7 +34,7 @@ __version__ = "0.3.0"
 __all__ = [
     "AdaptiveTickets", "RTLConfig", "PruningConfig", "TrainingConfig", "OptimizerConfig", "Stream", "tensor_stream",
     "RoutedModel", "masked_forward", "DetectorRouter", "EntropyRouter", "LearnedRouter", "ROUTERS", "MaskSet",
-    "ContextOptimizer", "context_optimizers", "as_stream",
+    "ContextOptimizer", "context_optimizers", "as_stream", "SCORES", "input_norms", "one_shot_mask",
 ]
 
 # Names this package exported before the core was split from the framework (0.2): still importable
