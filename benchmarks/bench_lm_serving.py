@@ -14,6 +14,9 @@ norm, top half per output row, so the masks overlap as real per-domain Wanda mas
 Targets: time <= 1.3x dense, memory <= 1.25x dense. Run:
 
     OMP_NUM_THREADS=2 python benchmarks/bench_lm_serving.py [--repeats 7] [--quick]
+
+``--smollm2 CACHE`` measures the real SmolLM2-135M from ``scripts/setup.sh lm``'s cache instead of
+the random model (the same Wanda-like masks over its 210 block Linears; load about 30 s per process).
 """
 
 from __future__ import annotations
@@ -40,9 +43,17 @@ DOMAIN_SPREAD = 0.2
 the domains' masks overlap (about 0.85 Jaccard here, as measured on SmolLM2 in issue 25)."""
 
 
+SMOLLM2: str | None = None
+"""The cache ``--smollm2`` names: measure SmolLM2-135M instead of the random model."""
+
+
 def build_model(quick: bool) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    if SMOLLM2 is not None:
+        from routing_lottery.lm.model import load_smollm2
+
+        return load_smollm2(SMOLLM2)[0]
     torch.manual_seed(0)
     hidden, layers = (128, 2) if quick else (256, 4)
     config = LlamaConfig(vocab_size=2048, hidden_size=hidden, intermediate_size=hidden * 5 // 2,
@@ -161,7 +172,8 @@ def run_probe(variant: str, quick: bool) -> dict[str, float]:
     env = dict(os.environ, OMP_NUM_THREADS=str(THREADS),
                # large blocks straight from mmap, so freed mask-building scratch leaves the RSS
                MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
-    cmd = [sys.executable, __file__, "--probe", variant] + (["--quick"] if quick else [])
+    cmd = [sys.executable, __file__, "--probe", variant] + (["--quick"] if quick else []) + (
+        ["--smollm2", SMOLLM2] if SMOLLM2 is not None else [])
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -170,8 +182,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="a smaller model, for a smoke run")
+    parser.add_argument("--smollm2", metavar="CACHE", help="measure SmolLM2-135M from this cache (scripts/setup.sh lm)")
     parser.add_argument("--probe", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global SMOLLM2
+    SMOLLM2 = args.smollm2
     if args.probe:
         print(json.dumps(memory_probe(args.probe, args.quick)))
         return
