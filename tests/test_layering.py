@@ -164,3 +164,19 @@ def test_importing_the_core_loads_no_framework_and_no_heavy_dependency(statement
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             env={"OMP_NUM_THREADS": "1", "PATH": ""}).stdout.split()
     assert not loaded, f"{statement!r} loaded {sorted(loaded)[:12]}"
+
+
+def test_the_package_imports_its_own_modules_at_module_level_only():
+    """Function-level imports are for optional third-party dependencies (matplotlib, scikit-learn, ...),
+    never a way to dodge a cycle between the package's own modules."""
+    inside = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        for function in (n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
+            for node in ast.walk(function):
+                own = (isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith(
+                    "routing_lottery"))) or (isinstance(node, ast.Import) and any(
+                        a.name.startswith("routing_lottery") for a in node.names))
+                if own:
+                    inside.append(f"{module_name(path)}:{node.lineno}")
+    assert not inside, "imports of the package's own modules inside functions: " + ", ".join(sorted(set(inside)))
