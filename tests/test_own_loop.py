@@ -491,3 +491,21 @@ def test_keyword_inputs_run_one_context():
         with pytest.raises(ValueError, match="keyword inputs"):
             routed(input_ids=x)
 
+
+
+def test_the_front_door_takes_data_loaders_in_place_of_streams():
+    from routing_lottery import AdaptiveTickets, PruningConfig, RTLConfig
+
+    g = torch.Generator().manual_seed(0)
+    loaders = {name: torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.randn(24, 4, generator=g), torch.randint(0, 3, (24,), generator=g)),
+        batch_size=8) for name in ("a", "b")}
+    recipe = RTLConfig(pruning=PruningConfig(sparsities=(0.5,), step=0.5))
+    torch.manual_seed(0)
+    rtl = AdaptiveTickets(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)), recipe,
+                          loss=torch.nn.functional.cross_entropy).fit(loaders)
+    assert list(rtl.masks.context_names) == ["a", "b"] and rtl.routed(torch.zeros(2, 4), ["a", "b"]).shape == (2, 3)
+    torch.manual_seed(0)
+    without_loss = AdaptiveTickets(torch.nn.Sequential(torch.nn.Linear(4, 3)), recipe)
+    with pytest.raises(ValueError, match=r"DataLoader with AdaptiveTickets\(\.\.\., loss=\.\.\.\)"):
+        without_loss.fit(loaders)

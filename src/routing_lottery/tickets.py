@@ -55,7 +55,8 @@ from .store import IDENTITY_VERSION, CheckpointDirectory
 from .routed import RoutedModel, as_tuple
 from .router import Router, load_router, save_router
 from .training import (
-    SILENT, ProgressSink, State, Stream, derive_seed, extract_ticket, generator, joint_retrain, snapshot, train,
+    SILENT, Loss, ProgressSink, State, Stream, as_stream, derive_seed, extract_ticket, generator, joint_retrain,
+    snapshot, train,
 )
 
 
@@ -125,6 +126,9 @@ class AdaptiveTickets:
         Instead of ``out``, a ``TicketStore`` the caller has already claimed (the experiment runner's).
     name
         Prefix of this object's entries in ``store`` (two networks may share one run directory).
+    loss
+        ``loss(outputs, targets)`` for contexts given as a ``DataLoader`` (or any re-iterable of ``(x, y)``
+        batches) instead of a ``Stream`` (``training.as_stream``).
     example_inputs
         Channel tickets only (``pruning.granularity: channel``): inputs to trace the model's
         channel dependencies on (default: the first batch of the first stream given).
@@ -132,12 +136,14 @@ class AdaptiveTickets:
 
     def __init__(self, model: nn.Module, config: RTLConfig | None = None, *, select: TensorFilter | None = None,
                  out: str | Path | None = None, store: TicketStore | None = None, name: str = "",
-                 progress: ProgressSink = SILENT, log: Log = quiet, example_inputs: Any = None) -> None:
+                 progress: ProgressSink = SILENT, log: Log = quiet, example_inputs: Any = None,
+                 loss: Loss | None = None) -> None:
         if out is not None and store is not None:
             raise ValueError("give out (a directory) or store, not both")
         self.model = model
         self.config = (config or RTLConfig()).recipe
         self.store, self.out, self.name, self.progress, self.log = store, out, name, progress, log
+        self.loss = loss  # what a DataLoader given in place of a Stream trains with
         pruning = self.config.pruning
         # Weight tickets mask these tensors; channel tickets root their channel groups at them.
         self.selected = prunable_names(model, pruning.include, pruning.exclude, select)
@@ -347,7 +353,7 @@ class AdaptiveTickets:
         context's score (``scores.SCORES``, e.g. Wanda) of the model's current (pretrained) weights
         from one epoch of its stream as calibration data, cut at every level (``scores.one_shot_mask``).
         """
-        names, streams = _named(streams)
+        names, streams = _named(streams, self.loss)
         self._open(streams)
         with self._locked():
             return self._extract(names, streams, rewind_stream)
@@ -403,7 +409,7 @@ class AdaptiveTickets:
         other masks is never resumed.
         """
         by_name = isinstance(streams, Mapping)
-        names, streams = _named(streams)
+        names, streams = _named(streams, self.loss)
         if len(streams) != masks.num_contexts:
             raise ValueError(f"{len(streams)} streams for {masks.num_contexts} masks")
         if sorted(names) == sorted(masks.context_names):  # each mask with its own context's data
@@ -582,10 +588,15 @@ def _deprecated(name: str, instead: str) -> None:
                   DeprecationWarning, stacklevel=3)
 
 
-def _named(streams: Sequence[Stream] | Mapping[str, Stream]) -> tuple[list[str], list[Stream]]:
-    """Context names and streams, from a mapping name -> stream or a sequence (names from the streams)."""
+def _named(streams: Sequence[Stream] | Mapping[str, Any], loss: Loss | None = None) -> tuple[list[str], list[Stream]]:
+    """Context names and streams, from a mapping name -> stream or a sequence (names from the streams).
+
+    In a mapping, a ``DataLoader`` (or any re-iterable of ``(x, y)`` batches) stands for a stream:
+    ``training.as_stream`` wraps it with ``loss`` (``AdaptiveTickets(..., loss=...)``).
+    """
     if isinstance(streams, Mapping):
-        names, items = [str(n) for n in streams], list(streams.values())
+        names = [str(n) for n in streams]
+        items = [s if isinstance(s, Stream) or loss is None else as_stream(n, s, loss) for n, s in zip(names, streams.values())]
     else:
         items = list(streams)
         names = [s.name for s in items]
@@ -595,7 +606,8 @@ def _named(streams: Sequence[Stream] | Mapping[str, Stream]) -> tuple[list[str],
         raise ValueError(f"context names must be distinct; got {names}")
     bad = [type(s).__name__ for s in items if not isinstance(s, Stream)]
     if bad:
-        raise ValueError(f"every context needs a Stream; got {bad}")
+        raise ValueError(f"every context needs a Stream, or a DataLoader with AdaptiveTickets(..., loss=...) to train "
+                         f"it with (training.as_stream); got {bad}")
     return names, items
 
 
