@@ -88,7 +88,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     short = [d for d, s in calib.items() if len(s) < need]
     if short:
         raise SystemExit(f"domains {short} have fewer than {need} calibration sequences of {args.seq_len} tokens")
-    weights = {n: p.detach() for n, p in model.named_parameters() if n in set(names)}
+    masked = set(names)
+    weights = {n: p.detach() for n, p in model.named_parameters() if n in masked}
     settings = [("50%", 0.5, None), ("2:4", None, (2, 4))]
     rows: list[dict] = []
 
@@ -112,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             record(draw, pattern, "shared wanda", "pooled", shared)
             recipe = RTLConfig(seed=draw, pruning=PruningConfig(sparsities=(0.5,), score="wanda", n_m=n_m,
                                                                 include=tuple(names)))
-            masks = AdaptiveTickets(model, recipe, select=lambda n, t: n in set(names)).extract(streams)[0.5]
+            masks = AdaptiveTickets(model, recipe).extract(streams)[0.5]
             for k, domain in enumerate(masks.context_names):
                 record(draw, pattern, "own wanda", domain, masks[k])
         print(f"draw {draw + 1}/{args.draws} done at {time.perf_counter() - start:.0f} s", flush=True)
@@ -131,7 +132,7 @@ def summarize(rows: list[dict], domains: list[str]) -> dict:
                 and r["domain"] == domain and (mask is None or r["mask"] == mask)]
 
     summary: dict = {}
-    print(f"\nperplexity on each domain's test sequences (mean [95 % interval] over calibration draws)")
+    print("\nperplexity on each domain's test sequences (mean [95 % interval] over calibration draws)")
     for pattern in ("50%", "2:4"):
         print(f"\n{pattern}: domain | dense | magnitude | shared wanda | own wanda | own / shared")
         for domain in domains:

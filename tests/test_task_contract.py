@@ -199,7 +199,7 @@ def _chosen(task):
 
 RUNNER_BEFORE = {  # each decision as run/deploy.py, run/experiment.py, export.py and methods/ made it from attributes
     "examples": lambda t: callable(getattr(t, "context_examples", None)),  # export._context_inputs
-    "routing": lambda t: callable(getattr(t, "context_examples", None)) and _chosen(t),  # deploy.supports_routing
+    "routing": lambda t: callable(getattr(t, "context_examples", None)) and _chosen(t),  # methods.deployment: router_applies, deployment_rows
     "detectors": lambda t: callable(getattr(t, "detector_scores", None)),  # _can_calibrate, calibrate_run, reuse
     "reusing_scores": lambda t: callable(getattr(t, "reusing_scores", None)),  # deploy.routed_rows
     "router_features": lambda t: getattr(t, "router_features", None) is not None,  # deploy.learned_router

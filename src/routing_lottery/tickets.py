@@ -383,7 +383,8 @@ class AdaptiveTickets:
         epoch is drawn from the recipe's seed), so a resumed run recomputes the same masks."""
         pruning = self.config.pruning
         score = resolve_score(pruning.score)
-        weights = {n: p.detach() for n, p in self.model.named_parameters() if n in set(self.prunable)}
+        prunable = set(self.prunable)
+        weights = {n: p.detach() for n, p in self.model.named_parameters() if n in prunable}
         per_level: dict[float, list[Mask]] = {level: [] for level in self.levels}
         for k, stream in enumerate(streams):
             batches = stream.epoch(generator(self.config.seed, "calibration", k))

@@ -42,14 +42,9 @@ Row = dict[str, Any]
 RoutedPredict = Callable[[int, torch.Tensor], torch.Tensor]
 
 
-def supports_routing(task: Any) -> bool:
-    """Whether the task can score a routing it did not choose (``context_examples`` + ``score_routed(chosen=)``)."""
-    return supports(task, "routing")
-
-
 def router_applies(run: RunContext, name: str) -> bool:
     """Whether the run records router ``name``: the config asks for it and the task supports it."""
-    return (supports_routing(run.task) and name in run.config.deploy.routers
+    return (supports(run.task, "routing") and name in run.config.deploy.routers
             and name in task_setting(run.task, "routers"))
 
 
@@ -153,7 +148,7 @@ def deployment_rows(run: RunContext, method: str, level: float, predict: RoutedP
                     routed: RoutedModel | None, oracle_seconds: float) -> list[Row]:
     """Every deployment row of one method at one level (see the module docstring); [] if the task opts out."""
     task = run.task
-    if not supports_routing(task):
+    if not supports(task, "routing"):  # scoring a routing it did not choose: context_examples + chosen=
         return []
     rows: list[Row] = []
     thresholds = None
