@@ -96,6 +96,8 @@ def test_a_floor_the_levels_cannot_keep_is_refused_and_the_default_leaves_the_id
 def test_the_paper_configs_state_the_settings_the_defaults_no_longer_give():
     for path in sorted(CONFIGS.glob("*.yaml")):
         raw = yaml.safe_load(path.read_text())
+        if raw["task"] == "lm":
+            continue  # one-shot scores and a retraining budget: no IMP step, its lr in retraining
         assert "step" in raw["pruning"] and "lr" in raw["training"]["optimizer"], path.name
     paper = config_from_dict(yaml.safe_load((CONFIGS / "cifar10.yaml").read_text()))
     assert paper.pruning.step == 4096 and paper.training.optimizer.lr == 1e-4

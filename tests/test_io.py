@@ -144,7 +144,7 @@ def _set(path, value):
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (_set(["version"], 3), "version 3"),
+        (_set(["version"], 4), "version 4"),
         (_set(["format"], "something/else"), "not a ticket checkpoint"),
         (_set(["weights_sha256"], "0" * 64), "truncated or corrupt"),
         (_set(["state", "0.bias", "dtype"], "float16"), "fingerprint"),
@@ -551,3 +551,17 @@ def test_remove_stale_temp_files_spares_another_users_file(tmp_path, monkeypatch
     assert rio.remove_stale_temp_files(tmp_path) == [] and litter.exists()
     monkeypatch.undo()
     assert rio.remove_stale_temp_files(tmp_path) == [litter]
+
+
+def test_tied_tensors_are_stored_once_and_come_back_tied_in_value(tmp_path):
+    """A key that names the same tensor as another (a tied lm_head) is stored once, as an alias (version 3)."""
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 10, bias=False))
+    model[2].weight = model[0].weight  # tied: the state dict names it twice
+    masks = MaskSet({"1.weight": torch.rand(2, 4, 4) < 0.5}, ["a", "b"])
+    save_tickets(tmp_path, model, masks)
+    stored = safetensors.torch.load((tmp_path / "tickets.safetensors").read_bytes())
+    index = json.loads((tmp_path / "tickets.json").read_text())
+    assert "state/2.weight" not in stored and index["aliases"] == {"2.weight": "0.weight"} and index["version"] == 3
+    fresh = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 10, bias=False))
+    load_tickets(tmp_path, fresh)
+    assert torch.equal(fresh[2].weight, model[0].weight) and torch.equal(fresh[0].weight, model[0].weight)

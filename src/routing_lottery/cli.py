@@ -36,6 +36,7 @@ from .report import metric_keys, record_cell, sorted_records
 from .run import make_runner
 from .run.deploy import calibrate_run, export_run
 from .run.distributed import torchrun_session
+from .run.lm import is_lm_config, load_lm_config, results_markdown, run_lm_experiment
 from .sweep import study_sweeps, write_sweep_report
 from .threads import thread_budget
 from .training import SILENT
@@ -259,10 +260,28 @@ def run(
     seeds: Optional[int] = typer.Option(None, min=1, metavar="N", help=SEEDS_HELP),
     workers: Optional[int] = typer.Option(None, min=1, metavar="N", help=WORKERS_HELP),
 ) -> None:
-    """Run (or resume) any experiment config."""
+    """Run (or resume) any experiment config (a pretrained-LM config, ``task: lm``, included)."""
     path, overrides = config_and_overrides(config, data, set_, device, seeds, workers)
+    if is_lm_config(path):
+        if seeds is not None or workers is not None:
+            raise ConfigError("--seeds and --workers do not apply to an LM experiment: its repeats are "
+                              "pruning.draws (--set pruning.draws=N)")
+        execute_lm(path, out or Path("runs") / path.stem, scale, overrides)
+        return
     execute(path, out or Path("runs") / path.stem, scale, overrides,
             overrides_from=options_named(set_, data=data, device=device, seeds=seeds, workers=workers))
+
+
+def execute_lm(config_path: Path, out: Path, scale: Optional[str], overrides: dict[str, Any]) -> None:
+    """Run an LM experiment config (``run.lm``) with timed log lines, and print its tables."""
+    config = load_lm_config(config_path, scale, overrides)
+    start = time.perf_counter()
+    log = lambda message: console.print(f"  [{time.perf_counter() - start:7.1f} s] {escape(message)}")  # noqa: E731
+    with thread_budget(config.threads, log):
+        console.print(f"[bold]{config.name}[/bold]: model {config.model.name}, {config.pruning.score} masks per "
+                      f"domain at {', '.join(config.pruning.patterns)} -> {out}")
+        records = run_lm_experiment(config, out, log=log)
+    console.print(results_markdown(records, config))
 
 
 def config_and_overrides(config: str, data: Optional[Path], pairs: list[str], device: Optional[str] = None,
@@ -506,6 +525,10 @@ def report(run_dir: Path = typer.Argument(..., help="A run directory.")) -> None
     if not path.exists():
         raise CheckpointError(f"{path} not found: is {run_dir} a finished run?")
     records = read_json(path)
+    if isinstance(records, list) and records and all(isinstance(r, dict) and "domain" in r and "pattern" in r
+                                                     for r in records):
+        console.print(results_markdown(records))  # an LM experiment (run.lm): perplexity per domain
+        return
     if not isinstance(records, list) or not all(isinstance(r, dict) and isinstance(r.get("method"), str)
                                                 and isinstance(r.get("sparsity"), (int, float)) for r in records):
         raise CheckpointError(f"{path} is not a list of result records; re-run the run to rewrite it")

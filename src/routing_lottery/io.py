@@ -25,7 +25,9 @@ Ticket checkpoint
     ``tickets.safetensors``
         ``masks/<name>``   uint8 (K, ceil(numel/8)), the K masks bit-packed;
         ``values/<name>``  1-D, the shared weight at the union positions (row-major order);
-        ``state/<key>``    every other state_dict entry (biases, BN, classifier, buffers) as is.
+        ``state/<key>``    every other state_dict entry (biases, BN, classifier, buffers) as is, once:
+                           a key that names the same tensor as another (a tied ``lm_head``) is
+                           recorded in the index's ``aliases`` (version 3) instead of stored again.
     ``tickets.json``
         format, version, context names, mask shapes, the model's state_dict signature and its
         fingerprint, the sha256 of ``tickets.safetensors``, the caller's metadata and (version 2)
@@ -65,7 +67,8 @@ from .masks import MaskSet, check_shape
 
 TICKETS_FORMAT = "routing-lottery/tickets"
 TICKETS_VERSION = 2  # 1: no index_sha256 (still read)
-READABLE_VERSIONS = (1, 2)
+ALIASES_VERSION = 3  # written only by a model with tied tensors: 2 plus "aliases"
+READABLE_VERSIONS = (1, 2, 3)
 WEIGHTS_FILE = "tickets.safetensors"
 INDEX_FILE = "tickets.json"
 
@@ -438,6 +441,20 @@ def _json_type(value: Any) -> str:
     return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
+def _state_aliases(state: Mapping[str, torch.Tensor], masked: Mapping[str, Any]) -> dict[str, str]:
+    """key -> the key it repeats, for every unmasked state_dict entry that is the same tensor as another
+    (same storage, offset, shape, strides and dtype): a tied ``lm_head`` is its embedding, stored once."""
+    def identity(t: torch.Tensor) -> tuple[Any, ...]:
+        return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+
+    first: dict[tuple[Any, ...], str] = {}
+    for key in [*masked, *state]:  # a masked tensor is the one kept when an unmasked key repeats it
+        if state[key].numel():
+            first.setdefault(identity(state[key]), key)
+    return {key: first[identity(t)] for key, t in state.items()
+            if key not in masked and t.numel() and first[identity(t)] != key}
+
+
 def save_tickets(
     directory: str | Path, model: nn.Module, masks: MaskSet, metadata: Mapping[str, Any] | None = None
 ) -> Path:
@@ -474,6 +491,9 @@ def save_tickets(
     if _nested_deeper_than(index, MAX_INDEX_DEPTH):
         raise ValueError(f"metadata nests deeper than {MAX_INDEX_DEPTH - 1} levels; load_tickets would refuse it")
 
+    aliases = _state_aliases(state, masks.stacked)
+    if aliases:  # version 3; a model without tied tensors writes version 2, readable by older releases
+        index["version"], index["aliases"] = ALIASES_VERSION, aliases
     tensors: dict[str, torch.Tensor] = {}
     packed = masks.packed()
     for name, union in masks.union().items():
@@ -481,7 +501,7 @@ def save_tickets(
         tensors[f"masks/{name}"] = packed[name].contiguous()
         tensors[f"values/{name}"] = weight[union.cpu()].contiguous()  # boolean indexing is row-major
     for key, value in state.items():
-        if key not in masks.stacked:
+        if key not in masks.stacked and key not in aliases:
             # clone: safetensors refuses tensors that share storage (tied weights, views)
             tensors[f"state/{key}"] = value.detach().cpu().clone().contiguous()
     blob = safetensors.torch.save(tensors)
@@ -543,12 +563,19 @@ def _read_index(directory: Path) -> dict[str, Any]:
         raise corrupt(str(err)) from None
     fingerprint, weights_sha256 = field("fingerprint", str), field("weights_sha256", str)
     metadata = field("metadata", dict)
+    aliases = field("aliases", dict) if version >= ALIASES_VERSION else {}
+    bad_alias = [k for k, t in aliases.items() if not isinstance(t, str) or k in shapes or t not in signature
+                 or k not in signature or t in aliases or signature[k] != signature[t]]
+    if bad_alias:
+        raise corrupt(f"aliases {bad_alias[:5]} must each name an unmasked state entry and another, "
+                      "unaliased entry of the same shape and dtype")
     if _fingerprint(signature) != fingerprint:
         raise corrupt("its fingerprint does not match its recorded state_dict signature")
     bad = [n for n, s in shapes.items() if n not in signature or signature[n][0] != s]
     if bad or not shapes:
         raise corrupt(f"mask shapes disagree with the state_dict signature {bad[:5]}" if bad else "it masks no tensor")
-    return {"context_names": context_names, "tensors": shapes, "state": signature, "fingerprint": fingerprint,
+    return {"context_names": context_names, "tensors": shapes, "state": signature, "aliases": aliases,
+            "fingerprint": fingerprint,
             "weights_sha256": weights_sha256, "metadata": metadata}
 
 
@@ -574,7 +601,7 @@ def _read_weights(directory: Path, index: dict[str, Any]) -> tuple[dict[str, tor
     shapes: dict[str, list[int]] = index["tensors"]
     signature: Signature = index["state"]
     expected = {f"{p}/{n}" for n in shapes for p in ("masks", "values")}
-    expected |= {f"state/{k}" for k in signature if k not in shapes}
+    expected |= {f"state/{k}" for k in signature if k not in shapes and k not in index["aliases"]}
     if set(tensors) != expected:
         raise corrupt(f"entries missing {sorted(expected - set(tensors))[:5]}, unexpected {sorted(set(tensors) - expected)[:5]}")
     try:
@@ -588,7 +615,7 @@ def _read_weights(directory: Path, index: dict[str, Any]) -> tuple[dict[str, tor
             raise corrupt(f"values/{name} is a {_dtype_name(values.dtype)} tensor of shape {tuple(values.shape)}; "
                           f"the masks' union needs {int(union.sum())} {dtype} values")
     for key, (shape, dtype) in signature.items():
-        if key not in shapes:
+        if key not in shapes and key not in index["aliases"]:
             t = tensors[f"state/{key}"]
             if list(t.shape) != shape or _dtype_name(t.dtype) != dtype:
                 raise corrupt(f"state/{key} is {tuple(t.shape)} {_dtype_name(t.dtype)}, the index records {tuple(shape)} {dtype}")
@@ -638,8 +665,10 @@ def load_tickets(directory: str | Path, model: nn.Module) -> tuple[MaskSet, dict
         weight[union] = values
         state[name] = weight
     for key in index["state"]:
-        if key not in masks.stacked:
+        if key not in masks.stacked and key not in index["aliases"]:
             state[key] = tensors[f"state/{key}"]
+    for key, repeated in index["aliases"].items():
+        state[key] = state[repeated]
     # The fingerprint already matched; check the tensors themselves too, because load_state_dict
     # copies every entry it can before it reports the ones it cannot.
     wrong = [k for k, t in target.items() if k not in state or state[k].shape != t.shape or state[k].dtype != t.dtype]

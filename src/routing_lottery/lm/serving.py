@@ -326,6 +326,11 @@ class MaskedCausalLM(nn.Module):
     def num_domains(self) -> int:
         return len(self.domain_names)
 
+    @property
+    def num_contexts(self) -> int:
+        """``num_domains`` under the name the core's routers check (``router.LearnedRouter.__call__``)."""
+        return self.num_domains
+
     def routed_linears(self) -> dict[str, RoutedLinear]:
         """Module name -> its ``RoutedLinear``, in model order."""
         return {n: m for n, m in self.model.named_modules() if isinstance(m, RoutedLinear)}
