@@ -22,6 +22,7 @@ from ..contexts.clustering import partition_names
 from ..contexts.partitions import Partition, reference_partition
 from ..data.cifar import load_cifar10, load_cifar100
 from ..data.digits import load_digits_splits
+from ..data.fashion_mnist import fashion_mnist_dataset
 from ..data.regions import EMBEDDED_IMAGES, load_ade20k_folder, load_embedded_images
 from ..data.speech import FolderSpeechConfig, SpeechMixConfig, folder_speech_dataset, synthetic_speech_dataset
 from ..tasks.classification import ClassificationTask
@@ -61,6 +62,7 @@ def _cifar(name: str) -> DatasetLoader:
 
 DATASETS.register("cifar10")(_cifar("cifar10"))
 DATASETS.register("cifar100")(_cifar("cifar100"))
+DATASETS.register("fashion_mnist")(fashion_mnist_dataset)  # data.root, else Debian's folder
 
 
 @TASKS.register("classification")
