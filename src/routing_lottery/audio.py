@@ -94,7 +94,10 @@ def mix_at_snr(clean: torch.Tensor, noise: torch.Tensor, snr_db: float | torch.T
 
     Example
     -------
-    >>> mix = mix_at_snr(speech, noise, 5.0)     # 10·log10(Σ speech² / Σ (mix - speech)²) == 5.0
+    >>> speech, noise = torch.randn(16000), torch.randn(16000)
+    >>> mix = mix_at_snr(speech, noise, 5.0)
+    >>> round(float(10 * torch.log10((speech ** 2).sum() / ((mix - speech) ** 2).sum())), 3)
+    5.0
     """
     if clean.shape != noise.shape:
         raise ValueError(f"clean shape {tuple(clean.shape)} != noise shape {tuple(noise.shape)}")
@@ -178,6 +181,8 @@ def save_spectrograms(
 
     Example
     -------
+    >>> clean = torch.randn(16000)
+    >>> noisy, enhanced = clean + 0.5 * torch.randn(16000), clean + 0.1 * torch.randn(16000)
     >>> save_spectrograms("clip0.png", {"noisy": noisy, "RTL": enhanced, "clean": clean}, 16000)
     """
     if not clips:

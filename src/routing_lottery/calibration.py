@@ -214,8 +214,11 @@ def fit_thresholds(
 
     Returns
     -------
-    Thresholds, with each detector's calibration counts at its threshold.
+    Thresholds
+        With each detector's calibration counts at its threshold.
 
+    Notes
+    -----
     Why not MAPIE (checked with 1.6.0): its ``BinaryClassificationController(risk="precision",
     fwer_method="fixed_sequence")`` runs the same kind of procedure, but with Hoeffding-Bentkus
     p-values (for a binary loss, e times the exact binomial tail used here), through a
@@ -225,8 +228,8 @@ def fit_thresholds(
     of 40 draws (5 of 40 with its default Bonferroni-Holm), where this code passed in 39. So it
     would be one more dependency for less power than a dozen lines of scipy.
 
-    Example
-    -------
+    Examples
+    --------
     >>> s = torch.tensor([[2.0, -1.0], [0.5, 0.2], [-1.0, 3.0], [0.1, 1.0]])
     >>> t = fit_thresholds(s, torch.tensor([0, 0, 1, 1]), "f1")
     >>> t.thresholds.tolist()
@@ -393,8 +396,8 @@ def decide(scores: Any, thresholds: Thresholds, rule: str = "abstain") -> Decisi
     -------
     Decision, with the counts of zero, one and several detectors firing.
 
-    Example
-    -------
+    Examples
+    --------
     >>> t = fit_thresholds(torch.tensor([[2.0, -1.0], [-1.0, 3.0]]), torch.tensor([0, 1]), "f1")
     >>> decide(torch.tensor([[2.5, 4.0], [0.0, 0.0]]), t, "most_confident").routed.tolist()
     [1, 0]

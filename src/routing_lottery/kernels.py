@@ -15,12 +15,12 @@ medians, on the per-round pairs and on the fastest samples alike, dense unless t
 clearly faster -- and after the per-layer choices the whole prepared network is timed against the
 dense one the same way; if it is not faster, every layer goes back to dense.
 
-Which torch path is used, and why (torch 2.13, CPU, measured when this module was written): a
-sparse ``W`` times the *transposed* activations, ``torch.addmm(bias[:, None], W, x.T).T``, goes
-to MKL's sparse-times-dense kernel and was the fastest CSR form (3x dense at 90 % sparsity).
-``F.linear(x, W_csr)`` computes the same thing through dense-times-sparse and was 2.5x *slower*
-than dense even at 90 %; ``torch.sparse.mm`` on COO was about 9x slower than dense. MKL's sparse kernels take
-float32 and float64 only, so other dtypes stay dense.
+Which torch path is used, and why: a sparse ``W`` times the *transposed* activations,
+``torch.addmm(bias[:, None], W, x.T).T``, goes to MKL's sparse-times-dense kernel, the fastest CSR
+form on CPU; ``F.linear(x, W_csr)`` computes the same thing through dense-times-sparse, which was
+slower than dense even at 90 % sparsity, and ``torch.sparse.mm`` on COO slower still (the
+measurements: the documentation's Benchmarks page, "Export and per-layer kernels"). MKL's sparse
+kernels take float32 and float64 only, so other dtypes stay dense.
 
 A convolution is run in its matrix form: ``F.unfold`` (im2col) turns the input into columns and
 one sparse matmul applies the ``(out_channels, in_channels * kh * kw)`` weight matrix. A grouped
@@ -455,11 +455,11 @@ def prepare(
 
     Returns
     -------
-    (prepared, choices) : the copy, in eval mode, and one :class:`KernelChoice` per Linear/Conv2d
-    layer, in module order.
+    (prepared, choices) : tuple[nn.Module, list[KernelChoice]]
+        The copy, in eval mode, and one ``KernelChoice`` per Linear/Conv2d layer, in module order.
 
-    Example
-    -------
+    Examples
+    --------
     >>> net = nn.Sequential(nn.Linear(64, 64))
     >>> fast, choices = prepare(net, torch.randn(8, 64), repeats=3)
     >>> choices[0].kernel  # nothing pruned: stays dense, untimed

@@ -106,10 +106,12 @@ class TrainingConfig:
 class RTLConfig:
     """Everything that decides a set of adaptive tickets, given the model and the data.
 
-    Example
-    -------
-    >>> RTLConfig(seed=0, pruning=PruningConfig(sparsities=(0.5,), step=0.2),
-    ...           training=TrainingConfig(imp_epochs=2, epochs=3, optimizer=OptimizerConfig(lr=1e-3)))
+    Examples
+    --------
+    >>> recipe = RTLConfig(seed=0, pruning=PruningConfig(sparsities=(0.5,), step=0.2),
+    ...                    training=TrainingConfig(imp_epochs=2, epochs=3, optimizer=OptimizerConfig(lr=1e-3)))
+    >>> recipe.training.optimizer.lr, recipe.pruning.scope
+    (0.001, 'global')
     """
 
     seed: int = 0

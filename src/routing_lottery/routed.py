@@ -267,14 +267,20 @@ class RoutedModel(nn.Module):
     mixed_path : ``"auto"``, ``"vmap"`` or ``"loop"``, as above; an attribute that may be changed later.
     timer : the clock in seconds ``"auto"`` measures with (``time.perf_counter``; tests pass a fake one).
 
-    Example
-    -------
-    >>> routed = RoutedModel(net, masks)                # masks: MaskSet with K tickets
-    >>> logits = routed(images, torch.tensor([0, 3, 3, 1]))
+    Examples
+    --------
+    >>> from routing_lottery import DetectorRouter
+    >>> net = nn.Linear(16, 4)                          # any module; here one output per context
+    >>> masks = MaskSet({"weight": torch.rand(4, 4, 16) < 0.5}, ["cats", "dogs", "cars", "ships"])
+    >>> routed = RoutedModel(net, masks).eval()         # masks: a MaskSet with K = 4 tickets
+    >>> images = torch.randn(4, 16)
+    >>> logits = routed(images, torch.tensor([0, 3, 3, 1]))  # one context per row, mixed in one batch
     >>> routed.router = DetectorRouter()                # or LearnedRouter.fit(...), EntropyRouter()
     >>> logits = routed(images)                         # contexts chosen by the router
     >>> with routed.use("cats"):                        # one context's subnetwork, any call signature
-    ...     out = routed(input_ids=ids, attention_mask=att)
+    ...     out = routed(images)
+    >>> tuple(out.shape)
+    (4, 4)
     """
 
     def __init__(self, model: nn.Module, masks: MaskSet, vmap_below: int = 512, router: Router | None = None,
@@ -416,9 +422,13 @@ class RoutedModel(nn.Module):
         already masked. Blocks nest (the innermost wins) and the previous context comes back on
         leaving, an exception included. Outside any block, ``forward`` routes as usual.
 
-        >>> routed.train()
+        >>> from torch.nn import functional as F
+        >>> masks = MaskSet({"weight": torch.rand(2, 3, 8) < 0.5}, ["cats", "dogs"])
+        >>> routed = RoutedModel(nn.Linear(8, 3), masks).train()
+        >>> x, y = torch.randn(5, 8), torch.tensor([0, 2, 1, 1, 0])
         >>> with routed.use("cats"):
         ...     loss = F.cross_entropy(routed(x), y)
+        >>> loss.backward()                             # gradients reach only the weights m_cats keeps
         """
         k = self.masks.check_context(context)
         self._active.append(k)

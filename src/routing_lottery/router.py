@@ -105,13 +105,20 @@ class DetectorRouter:
         "most_confident")``: raw logits of detectors that fire at different levels are not
         comparable, margins above their own thresholds are.
 
+    Notes
+    -----
     ``passes`` is K, the number of contexts: known once the router has seen a routed model (with
     ``thresholds``, from the start); reading it before raises ``AttributeError``.
 
-    Example
-    -------
+    Examples
+    --------
+    >>> from routing_lottery import MaskSet, RoutedModel
+    >>> masks = MaskSet({"weight": torch.rand(3, 3, 8) < 0.5}, ["a", "b", "c"])
+    >>> routed = RoutedModel(torch.nn.Linear(8, 3), masks).eval()   # output k: the detector of context k
     >>> routed.router = DetectorRouter()
-    >>> y = routed(x)          # every subnetwork scores x, then each row runs through its winner
+    >>> y = routed(torch.randn(5, 8))   # every subnetwork scores x, then each row runs through its winner
+    >>> routed.router.passes
+    3
     """
 
     name = "detectors"
@@ -203,6 +210,8 @@ class EntropyRouter:
         within ``CHUNK_BYTES`` (256 MiB), between 1 and 1024 rows -- fewer, larger calls are
         faster, and a large model still fits.
 
+    Notes
+    -----
     The model must be in evaluation mode: a forward of one example in training mode would use
     BatchNorm statistics of a batch of one and move the shared running statistics.
     """
@@ -321,11 +330,15 @@ class LearnedRouter:
     in torch on the inputs' device, and saved without pickle (safetensors + a JSON index with the
     weights' sha256). It never runs the network: ``passes`` is 0.
 
-    Example
-    -------
-    >>> router = LearnedRouter.fit(train_x, train_contexts, num_contexts=4)
-    >>> router.save("router/")
-    >>> routed.router = LearnedRouter.load("router/")
+    Examples
+    --------
+    >>> train_x = torch.cat([torch.randn(20, 6) - 2, torch.randn(20, 6) + 2])   # two contexts, apart
+    >>> train_contexts = torch.arange(2).repeat_interleave(20)
+    >>> router = LearnedRouter.fit(train_x, train_contexts, num_contexts=2)
+    >>> directory = router.save("router/")
+    >>> loaded = LearnedRouter.load(directory)           # then routed.router = loaded
+    >>> loaded(None, torch.tensor([[-2.0] * 6, [2.0] * 6])).tolist()
+    [0, 1]
     """
 
     name = "learned"
@@ -366,7 +379,10 @@ class LearnedRouter:
         seed : PCA's ``random_state`` (the randomized solver on large inputs); the same seed gives
             the same router.
 
-        Raises ``DataError`` for malformed contexts or features, naming contexts with no example.
+        Raises
+        ------
+        DataError
+            For malformed contexts or features, naming contexts with no example.
         """
         from sklearn.decomposition import PCA
         from sklearn.linear_model import LogisticRegression

@@ -165,10 +165,13 @@ def input_norms(model: nn.Module, names: Sequence[str], batches: Iterable[Any], 
 
     Returns
     -------
-    ``{name: (in_features,) float64 tensor}`` on the weight's device: sqrt(sum over tokens of x_j^2),
-    accumulated in float64 so that many tokens of a low-precision model lose nothing. A layer called
-    several times per forward (a shared module) counts every call.
+    dict[str, torch.Tensor]
+        ``{name: (in_features,) float64 tensor}`` on the weight's device: sqrt(sum over tokens of x_j^2),
+        accumulated in float64 so that many tokens of a low-precision model lose nothing. A layer called
+        several times per forward (a shared module) counts every call.
 
+    Notes
+    -----
     Hooks are removed, gradients stay off and every module's train/eval mode is restored even when
     a batch raises; the model runs in eval mode (no dropout) while collecting.
     """
@@ -311,6 +314,8 @@ def one_shot_mask(scores: Mapping[str, torch.Tensor], sparsity: float | None, *,
         sparse tensor cores run: with (2, 4), ``torch.sparse.to_sparse_semi_structured`` can later
         turn the masked weight into a fast CUDA tensor). ``in_features`` must be a multiple of M.
 
+    Notes
+    -----
     Ties keep the lower index first (row-major within a tensor, tensors in the given order), so the
     same scores always give the same mask. NaN scores are refused; +inf is kept first and -inf
     pruned first, so a score can force a weight either way.

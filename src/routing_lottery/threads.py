@@ -2,12 +2,11 @@
 
 Torch starts one intra-op thread per core in every process. Two such processes on the same cores
 do not share them gracefully: OpenMP's threads wait for each other at every parallel region, and a
-thread whose partner is descheduled waits a scheduler slice. Measured on a 2-core machine beside
-other jobs: ``rtl demo --scale smoke`` took 124 s with torch's 2 threads against 36 s with one, and
-two of them at 2 threads each had not finished after 300 s (37 s alone). A 2-thread pool shrunk to
-one thread by ``torch.set_num_threads`` ran as fast as a process started with one (the surplus
-OpenMP thread sleeps), so a running pool can be shrunk; ``benchmarks/bench_workers.py`` measures
-two runs side by side under this budget.
+thread whose partner is descheduled waits a scheduler slice, so two runs at torch's default can
+each take several times as long as one alone (measured: the documentation's Benchmarks page,
+"Processes, threads and machines"). A pool shrunk by ``torch.set_num_threads`` runs as fast as a
+process started with that many threads (the surplus OpenMP threads sleep), so a running pool can
+be shrunk; ``benchmarks/bench_workers.py`` measures two runs side by side under this budget.
 
 The budget, on by default for runs started by the command line:
 

@@ -17,12 +17,19 @@ same object, with the baselines beside it.
 
 Example
 -------
->>> from routing_lottery import AdaptiveTickets, RTLConfig, PruningConfig, tensor_stream
->>> streams = {name: tensor_stream(name, x_k, y_k, loss, batch_size=32) for name, (x_k, y_k) in data.items()}
->>> rtl = AdaptiveTickets(model, RTLConfig(pruning=PruningConfig(sparsities=(0.5,), step=0.2)))
->>> routed = rtl.fit(streams).routed
->>> routed(x, ["cat", "dog", "cat"])       # contexts by name (or index), mixed in one batch
->>> rtl.save("tickets/")
+>>> import torch
+>>> from torch import nn
+>>> from torch.nn import functional as F
+>>> from routing_lottery import AdaptiveTickets, RTLConfig, PruningConfig, TrainingConfig, tensor_stream
+>>> data = {name: (torch.randn(64, 4), torch.randn(64, 1)) for name in ("cat", "dog")}
+>>> streams = {name: tensor_stream(name, x_k, y_k, F.mse_loss, batch_size=32) for name, (x_k, y_k) in data.items()}
+>>> model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
+>>> recipe = RTLConfig(pruning=PruningConfig(sparsities=(0.5,), step=0.2), training=TrainingConfig(imp_epochs=1, epochs=1))
+>>> rtl = AdaptiveTickets(model, recipe).fit(streams)
+>>> rtl.routed(torch.randn(3, 4), ["cat", "dog", "cat"]).shape  # contexts by name (or index), mixed in one batch
+torch.Size([3, 1])
+>>> rtl.save("tickets/").name                                  # shared weights, packed masks, the recipe
+'tickets'
 """
 
 from __future__ import annotations

@@ -96,11 +96,16 @@ class InrTask:
 
     Example
     -------
-    >>> task = InrTask(load_embedded_image("chelsea", size=64, num_regions=6))
+    >>> from routing_lottery.data.regions import load_embedded_image
+    >>> from routing_lottery.training import OptimizerConfig, train
+    >>> task = InrTask(load_embedded_image("chelsea", size=32, num_regions=4))
     >>> stream = task.region_stream(0)                       # full batch: one batch per epoch
-    >>> train(net, None, stream, epochs=500, optimizer=OptimizerConfig(lr=1e-2), seed=0)
+    >>> net = CoordinateMLP()
+    >>> train(net, None, stream, epochs=20, optimizer=OptimizerConfig(lr=1e-2), seed=0)
     >>> image = task.reconstruct(lambda k, x: net(x))
-    >>> task.psnr(image), task.region_psnr(image)
+    >>> psnr, per_region = task.psnr(image), task.region_psnr(image)
+    >>> len(per_region)
+    4
     """
 
     image: RegionImage
