@@ -34,7 +34,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("methods", ("methods",)),
     ("report", ("report",)),
     ("tasks", ("tasks",)),
-    ("run", ("run", "diagnose", "pareto", "seeds", "sweep", "experiments")),
+    ("run", ("run", "diagnose", "pareto", "seeds", "sweep", "budget", "experiments")),
     ("cli", ("cli",)),
 ]
 CORE = {name for layer, names in LAYERS if layer.startswith("core") for name in names}
@@ -153,6 +153,7 @@ HEAVY = ("sklearn", "scipy", "matplotlib", "yaml", "typer", "rich", "umap", "sou
          "routing_lottery.data", "routing_lottery.tasks", "routing_lottery.methods", "routing_lottery.cli")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("statement", [
     "import routing_lottery",
     "from routing_lottery import AdaptiveTickets, MaskSet, RoutedModel, RTLConfig, tensor_stream",

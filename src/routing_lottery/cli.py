@@ -1,6 +1,6 @@
-"""The ``rtl`` command line, the experiment framework's thin face: ``demo``, ``run CONFIG``, ``sweep``,
-``study``, ``diagnose RUN``, ``calibrate RUN``, ``export RUN``, ``partition`` and ``report RUN``
-(``rtl COMMAND --help`` says what each takes)."""
+"""The ``rtl`` command line, the experiment framework's thin face: ``demo``, ``run CONFIG`` (an LM config
+too), ``sweep``, ``budget``, ``study``, ``diagnose RUN``, ``calibrate RUN``, ``export RUN``, ``partition``
+and ``report RUN`` (``rtl COMMAND --help`` says what each takes)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.markup import escape
 from rich.table import Table
 
+from .budget import (
+    DEFAULT_METHODS, budget_study, closest_budget, epoch_points, learning_rate_points, paper_regime_point,
+    per_class_points, regime_markdown,
+)
 from .config import load_config, load_yaml
 from .contexts.clustering import partition_names
 from .contexts.encoders import EncoderUnavailable
@@ -369,6 +373,68 @@ def sweep(
     for name, verdict in found["verdicts"].items():
         console.print(f"[bold]{escape(name)}[/bold]: {escape(verdict)}")
     console.print(f"report: {out / 'report.md'}")
+
+
+def number_list(text: str, option: str, kind: type = float) -> list:
+    """``1,2,4`` as numbers of ``kind``; a clear error naming ``option`` otherwise."""
+    try:
+        return [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{option} expects comma-separated {kind.__name__}s, got {brief(text)}") from None
+
+
+@app.command()
+@reports_errors
+def budget(
+    config: str = typer.Argument(..., metavar="CONFIG", help=CONFIG_HELP),
+    out: Optional[Path] = typer.Option(None, metavar="DIR", help="Study directory (default runs/<config name>-budget); "
+                                                                 "re-running resumes every point."),
+    scale: Optional[str] = typer.Option(None, metavar="SCALE", help="smoke or full (as the config defines)."),
+    data: Optional[Path] = typer.Option(None, metavar="DIR", help="Directory holding the dataset files (sets data.root)."),
+    epochs: Optional[str] = typer.Option(None, metavar="LIST", help="Multipliers of the config's IMP and retraining "
+                                         "epochs, e.g. 1,2,4: one budget point each."),
+    per_class: Optional[str] = typer.Option(None, "--per-class", metavar="LIST", help="Training images per class, "
+                                            "e.g. 20,40,160: one budget point each."),
+    lr: Optional[str] = typer.Option(None, metavar="LIST", help="Learning rates, e.g. 1e-4,1e-3: one point each."),
+    paper_regime: bool = typer.Option(False, "--paper-regime", help="Add the under-trained point (1 IMP epoch per "
+                                      "round, 1 retraining epoch) and report where single IMP's accuracy comes "
+                                      "closest to the paper's 48 %."),
+    levels: str = typer.Option("0.5", help="Comma-separated sparsity levels."),
+    methods: str = typer.Option(",".join(DEFAULT_METHODS), metavar="LIST", help="Comma-separated methods."),
+    seeds: int = typer.Option(5, min=1, metavar="N", help="Seeds per budget point (the same seeds at every point)."),
+    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a setting at every point, e.g. "
+                                   "--set deploy.routers=[]."),
+    device: Optional[str] = typer.Option(None, metavar="DEVICE", help=DEVICE_HELP),
+    workers: Optional[int] = typer.Option(None, min=1, metavar="N", help=WORKERS_HELP),
+) -> None:
+    """How each method's metric grows with the training budget (epochs, images per class, learning rate), at equal
+    samples between RTL and single IMP: budget.md, budget.json and budget.png (issue 26)."""
+
+    path, overrides = config_and_overrides(config, data, set_, device, None, workers)
+    base = load_config(path, scale, overrides, overrides_from=options_named(set_, data=data, device=device,
+                                                                             workers=workers))
+    points = []
+    if epochs:
+        points += epoch_points(number_list(epochs, "--epochs"), base)
+    if per_class:
+        points += per_class_points(number_list(per_class, "--per-class", int))
+    if lr:
+        points += learning_rate_points(number_list(lr, "--lr"))
+    if paper_regime:
+        points.append(paper_regime_point())
+    if not points:
+        raise ConfigError("name the budgets to compare: --epochs, --per-class, --lr and/or --paper-regime")
+    out = out or Path("runs") / f"{path.stem}-budget"
+    start = time.perf_counter()
+    log = lambda message: console.print(f"  [{time.perf_counter() - start:7.1f} s] {escape(message)}")  # noqa: E731
+    with thread_budget(base.threads, log) as threads:
+        result = budget_study(path, out, points, seeds, sweep_levels(levels), scale, overrides, log=log,
+                              methods=[m.strip() for m in methods.split(",") if m.strip()],
+                              progress=threads.watch(SILENT))
+    console.print((out / "budget.md").read_text(), markup=False)
+    if paper_regime:
+        console.print(regime_markdown(closest_budget(result)), markup=False)
+    console.print(f"written: {out / 'budget.md'}, budget.json, budget.png")
 
 
 @app.command()
