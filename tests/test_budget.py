@@ -54,6 +54,7 @@ def _t_interval(values: list[float]) -> tuple[float, float, float]:
     return float(x.mean()), float(x.mean() - half), float(x.mean() + half)
 
 
+@pytest.mark.slow
 def test_the_study_writes_its_files_and_its_numbers_are_the_runs_numbers(study):
     out, result = study
     assert json.loads((out / "budget.json").read_text()) == json.loads(json.dumps(result.to_dict()))
@@ -87,6 +88,7 @@ def test_the_study_writes_its_files_and_its_numbers_are_the_runs_numbers(study):
     assert load_budget(out).rows == result.rows
 
 
+@pytest.mark.slow
 def test_a_rerun_trains_nothing_and_leaves_every_finished_file_alone(study, monkeypatch):
     out, result = study
     kept = [p for p in (out / "points").rglob("*") if p.is_file() and

@@ -211,6 +211,7 @@ def _streams() -> dict[str, object]:
     return out
 
 
+@pytest.mark.slow
 def test_adaptive_tickets_at_channel_granularity_fit_route_and_export(tmp_path):
     torch.manual_seed(5)
     model = Residual()
@@ -262,6 +263,7 @@ def test_granularity_is_validated_and_the_default_keeps_old_identities():
     assert RTLConfig(pruning=PruningConfig(granularity="channel")).to_dict()["pruning"]["granularity"] == "channel"
 
 
+@pytest.mark.slow
 def test_a_channel_run_exports_from_its_directory(tmp_path):
     """rtl export on a run made with channel tickets: the groups are traced again and must match its masks."""
     from routing_lottery.cli import packaged_config

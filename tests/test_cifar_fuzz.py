@@ -32,6 +32,8 @@ from routing_lottery.errors import DataError
 from byte_edits import apply_edits, edit_lists
 from test_data import CIFAR10_NAMES, py2_pickle, write_py2_cifar10
 
+pytestmark = pytest.mark.slow  # every property runs 1,000 generated cases
+
 FILES = ("batches.meta", "data_batch_1", "test_batch")
 PEAK_BYTES = 16 << 20  # a clean load of these folders peaks near 0.2 MB
 # bytes a mutation may write: anything, or opcodes that change how the rest is read

@@ -162,6 +162,7 @@ def test_a_killed_worker_is_reported_as_the_library_error_it_is(tmp_path, monkey
     assert "re-launching resumes" in line and "unexpected" not in line
 
 
+@pytest.mark.slow
 def test_the_installed_rtl_names_the_option_in_one_line(tmp_path):
     """The real entry point, as a user types it (one subprocess: startup and a config load, no run)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

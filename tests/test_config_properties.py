@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -20,6 +21,8 @@ from hypothesis import strategies as st
 from routing_lottery.config import MAX_MESSAGE, ExperimentConfig, build, load_config
 from routing_lottery.errors import ConfigError
 from routing_lottery.run.directory import identity_settings
+
+pytestmark = pytest.mark.slow  # every property runs 1,000 generated cases
 
 KEYS = ["name", "task", "seed", "device", "methods", "data", "model", "pruning", "training", "threads", "speech",
         "scales", "sparsities", "step", "scope", "epochs", "imp_epochs", "batch_size", "optimizer", "lr", "options",

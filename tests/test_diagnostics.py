@@ -217,6 +217,7 @@ def wordnet(tmp_path_factory):
         pytest.skip(f"WordNet 3.0 database not installed: {err}")
 
 
+@pytest.mark.slow
 def test_wordnet_dog_cat_closer_than_dog_truck(wordnet):
     for measure in ("path", "wup"):
         m = semantic.semantic_similarity_matrix(["dog", "cat", "truck"], measure=measure, wordnet=wordnet)
@@ -226,6 +227,7 @@ def test_wordnet_dog_cat_closer_than_dog_truck(wordnet):
     assert path[0, 1] == pytest.approx(0.2)  # the documented value of cat.n.01 ~ dog.n.01
 
 
+@pytest.mark.slow
 def test_wordnet_synset_choices(wordnet):
     chosen = {n: semantic.synset_for(n, wordnet) for n in semantic.KNOWN_SYNSETS}
     assert chosen["automobile"].name() == "car.n.01"
@@ -261,6 +263,7 @@ def _is_png(path):
     return len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_every_figure_writes_a_png(tmp_path):
     names = ["airplane", "automobile", "bird", "cat"]
     matrix = _random_similarity(4, 0)

@@ -45,6 +45,7 @@ def smoke_runs(tmp_path_factory):
     return runs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("example", EXAMPLES)
 def test_cli_smoke_run_records_every_method_and_level(smoke_runs, example):
     result, out = smoke_runs[example]
@@ -63,6 +64,7 @@ def test_cli_smoke_run_records_every_method_and_level(smoke_runs, example):
         assert 0 <= by[("rtl", s)]["balanced_accuracy"] <= 1
 
 
+@pytest.mark.slow
 def test_rtl_script_finds_the_example_code_from_the_repository_root(tmp_path):
     """The installed ``rtl`` script as a user runs it: no PYTHONPATH, import paths found from the working directory."""
     script = Path(sys.executable).with_name("rtl")
@@ -76,6 +78,7 @@ def test_rtl_script_finds_the_example_code_from_the_repository_root(tmp_path):
     assert len(records) == 1 + 7 * len(config_of("tabular").pruning.sparsities)  # 4 methods + 3 argmax rows per level
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("example", EXAMPLES)
 def test_example_task_meets_the_contract(example):
     task = build_tasks(config_of(example))[0]
@@ -83,6 +86,7 @@ def test_example_task_meets_the_contract(example):
     assert task.num_contexts == EXAMPLES[example]
 
 
+@pytest.mark.slow
 def test_transformer_masks_every_attention_projection(smoke_runs):
     config = config_of("transformer")
     task = build_tasks(config)[0]
@@ -154,6 +158,7 @@ def test_own_loop_adamw_example(capsys):
     assert "weights outside every mask that are not zero: 0" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_own_loop_hf_trainer_example(capsys):
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")

@@ -58,6 +58,7 @@ def finished_run(tmp_path_factory):
     return path, make_runner(tiny_config(), path).run_all()
 
 
+@pytest.mark.slow
 def test_run_writes_every_method_and_level(finished_run, tmp_path):
     config = tiny_config()
     run_path, records = finished_run
@@ -95,6 +96,7 @@ def test_run_writes_every_method_and_level(finished_run, tmp_path):
     assert all(torch.all(params[n][~union[n]] == 0) for n in masks.tensor_names)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill_after", [3, 85])  # inside stage 1 (IMP), inside stage 2 (RTL joint retraining at 30 %)
 def test_a_killed_run_resumes_to_the_same_result(finished_run, tmp_path, kill_after):
     config = tiny_config()
@@ -116,6 +118,7 @@ def test_a_different_config_in_the_same_directory_is_refused(tmp_path):
         make_runner(tiny_config(methods=["dense"], seed=1), tmp_path).run_all()
 
 
+@pytest.mark.slow
 def test_a_truncated_round_file_is_named_and_redone(tmp_path):
     config = tiny_config(methods=["single_imp"])
     reference = make_runner(config, tmp_path).run_all()
@@ -146,6 +149,7 @@ def test_cli_run_prints_the_table_and_reports_bad_input(tmp_path):
     assert bad.exit_code == 2 and "[0, 1)" in "".join(bad.output.split()).replace(",", ", ")
 
 
+@pytest.mark.slow
 def test_diagnose_writes_matrices_figures_and_report(finished_run):
     run_path, _ = finished_run
     result = CliRunner().invoke(app, ["diagnose", str(run_path), "--no-layer-heatmaps"])
@@ -169,6 +173,7 @@ def test_diagnose_on_a_run_without_tickets_is_a_clear_error(tmp_path):
     assert result.exit_code == 2 and "no RTL checkpoints" in " ".join(result.output.split())
 
 
+@pytest.mark.slow
 def test_sweep_warns_from_masks_before_evaluating(tmp_path):
     out = tmp_path / "sweep"
     result = CliRunner().invoke(app, ["sweep", "digits", "--scale", "smoke", "--out", str(out), "--levels",
@@ -200,6 +205,7 @@ def test_sweep_warns_from_masks_before_evaluating(tmp_path):
     assert "| score | digits | 1 |" in (tmp_path / "study" / "study.md").read_text()
 
 
+@pytest.mark.slow
 def test_diagnose_aligns_masks_with_wordnet_for_named_contexts(tmp_path):
     """CIFAR-10 names are not equidistant in WordNet: every level gets a Mantel test and the sweep figures."""
     from routing_lottery.contexts.names import CIFAR10_CLASSES
@@ -235,6 +241,7 @@ def _record_stamps(path):
     return {p.name: p.stat().st_mtime_ns for p in (path / "records").glob("*.json")}
 
 
+@pytest.mark.slow
 def test_adding_a_level_reuses_stage_one_and_finished_records(tmp_path, monkeypatch):
     import routing_lottery.tickets as tickets_module
 
@@ -253,6 +260,7 @@ def test_adding_a_level_reuses_stage_one_and_finished_records(tmp_path, monkeypa
     assert {(r["method"], r["sparsity"]) for r in wider} == {(m, s) for m in ("single_imp", "rtl", "rtl+argmax") for s in (0.3, 0.6)}
 
 
+@pytest.mark.slow
 def test_a_level_inserted_below_recomputes_what_it_changes(tmp_path):
     config = tiny_config(methods=["rtl"], pruning={"sparsities": [0.6], "step": 0.4})  # rounds: 40 %, 60 %
     first = make_runner(config, tmp_path)
@@ -269,6 +277,7 @@ def test_a_level_inserted_below_recomputes_what_it_changes(tmp_path):
     assert {r["sparsity"] for r in records} == {0.3, 0.6}
 
 
+@pytest.mark.slow
 def test_device_and_threads_do_not_change_a_runs_identity(tmp_path):
     config = tiny_config(methods=["dense"], device="cpu", threads=1)
     make_runner(config, tmp_path).run_all()
@@ -380,6 +389,7 @@ def three_epoch_run(tmp_path_factory):
 
 # RTL's first retraining: the first report of epoch 2 comes right after the epoch-1 checkpoint
 # (between epochs, one batch of epoch 2 lost); the third comes in the middle of epoch 3.
+@pytest.mark.slow
 @pytest.mark.parametrize("prefix, nth", [("joint epoch 2/3", 1), ("joint epoch 3/3", 2)])
 def test_a_run_killed_during_joint_retraining_resumes_to_identical_figures_and_files(
         three_epoch_run, tmp_path, prefix, nth):

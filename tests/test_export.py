@@ -53,6 +53,7 @@ def test_the_compact_weights_rebuild_the_subnetwork_exactly(tmp_path):
         assert torch.allclose(program(x[:5]), routed(x[:5], "b"), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_the_loader_and_the_program_run_without_this_library(tmp_path):
     routed = _routed()
     x = torch.randn(4, 4)
@@ -191,6 +192,7 @@ def finished_run(tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 def test_rtl_export_on_a_finished_run(finished_run):
     result = CliRunner().invoke(app, ["export", str(finished_run), "--context", "seven"])
     assert result.exit_code == 0, result.output
@@ -201,6 +203,7 @@ def test_rtl_export_on_a_finished_run(finished_run):
     assert result.exit_code == 2 and "no RTL checkpoint at sparsity 0.9" in " ".join(result.output.split())
 
 
+@pytest.mark.slow
 def test_a_negative_context_is_an_index_out_of_range_not_a_name(finished_run):
     with pytest.raises(ValueError, match=r"context id -1 is outside 0\.\.9"):
         export_run(finished_run, "-1")
@@ -219,6 +222,7 @@ def _rename_contexts(run, names):
         index_path.write_text(json.dumps(index))
 
 
+@pytest.mark.slow
 def test_context_names_from_data_never_lead_outside_the_run(finished_run, tmp_path):
     """Class names `../../../x` and an absolute path once put export files above the run and at that path."""
     root = tmp_path / "a" / "b" / "c"

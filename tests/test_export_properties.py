@@ -35,6 +35,8 @@ from routing_lottery.routed import RoutedModel
 from byte_edits import apply_edits, edit_lists
 from toy import toy_model
 
+pytestmark = pytest.mark.slow  # every property runs 1,000 generated cases
+
 SECONDS_PER_CASE = 5.0  # a case takes about a millisecond; a loader that hangs or balloons fails this
 SETTINGS = settings(max_examples=1000, derandomize=True, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])

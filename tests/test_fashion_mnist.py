@@ -187,6 +187,7 @@ def test_config_scales_keep_the_method_and_full_is_the_papers_setting():
     assert smoke.data.image_size < embedded.data.image_size <= 28
 
 
+@pytest.mark.slow
 def test_smoke_config_runs_end_to_end_on_hand_made_files(tmp_path):
     make_fashion_folder(tmp_path / "data", train_per_class=9, test_per_class=4)
     out = tmp_path / "run"

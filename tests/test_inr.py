@@ -279,6 +279,7 @@ def test_ade20k_missing_and_mismatched_label_maps(tmp_path):
 
 # -- fitting and the figure ----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_smoke_fit_one_region_loss_falls(tmp_path):
     torch.manual_seed(0)
     task = InrTask(load_embedded_image("astronaut", size=32, num_regions=4))
@@ -301,6 +302,7 @@ def test_smoke_fit_one_region_loss_falls(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["grid.png"]  # no temporary file left behind
 
 
+@pytest.mark.slow
 def test_inr_config_runs_per_image_and_averages(tmp_path):
     from routing_lottery.cli import packaged_config
     from routing_lottery.config import load_config

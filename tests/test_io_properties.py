@@ -39,6 +39,8 @@ from routing_lottery.errors import CheckpointError
 from routing_lottery.io import load_masks, load_tickets, save_tickets
 from routing_lottery.masks import MaskSet, pack_bits, unpack_bits
 
+pytestmark = pytest.mark.slow  # every property runs 1,000 generated cases
+
 CASES = 1000
 PROPERTY = settings(
     max_examples=CASES, derandomize=True, database=None, deadline=None, print_blob=False,

@@ -218,6 +218,7 @@ PROJECTIONS = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
 
 
+@pytest.mark.slow
 def test_masked_linear_names_take_the_seven_projections_of_every_block():
     model = tiny_llama()
     names = masked_linear_names(model)

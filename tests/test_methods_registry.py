@@ -25,6 +25,7 @@ class DenseAgain(Dense):
 DENSE_AGAIN = DenseAgain()
 
 
+@pytest.mark.slow
 def test_a_method_named_by_import_path_is_accepted_and_runs(tmp_path):
     config = load_config(packaged_config("digits"), "smoke",
                          {**TINY, "methods": ["dense", "test_methods_registry:DENSE_AGAIN"]})

@@ -23,6 +23,8 @@ from routing_lottery.config import load_config
 from routing_lottery.errors import CheckpointError
 from routing_lottery.run import build_tasks, make_runner
 
+pytestmark = pytest.mark.slow  # every test starts from a finished run of each task (module fixture)
+
 INR = {"data": {"images": ["coffee"], "image_size": 16, "regions": 3}, "methods": ["dense", "rtl"],
        "pruning": {"sparsities": [0.5], "step": 0.5}, "training": {"imp_epochs": 5, "epochs": 5}}
 SPEECH = {"methods": ["dense", "rtl"], "pruning": {"sparsities": [0.5], "step": 0.5},

@@ -27,6 +27,8 @@ from routing_lottery.pruning import (
 )
 from routing_lottery.routed import RoutedModel, masked_forward
 
+pytestmark = pytest.mark.slow  # every property runs 1,000 (or 300) generated cases
+
 
 def _settings(n: int) -> settings:
     return settings(

@@ -5,9 +5,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
+@pytest.mark.slow
 def test_readme_quick_start_runs_and_prints_what_the_readme_shows(tmp_path, monkeypatch, capsys):
     text = README.read_text()
     section = text[text.index("## Quick start"):]

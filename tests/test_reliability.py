@@ -51,6 +51,7 @@ def resume(source, tmp_path, damage):
     return target, records, log
 
 
+@pytest.mark.slow
 def test_a_corrupt_ticket_checkpoint_is_rebuilt(finished, tmp_path):
     source, reference = finished
     run, records, log = resume(source, tmp_path, lambda p: flip_byte(p / "checkpoints" / "rtl_0.6000" / "tickets.safetensors"))
@@ -59,6 +60,7 @@ def test_a_corrupt_ticket_checkpoint_is_rebuilt(finished, tmp_path):
     assert strip(records) == strip(reference)
 
 
+@pytest.mark.slow
 def test_a_flipped_bit_in_a_round_file_is_detected_and_the_round_redone(finished, tmp_path):
     source, reference = finished
     path = "imp/context_03/round_000.safetensors"
@@ -70,6 +72,7 @@ def test_a_flipped_bit_in_a_round_file_is_detected_and_the_round_redone(finished
     assert all(torch.equal(original[n], redone[n]) for n in original)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("victim", ["theta0.safetensors", "records/rtl_0.6000.json"])
 def test_corrupt_theta0_or_record_is_recomputed(finished, tmp_path, victim):
     source, reference = finished
@@ -229,6 +232,7 @@ def test_the_front_door_holds_the_lock_while_it_extracts(tmp_path):
     assert seen
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["flip", "delete"])
 def test_a_finished_run_with_a_damaged_identity_resumes_from_its_copy(finished, tmp_path, damage):
     """Issue 23 (10): one flipped bit in identity.json made a finished run unresumable, and deleting it was
@@ -247,6 +251,7 @@ def test_a_finished_run_with_a_damaged_identity_resumes_from_its_copy(finished, 
     assert strip(records) == strip(reference)
 
 
+@pytest.mark.slow
 def test_a_finished_run_without_any_identity_is_refused_naming_identity_json(finished, tmp_path):
     source, _ = finished
 

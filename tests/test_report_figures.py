@@ -79,6 +79,7 @@ def test_results_md_links_the_figure_only_when_there_is_one(tmp_path):
     assert not (tmp_path / "b" / "results.png").exists()
 
 
+@pytest.mark.slow
 def test_a_tiny_run_writes_its_figure(tmp_path):
     config = load_config(packaged_config("digits"), "smoke", {
         "methods": ["dense", "rtl"], "data": {"train_per_class": 12, "test_per_class": 6, "image_size": 8},

@@ -22,6 +22,8 @@ from hypothesis import strategies as st
 from routing_lottery.errors import CheckpointError
 from routing_lottery.router import REFIT_ROUTER, ROUTER_INDEX, ROUTER_WEIGHTS, LearnedRouter, router_problem
 
+pytestmark = pytest.mark.slow  # the property runs 1,000 generated cases
+
 FILES = (ROUTER_INDEX, ROUTER_WEIGHTS)
 
 

@@ -204,6 +204,7 @@ def test_a_deleted_identity_is_diagnosed_as_missing_not_as_an_older_version(tmp_
         RunDirectory(tmp_path).claim(identity)
 
 
+@pytest.mark.slow
 def test_a_front_door_run_without_its_identity_is_not_taken_for_a_new_one(tmp_path):
     """AdaptiveTickets writes no config.yaml: its stage-1 rounds and θ₀ show a run was there."""
     import torch
@@ -272,6 +273,7 @@ def scratch(tmp_path):
         shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_any_mutation_of_identity_json_resumes_correctly_or_names_it(scratch, identity, monkeypatch):
     """Issue 23 (10): a byte-mutated identity.json either resumes (both files then hold exactly the identity) or
     raises ``ConfigError`` naming identity.json -- never a raw JSON, Unicode or Key error, never another run's

@@ -92,6 +92,7 @@ TINY = {"data": {"train_per_class": 8, "test_per_class": 4, "image_size": 8, "ca
         "deploy": {"routers": []}}
 
 
+@pytest.mark.slow
 def test_a_killed_replicate_run_resumes_seed_by_seed(tmp_path, monkeypatch):
     config = load_config(packaged_config("digits"), "smoke", {**TINY, "replicates": 2, "seed": 7})
     runner = make_runner(config, tmp_path)

@@ -303,6 +303,7 @@ def test_spectrogram_pngs(tiny: speech_data.SpeechDataset, tmp_path) -> None:
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+@pytest.mark.slow
 def test_runner_contract_keeps_examples_and_draws_figures(tiny: speech_data.SpeechDataset, tmp_path) -> None:
     task, outputs = SpeechTask(tiny), tmp_path / "run" / "outputs"
     net = task.build_model().eval()
@@ -332,6 +333,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 def test_smoke_training_lowers_the_loss(tiny: speech_data.SpeechDataset, one_thread: None) -> None:
     torch.manual_seed(0)
     net = SpeechUNet()
@@ -348,6 +350,7 @@ def test_smoke_training_lowers_the_loss(tiny: speech_data.SpeechDataset, one_thr
     assert probe_loss() < before - 0.05
 
 
+@pytest.mark.slow
 def test_speech_config_runs_every_method_per_environment(tmp_path):
     from routing_lottery.cli import packaged_config
     from routing_lottery.config import load_config

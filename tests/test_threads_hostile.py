@@ -289,6 +289,7 @@ def make(procs, outside, name, kind, payload):
         os.chown(path, STRANGER, STRANGER)
 
 
+@pytest.mark.slow
 @settings(max_examples=1000, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(entries=st.lists(st.one_of(HOSTILE, ENTRY), max_size=4), cores=st.integers(1, 8))
@@ -360,6 +361,7 @@ def spoil(root, outside, procs, kind):
             os.chmod(procs.parent, 0o777)
 
 
+@pytest.mark.slow
 @settings(max_examples=1000, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(kind=st.sampled_from(REGISTRY_KINDS), mid_run=st.booleans(), checks=st.integers(1, 4),

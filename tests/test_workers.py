@@ -62,6 +62,7 @@ def one_process(tmp_path_factory):
     return path, records
 
 
+@pytest.mark.distributed
 def test_two_workers_give_the_masks_and_results_of_one_process(one_process, tmp_path):
     path, records = one_process
     parallel = make_runner(tiny(workers=2), tmp_path).run_all()
@@ -71,6 +72,7 @@ def test_two_workers_give_the_masks_and_results_of_one_process(one_process, tmp_
     assert "workers: 2" in (tmp_path / "config.yaml").read_text()  # the parent's config, not a worker's
 
 
+@pytest.mark.distributed
 def test_a_run_killed_in_stage_one_resumes_to_the_same_masks(one_process, tmp_path):
     path, _ = one_process
     out = tmp_path / "killed"

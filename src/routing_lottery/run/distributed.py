@@ -81,6 +81,9 @@ PROGRESS_DIR = ".ranks"
 # Ranks wait in collectives while rank 0 works alone (the baselines, an unbalanced stage 1): hours,
 # not torch's default 30 minutes. A rank that dies is torchrun's to notice: it stops the others.
 TIMEOUT = datetime.timedelta(days=7)
+# The store gets TIMEOUT too: it is not only the start-up rendezvous. NCCL sets up its communicator at
+# the first collective (and gloo too under TORCH_GLOO_LAZY_INIT), exchanging ids through the store
+# while rank 0 may still be loading data and writing θ₀ before its first broadcast.
 
 
 class RankStopped(RoutingLotteryError, RuntimeError):
@@ -188,7 +191,28 @@ class Session:
         return box[0]
 
     def close(self) -> None:
+        """Leave the process group with the other ranks, every rank past its last collective.
+
+        A rank's part of a collective returns once its own messages are sent, not once the others
+        have received them: a rank tearing its connections down right after the last broadcast does
+        so while another may still be inside it, and torch's shutdown guidance is to destroy a group
+        only when no collective is in flight on any rank. The barrier makes that so, for one round
+        trip per launch.
+        """
         if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+    def abandon(self) -> None:
+        """Leave the process group after an error, without waiting for the other ranks (they may never come).
+
+        torch asks every process to destroy its groups before it exits: a gloo group still alive at
+        interpreter exit can abort it (``terminate called without an active exception``, pytorch
+        issue 190489), replacing the error and its exit status by SIGABRT. A gloo teardown is local
+        (it closes this rank's sockets), safe whatever the others are doing; NCCL's is left to the
+        launcher, as it may wait on the other ranks (ncclCommAbort was collective in some versions).
+        """
+        if dist.is_initialized() and dist.get_backend() == "gloo":
             dist.destroy_process_group()
 
     # -- rank 0 -------------------------------------------------------------------------------
@@ -202,6 +226,8 @@ class Session:
                 self.started = True
                 self._broadcast(("refused", type(err).__name__, str(err) or type(err).__name__))
                 self.close()
+            else:  # failed after the start (a rank's stage 1, a method): the others are stopped by torchrun
+                self.abandon()
             raise
 
     def start(self, experiment: Any) -> None:
@@ -262,17 +288,22 @@ class Session:
             raise _rebuilt(*message[1:])
         progress = FileProgress(Path(out) / PROGRESS_DIR / f"rank_{self.launch.rank}.json")
         try:
-            experiment = _joined_experiment(self.config, out, progress)
-            run_jobs(experiment, plan_stage_one(experiment, self.launch.world_size).assignment[self.launch.rank])
-        except BaseException as err:
-            progress.fail(f"{type(err).__name__}: {err}" if str(err) else traceback.format_exc().strip().splitlines()[-1])
+            try:
+                experiment = _joined_experiment(self.config, out, progress)
+                run_jobs(experiment, plan_stage_one(experiment, self.launch.world_size).assignment[self.launch.rank])
+            except BaseException as err:
+                progress.fail(f"{type(err).__name__}: {err}" if str(err)
+                              else traceback.format_exc().strip().splitlines()[-1])
+                raise
+            progress.finish()
+            dist.barrier()
+            communicator = GradientAllReduce(self.launch.rank, self.launch.world_size)
+            model = experiment.tickets.model
+            while (call := self._broadcast(None)) is not None:
+                joint_retrain(model, **_unpacked(call, model, experiment.detectors), data_parallel=communicator)
+        except BaseException:
+            self.abandon()
             raise
-        progress.finish()
-        dist.barrier()
-        communicator = GradientAllReduce(self.launch.rank, self.launch.world_size)
-        model = experiment.tickets.model
-        while (call := self._broadcast(None)) is not None:
-            joint_retrain(model, **_unpacked(call, model, experiment.detectors), data_parallel=communicator)
         self.close()
 
 
