@@ -554,8 +554,10 @@ def results_markdown(records: Sequence[Mapping[str, Any]], config: LMExperimentC
     if config is not None:
         lines += [f"model {config.model.name}, score {config.pruning.score}, {config.pruning.draws} calibration "
                   f"draw(s) of {config.data.calibration} x {config.data.seq_len}-token sequences per mask, "
-                  f"{config.data.test} test sequences per domain; retraining: "
-                  f"{config.retraining.steps_per_domain or 'none'} step(s) per domain.", ""]
+                  f"{config.data.test} test sequences per domain; "
+                  + (f"retraining: {config.retraining.steps_per_domain} steps per domain (batch "
+                     f"{config.retraining.batch_size}, lr {config.retraining.lr:g}), the shared mask as many in all."
+                     if config.retraining.steps_per_domain else "one-shot (no retraining)."), ""]
     by = {(r["pattern"], r["method"], r["domain"]): r for r in records}
     patterns = list(dict.fromkeys(r["pattern"] for r in records if r["pattern"] != "dense"))
     domains = list(dict.fromkeys(r["domain"] for r in records))
@@ -662,8 +664,8 @@ def _jaccard_figure(path: Path, rows: Sequence[Mapping[str, Any]], patterns: Seq
     depths = sorted({r["depth"] for r in overlap})
     types = [t for t in LAYER_TYPES if any(r["layer_type"] == t for r in overlap)] + \
         sorted({r["layer_type"] for r in overlap} - set(LAYER_TYPES))
-    fig = Figure(figsize=(max(4.0, 0.25 * len(depths) + 2) * len(patterns), 2.8), layout="constrained")
-    axes = fig.subplots(1, len(patterns), squeeze=False)[0]
+    fig = Figure(figsize=(max(4.0, 0.25 * len(depths) + 2), 2.4 * len(patterns)), layout="constrained")
+    axes = fig.subplots(len(patterns), 1, squeeze=False)[:, 0]
     image = None
     for ax, pattern in zip(axes, patterns):
         matrix = torch.full((len(types), len(depths)), float("nan"))
