@@ -71,10 +71,10 @@ def test_smoke_run_measures_every_method_and_resumes_without_recomputing(tmp_pat
     assert again == records
     assert {p.name: p.stat().st_mtime_ns for p in (out / "records").iterdir()} == stamps  # nothing recomputed
     # a changed retraining budget recomputes the retrained records only
-    more = smoke_config(root, retraining={"steps_per_domain": 3})
+    more = smoke_config(root, retraining={"steps_per_domain": 3, "patterns": ["50%"]})
     run_lm_experiment(more, out, log=lambda message: None)
     changed = {p.name for p in (out / "records").iterdir() if p.stat().st_mtime_ns != stamps[p.name]}
-    assert changed == {p for p in stamps if p.startswith("retrained_")}
+    assert changed == {p for p in stamps if p.startswith("retrained_") and "p50" in p}  # 2:4 keeps its records
 
 
 def test_summary_of_hand_made_rows():
@@ -130,3 +130,5 @@ def test_packaged_config_loads_at_every_scale():
         load_lm_config(CONFIG, "huge")
     with pytest.raises(ConfigError, match="steps_per_domain"):
         load_lm_config(CONFIG, None, {"retraining": {"steps_per_domain": -1}})
+    with pytest.raises(ConfigError, match=r"retraining.patterns \['3:4'\] are not among"):
+        load_lm_config(CONFIG, None, {"retraining": {"patterns": ["3:4"]}})

@@ -111,6 +111,7 @@ class LMRetrainingConfig:
     steps_per_domain: int = 0  # 0: one-shot only; else Algorithm 2's steps per domain (the shared baseline: K times as many)
     batch_size: int = 2
     lr: float = 1e-5
+    patterns: tuple[str, ...] = ()  # the patterns retrained (() : every pattern of pruning.patterns)
 
     def __post_init__(self) -> None:
         if isinstance(self.steps_per_domain, bool) or not isinstance(self.steps_per_domain, int) \
@@ -145,6 +146,9 @@ class LMExperimentConfig:
             raise ConfigError(f"routers {unknown} unknown; choose among {list(ROUTERS)}")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ConfigError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        unknown = [p for p in self.retraining.patterns if p not in self.pruning.patterns]
+        if unknown:
+            raise ConfigError(f"retraining.patterns {unknown} are not among pruning.patterns {list(self.pruning.patterns)}")
 
     @property
     def cache(self) -> Path:
@@ -308,8 +312,9 @@ def _units(config: LMExperimentConfig, setup: _Setup, log: Log):
                             "prompt_tokens": config.data.prompt_tokens}
             yield (f"oneshot_d{draw}_{_tag(pattern)}", stamp,
                    lambda draw=draw, pattern=pattern: _one_shot(config, setup, draw, pattern, log))
-            if config.retraining.steps_per_domain:
-                yield (f"retrained_d{draw}_{_tag(pattern)}", stamp | {"retraining": asdict(config.retraining),
+            if config.retraining.steps_per_domain and pattern in (config.retraining.patterns or config.pruning.patterns):
+                budget = {k: v for k, v in asdict(config.retraining).items() if k != "patterns"}
+                yield (f"retrained_d{draw}_{_tag(pattern)}", stamp | {"retraining": budget,
                                                                       "retraining_sequences": config.data.retraining},
                        lambda draw=draw, pattern=pattern: _retrained(config, setup, draw, pattern, log))
 
