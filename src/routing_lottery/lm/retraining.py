@@ -131,7 +131,10 @@ def retrain_domains(model: nn.Module, masks: MaskSet, sequences: Mapping[str, to
     seed : every draw of batches; the same seed gives bit-identical weights.
     progress : receives one ``advance`` per round (``training.ProgressSink``).
 
-    Returns the model and what each domain did (:class:`Retraining`).
+    Returns
+    -------
+    Retraining
+        The model and what each domain did.
     """
     _check_positive_int("steps_per_domain", steps_per_domain)
     _check_sequences(sequences, masks.context_names, batch_size)

@@ -190,10 +190,13 @@ def fit_prompt_router(model: nn.Module, sequences_by_domain: Mapping[str, Inputs
     domain_names : the routed model's ``domain_names``: index k of the router is ``domain_names[k]``.
     max_components, seed : as ``LearnedRouter.fit`` (PCA size; the same seed, the same router).
 
-    Returns a ``LearnedRouter`` whose ``features`` is ``PromptFeatures(model)``:
-    ``router.route((input_ids, attention_mask))`` gives (rows,) domain indices. It is fitted on
-    features computed once per domain (so domains may have different sequence lengths), then
-    bound to the model, and ``save_router`` / ``load_prompt_router`` keep it.
+    Returns
+    -------
+    LearnedRouter
+        Its ``features`` is ``PromptFeatures(model)``, so ``router.route((input_ids, attention_mask))``
+        gives (rows,) domain indices. It is fitted on features computed once per domain (so domains
+        may have different sequence lengths), then bound to the model; ``save_router`` and
+        ``load_prompt_router`` keep it.
     """
     names = _check_domains(sequences_by_domain, domain_names)
     columns, labels = [], []
