@@ -66,6 +66,12 @@ def test_smoke_run_measures_every_method_and_resumes_without_recomputing(tmp_pat
                and "perplexity" in r) == 9
     for name in ("results.json", "results.md", "perplexity.png", "mask_domain.png", "jaccard_layers.png"):
         assert (out / name).stat().st_size > 0
+    from typer.testing import CliRunner
+
+    from routing_lottery.cli import app
+
+    shown = CliRunner().invoke(app, ["report", str(out)])
+    assert shown.exit_code == 0 and "## 50%" in shown.output and "own / shared" in shown.output
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "records").iterdir()}
     again = run_lm_experiment(config, out, log=lambda message: None)
     assert again == records
