@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 
@@ -138,3 +139,26 @@ def test_packaged_config_loads_at_every_scale():
         load_lm_config(CONFIG, None, {"retraining": {"steps_per_domain": -1}})
     with pytest.raises(ConfigError, match=r"retraining.patterns \['3:4'\] are not among"):
         load_lm_config(CONFIG, None, {"retraining": {"patterns": ["3:4"]}})
+
+
+def test_a_model_directory_loads_with_its_tokenizer_and_is_refused_without_one(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from routing_lottery.lm.model import load_causal_lm, tiny_random_llama
+
+    model = tiny_random_llama(seed=3)
+    model.save_pretrained(tmp_path / "model")
+    with pytest.raises(DataError, match="holds no tokenizer"):
+        load_causal_lm(str(tmp_path / "model"))
+    words = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    words.train_from_iterator(["a b c d"], trainers.WordLevelTrainer(special_tokens=["[UNK]", "<eos>"]))
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]", eos_token="<eos>").save_pretrained(
+        tmp_path / "model")
+    loaded, tokenizer = load_causal_lm(str(tmp_path / "model"))
+    assert len(tokenizer.encode("a b c", add_special_tokens=False)) == 3 and tokenizer.eos_token_id is not None
+    for (name, a), (_, b) in zip(loaded.state_dict().items(), model.state_dict().items()):
+        assert torch.equal(a, b), name
+    with pytest.raises(DataError, match="neither smollm2, tiny-random"):
+        load_causal_lm(str(tmp_path / "absent"))

