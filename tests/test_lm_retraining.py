@@ -24,6 +24,7 @@ from routing_lottery.lm.retraining import (  # noqa: E402
     retrain_domains,
     save_domain_set,
 )
+from lm_toy import linear_weights, random_masks, tiny_llama  # noqa: E402
 from routing_lottery.masks import MaskSet  # noqa: E402
 from routing_lottery.routed import masked_forward  # noqa: E402
 
@@ -31,23 +32,8 @@ DOMAINS = ["count", "repeat", "pairs"]
 VOCAB = 64
 
 
-def tiny_llama(tied: bool = False, vocab: int = VOCAB, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                      tie_word_embeddings=tied, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    return transformers.LlamaForCausalLM(config).eval()
-
-
-def linear_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p for n, p in model.named_parameters() if ".layers." in n and n.endswith("proj.weight")}
-
-
 def domain_masks(model: torch.nn.Module, k: int = 3, density: float = 0.5, seed: int = 1) -> MaskSet:
-    """Independent random masks: each domain keeps weights no other domain keeps, and some weights no domain keeps."""
-    g = torch.Generator().manual_seed(seed)
-    stacked = {n: torch.rand(k, *p.shape, generator=g) < density for n, p in linear_weights(model).items()}
-    return MaskSet(stacked, DOMAINS[:k])
+    return random_masks(model, DOMAINS[:k], density, seed)
 
 
 def toy_sequences(n: int = 8, length: int = 16) -> dict[str, torch.Tensor]:

@@ -22,29 +22,15 @@ from routing_lottery.lm.serving import (  # noqa: E402
     RoutedLinear,
     dense_bytes,
 )
+from lm_toy import random_masks, tiny_llama  # noqa: E402
 from routing_lottery.masks import MaskSet  # noqa: E402
 from routing_lottery.routed import masked_forward  # noqa: E402
 
 DOMAINS = ["code", "mail", "speech"]
 
 
-def tiny_llama(tied: bool = False, bias: bool = False) -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                      tie_word_embeddings=tied, attention_bias=bias, mlp_bias=bias, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    return transformers.LlamaForCausalLM(config).eval()
-
-
-def linear_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p for n, p in model.named_parameters() if ".layers." in n and n.endswith("proj.weight")}
-
-
 def domain_masks(model: torch.nn.Module, k: int = 3, density: float = 0.5, seed: int = 1) -> MaskSet:
-    """Independent random masks: little overlap, the hardest case for both designs."""
-    g = torch.Generator().manual_seed(seed)
-    stacked = {n: torch.rand(k, *p.shape, generator=g) < density for n, p in linear_weights(model).items()}
-    return MaskSet(stacked, (DOMAINS + ["extra"])[:k])
+    return random_masks(model, (DOMAINS + ["extra"])[:k], density, seed)
 
 
 def padded_batch() -> tuple[torch.Tensor, torch.Tensor]:

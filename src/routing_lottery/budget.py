@@ -50,7 +50,7 @@ from .config import ExperimentConfig, load_config
 from .errors import ConfigError, brief
 from .io import atomic_write_json, atomic_write_text, read_json
 from .methods import ARGMAX, method_label
-from .plotting import save_png
+from .plotting import log_x_axis, save_png
 from .report import HIGH, LOW, aggregate_rows, method_rank, method_style, primary_metric_key
 from .run import Replicates, make_runner
 from .seeds import COMPARISONS, paired_comparisons, summarize_seeds
@@ -589,7 +589,6 @@ def plot_budget(result: BudgetResult, path: str | Path) -> Path | None:
         return None
     from matplotlib import colormaps
     from matplotlib.figure import Figure
-    from matplotlib.ticker import EngFormatter, LogLocator, NullFormatter, NullLocator
 
     numeric, index = _x_values(result)
     fig = Figure(figsize=(4.2 * len(result.levels) + 1.5, 4.2), layout="constrained")
@@ -610,13 +609,7 @@ def plot_budget(result: BudgetResult, path: str | Path) -> Path | None:
                 ax.fill_between(xs, [r[metric + LOW] for r in rows], [r[metric + HIGH] for r in rows],
                                 color=color, alpha=0.15, lw=0)
         if numeric:
-            ax.set_xscale("log")
-            # 1-2-5 ticks as "20k", as pareto.png: budgets often span less than a decade
-            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-            ax.xaxis.set_major_formatter(EngFormatter(sep=""))
-            ax.xaxis.set_minor_locator(NullLocator())
-            ax.xaxis.set_minor_formatter(NullFormatter())
-            ax.set_xlabel("training samples seen (log scale)")
+            log_x_axis(ax, "training samples seen (log scale)")
         else:
             ax.set_xticks(range(len(result.points)), [p["name"] for p in result.points], rotation=30, ha="right")
             ax.set_xlabel("budget point")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .plotting import save_png
+from .plotting import log_x_axis, save_png
 from .methods import ARGMAX, method_label
 from .report import aggregate_rows, method_rank, method_style, primary_metric_key, sorted_records
 from .seeds import interval_of
@@ -304,7 +304,6 @@ def plot_pareto(records: Sequence[Row], path: str | Path, metric: str | None = N
         return None
     from matplotlib import colormaps
     from matplotlib.figure import Figure
-    from matplotlib.ticker import EngFormatter, LogLocator, NullFormatter, NullLocator
 
     fig = Figure(figsize=(8.5, 4.6), layout="constrained")
     ax = fig.subplots()
@@ -332,13 +331,7 @@ def plot_pareto(records: Sequence[Row], path: str | Path, metric: str | None = N
         xs = [p.parameters for p in front] + ([right] if right > front[-1].parameters else [])
         ys = [p.value.mean for p in front] + ([front[-1].value.mean] if right > front[-1].parameters else [])
         ax.plot(xs, ys, drawstyle="steps-post", color=color, lw=1.6)
-    ax.set_xscale("log")
-    # 1-2-5 ticks as "20k", as results.png: a sweep often spans less than a decade, where decade ticks show none
-    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    ax.xaxis.set_major_formatter(EngFormatter(sep=""))
-    ax.xaxis.set_minor_locator(NullLocator())
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("parameters (kept prunable weights stored, log scale)")
+    log_x_axis(ax, "parameters (kept prunable weights stored, log scale)")
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} vs stored weights; steps: each method's best at no more weights", fontsize=10)
     ax.grid(alpha=0.3)

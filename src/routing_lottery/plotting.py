@@ -44,4 +44,17 @@ def context_colors(k: int) -> list[Any]:
     return [cmap(i % cmap.N) for i in range(k)]
 
 
-__all__ = ["DPI", "context_colors", "save_png"]
+def log_x_axis(ax: Any, label: str) -> None:
+    """A log-scale x axis with 1-2-5 ticks written as ``20k``: budgets and sweeps often span less than a
+    decade, where decade ticks would show none."""
+    from matplotlib.ticker import EngFormatter, LogLocator, NullFormatter, NullLocator
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel(label)
+
+
+__all__ = ["DPI", "context_colors", "log_x_axis", "save_png"]

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .plotting import save_png
+from .plotting import log_x_axis, save_png
 from .io import atomic_write_json, atomic_write_text
 from .methods import ARGMAX, METHODS, method_label
 
@@ -235,7 +235,7 @@ def plot_results(records: Sequence[dict[str, Any]], path: str | Path, columns: S
         return None
     from matplotlib import colormaps
     from matplotlib.figure import Figure
-    from matplotlib.ticker import EngFormatter, LogLocator, NullFormatter, NullLocator, PercentFormatter
+    from matplotlib.ticker import PercentFormatter
 
     with_params = any(p is not None for points in series.values() for _, _, p, _ in points)
     fig = Figure(figsize=(11.5 if with_params else 6.5, 4.4), layout="constrained")
@@ -272,13 +272,7 @@ def plot_results(records: Sequence[dict[str, Any]], path: str | Path, columns: S
     by_sparsity.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
     by_sparsity.set_title(f"{metric} vs sparsity", fontsize=10)
     if with_params:
-        axes[1].set_xscale("log")
-        # 1-2-5 ticks as "20k": a sweep often spans less than a decade, where plain decade ticks show none
-        axes[1].xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-        axes[1].xaxis.set_major_formatter(EngFormatter(sep=""))
-        axes[1].xaxis.set_minor_locator(NullLocator())
-        axes[1].xaxis.set_minor_formatter(NullFormatter())
-        axes[1].set_xlabel("parameters (kept prunable weights stored, log scale)")
+        log_x_axis(axes[1], "parameters (kept prunable weights stored, log scale)")
         axes[1].set_title(f"{metric} vs stored weights", fontsize=10)
     for ax in axes:
         ax.set_ylabel(metric)
