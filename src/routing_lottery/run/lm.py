@@ -599,7 +599,9 @@ def _figures(out: Path, rows: Sequence[Mapping[str, Any]], records: Sequence[Map
 
 def _perplexity_figure(path: Path, records: Sequence[Mapping[str, Any]], patterns: Sequence[str],
                        domains: Sequence[str]) -> None:
-    """Perplexity per domain and method (bars, 95 % intervals), one panel per pattern."""
+    """Perplexity per domain and method (bars, 95 % intervals; a method's colour the same in every panel),
+    one panel per pattern."""
+    from matplotlib import colormaps
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(4.5 * len(patterns), 3.6), layout="constrained")
@@ -609,6 +611,7 @@ def _perplexity_figure(path: Path, records: Sequence[Mapping[str, Any]], pattern
         methods = ["dense", *sorted({r["method"] for r in records if r["pattern"] == pattern and "+" not in r["method"]},
                                     key=_method_rank)]
         width = 0.8 / len(methods)
+        palette = colormaps["tab10"]
         for i, method in enumerate(methods):
             cells = [by.get(("dense" if method == "dense" else pattern, method, d)) for d in domains]
             x = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(domains))]
@@ -617,12 +620,12 @@ def _perplexity_figure(path: Path, records: Sequence[Mapping[str, Any]], pattern
                     for c in cells],
                    [(c["perplexity_high"] - c["perplexity"]) if c and c.get("perplexity_high") is not None else 0
                     for c in cells]]
-            ax.bar(x, y, width, yerr=err, label=method, capsize=2)
+            ax.bar(x, y, width, yerr=err, label=method, capsize=2, color=palette(_method_rank(method)[0]))
         ax.set_xticks(range(len(domains)), domains, rotation=30, ha="right")
         ax.set_yscale("log")
         ax.set_title(pattern)
         ax.set_ylabel("test perplexity")
-    axes[-1].legend(fontsize=7)
+        ax.legend(fontsize=7)
     save_png(fig, path)
 
 
