@@ -79,6 +79,25 @@ def test_mixed_batch_logits_equal_per_domain_forwards(design: str, use_cache: bo
     assert (want - dense).abs().max() > 1e-3
 
 
+def test_a_mixed_batch_with_gradients_gives_the_same_logits_and_masked_gradients() -> None:
+    """Outside no_grad (a loss to train or probe with), the routed forward records a graph: same logits,
+    and each weight's gradient is zero wherever no domain present in the batch keeps it."""
+    model = tiny_llama()
+    masks = domain_masks(model, k=2)
+    ids, attention = padded_batch()
+    rows = [DOMAINS[0]] * 3 + [DOMAINS[1]] * 3  # already sorted: the in-place path
+    routed = MaskedCausalLM(model, masks)
+    with torch.no_grad():
+        want = routed(ids, rows, attention_mask=attention).logits
+    got = routed(ids, rows, attention_mask=attention).logits
+    assert torch.equal(got, want)
+    got.sum().backward()
+    for name, union in masks.union().items():
+        grad = dict(model.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0
+        assert torch.equal(grad[~union], torch.zeros_like(grad[~union]))
+
+
 @pytest.mark.parametrize("design", DESIGNS)
 def test_linears_with_bias_route_exactly(design: str) -> None:
     model = tiny_llama(bias=True)

@@ -204,9 +204,11 @@ class RoutedLinear(nn.Module):
         if len(plan.groups) == 1:  # one domain in the batch: no gather or scatter
             return F.linear(x, self.masked_weight(plan.groups[0][0]), self.bias)
         out = x.new_empty((*x.shape[:-1], self.out_features))
+        # matmul(out=...) cannot record a gradient: outside no_grad (a loss to train or probe), write by copy
+        tracked = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
         if plan.spans is not None:  # rows sorted by domain: slices are views, no gather
             for k, start, stop in plan.spans:
-                if self.bias is None:  # written in place: no copy of the group's output
+                if self.bias is None and not tracked:  # written in place: no copy of the group's output
                     torch.matmul(x[start:stop], self.masked_weight(k).t(), out=out[start:stop])
                 else:
                     out[start:stop] = F.linear(x[start:stop], self.masked_weight(k), self.bias)
