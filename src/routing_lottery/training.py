@@ -487,8 +487,8 @@ class ContextOptimizer:
     @torch.no_grad()
     def _step_compact(self) -> None:
         # The kept positions as flat indices, found once per step: gathering and writing back by index
-        # costs a third of masked_select / masked_scatter_ on large tensors (measured on SmolLM2's
-        # layers), in the same row-major order, so the values and the step are the same to the bit.
+        # was cheaper than masked_select / masked_scatter_ on SmolLM2's large layers, and takes the
+        # same row-major order, so the values and the step are the same to the bit.
         # Not cached across steps: K domains' int64 indices would outweigh their optimizer state.
         positions = {}
         for n, proxy in self._proxies.items():
