@@ -44,11 +44,18 @@ def test_patterns_parse_and_refuse():
 
 
 @pytest.mark.slow
-def test_smoke_run_measures_every_method_and_resumes_without_recomputing(tmp_path):
+def test_smoke_run_measures_every_method_and_resumes_without_recomputing(tmp_path, monkeypatch):
+    import routing_lottery.run.lm as lm_run
+
     root = text_folder(tmp_path / "text")
     config = smoke_config(root)
     out = tmp_path / "run"
+    masks_made = []
+    mask_from = lm_run._mask_from
+    monkeypatch.setattr(lm_run, "_mask_from", lambda *args: masks_made.append(1) or mask_from(*args))
     records = run_lm_experiment(config, out, log=lambda message: None)
+    # one shared + one mask per domain for each (draw, pattern), shared by its one-shot and retrained records
+    assert len(masks_made) == config.pruning.draws * len(config.pruning.patterns) * (len(WORDS) + 1)
     methods = {r["method"] for r in records}
     assert {"dense", "magnitude", "shared", "own", "own+learned", "own+perplexity", "shared_ft", "rtl",
             "rtl+learned", "rtl+perplexity"} <= methods

@@ -222,15 +222,17 @@ class _Setup:
     retraining: dict[str, torch.Tensor]
     test: dict[str, torch.Tensor]
     documents: str  # fingerprint of the domains' documents and their split
-    out: Path = Path(".")  # the run directory
+    out: Path  # the run directory
+    # The latest (draw, pattern)'s one-shot masks (shared, per domain): its one-shot and retrained records
+    # both start from them, and one entry is kept (K masks of every masked weight are not small).
+    masks: dict[tuple[int, str], tuple[dict[str, torch.Tensor], MaskSet]] = field(default_factory=dict)
 
 
 def run_lm_experiment(config: LMExperimentConfig, out: str | Path, log: Log = print) -> list[dict[str, Any]]:
     """Run (or resume) the experiment into ``out``; returns the summary records (also in ``results.json``)."""
     out = Path(out)
     start = time.perf_counter()
-    setup = _prepare(config, log)
-    setup.out = out
+    setup = _prepare(config, out, log)
     directory = CheckpointDirectory(out, log=log)
     with directory.locked():
         # The identity is which weights and which documents; how many sequences of what length each record
@@ -252,7 +254,7 @@ def run_lm_experiment(config: LMExperimentConfig, out: str | Path, log: Log = pr
     return summary
 
 
-def _prepare(config: LMExperimentConfig, log: Log) -> _Setup:
+def _prepare(config: LMExperimentConfig, out: Path, log: Log) -> _Setup:
     device = resolve_device(config.device)
     model, tokenizer = load_causal_lm(config.model.name, config.cache, seed=config.seed)
     model.to(device)
@@ -277,7 +279,7 @@ def _prepare(config: LMExperimentConfig, log: Log) -> _Setup:
     weights = {n: parameters[n].detach().clone() for n in names}
     log(f"domains: {', '.join(f'{d} ({len(test[d])} test sequences)' for d in texts.names)}")
     return _Setup(model, tokenizer, tuple(names), weights, list(texts.names), calibration, retraining, test,
-                  texts.fingerprint())
+                  texts.fingerprint(), out)
 
 
 def _record(path: Path, stamp: dict[str, Any], compute: Callable[[], list[dict[str, Any]]],
@@ -357,14 +359,22 @@ def _score_masks(config: LMExperimentConfig, setup: _Setup, masks: Mapping[str, 
     return rows
 
 
-def _own_masks(config: LMExperimentConfig, setup: _Setup, own: Mapping[str, torch.Tensor], pattern: str) -> MaskSet:
-    return MaskSet.from_tickets([_mask_from(config, setup, own[d], pattern) for d in setup.domains], setup.domains)
+def _one_shot_masks(config: LMExperimentConfig, setup: _Setup, draw: int,
+                    pattern: str) -> tuple[dict[str, torch.Tensor], MaskSet]:
+    """The shared mask and the domains' masks of this draw and pattern, computed once (``_Setup.masks``)."""
+    key = (draw, pattern)
+    if key not in setup.masks:
+        own, pooled = _calibration_batches(config, setup, draw)
+        shared = _mask_from(config, setup, pooled, pattern)
+        masks = MaskSet.from_tickets([_mask_from(config, setup, own[d], pattern) for d in setup.domains],
+                                     setup.domains)
+        setup.masks.clear()
+        setup.masks[key] = shared, masks
+    return setup.masks[key]
 
 
 def _one_shot(config: LMExperimentConfig, setup: _Setup, draw: int, pattern: str, log: Log) -> list[dict[str, Any]]:
-    own, pooled = _calibration_batches(config, setup, draw)
-    shared = _mask_from(config, setup, pooled, pattern)
-    masks = _own_masks(config, setup, own, pattern)
+    shared, masks = _one_shot_masks(config, setup, draw, pattern)
     log(f"draw {draw} {pattern}: one-shot {config.pruning.score} masks of {len(setup.domains)} domains and pooled")
     rows = _score_masks(config, setup, {"pooled": shared}, pattern, "shared", draw)
     rows += _score_masks(config, setup, {d: masks[k] for k, d in enumerate(setup.domains)}, pattern, "own", draw)
@@ -383,9 +393,7 @@ def _keep(config: LMExperimentConfig, setup: _Setup, masks: MaskSet, draw: int, 
 
 
 def _retrained(config: LMExperimentConfig, setup: _Setup, draw: int, pattern: str, log: Log) -> list[dict[str, Any]]:
-    own, pooled = _calibration_batches(config, setup, draw)
-    shared = _mask_from(config, setup, pooled, pattern)
-    masks = _own_masks(config, setup, own, pattern)
+    shared, masks = _one_shot_masks(config, setup, draw, pattern)
     training = config.retraining
     steps = training.steps_per_domain
     seed = config.seed * 1000 + draw
