@@ -9,6 +9,7 @@ from torch.nn import functional as F
 from routing_lottery import AdaptiveTickets, PruningConfig, RTLConfig, tensor_stream
 from routing_lottery.errors import ConfigError
 from routing_lottery.recipe import TrainingConfig
+from routing_lottery.scores import needs_activations
 from routing_lottery.training import OptimizerConfig
 
 
@@ -43,6 +44,31 @@ def test_wanda_masks_follow_each_context_s_active_inputs():
 
 def test_magnitude_one_shot_needs_no_data_and_gives_every_context_the_same_mask():
     masks = AdaptiveTickets(pretrained(), recipe(score="magnitude")).extract(two_feature_contexts())[0.5]
+    assert all(torch.equal(masks["low"][n], masks["high"][n]) for n in masks.tensor_names)
+
+
+def weights_only(weights, activations):
+    """A user's score of the weights alone (|W| squared), declared as such."""
+    assert activations is None
+    return {name: w.detach().float() ** 2 for name, w in weights.items()}
+
+
+weights_only.needs_activations = False
+
+
+def data_score(weights, activations):
+    """A user's score that reads the calibration norms, declaring nothing: it is given them."""
+    return {name: w.detach().abs().float() * activations[name][None, :] for name, w in weights.items()}
+
+
+def test_a_score_declares_whether_it_needs_calibration_data(monkeypatch):
+    import routing_lottery.tickets as tickets
+
+    assert not needs_activations("magnitude") and needs_activations("wanda") and needs_activations(data_score)
+    data_masks = AdaptiveTickets(pretrained(), recipe(score=data_score)).extract(two_feature_contexts())[0.5]
+    assert not torch.equal(data_masks["low"]["0.weight"], data_masks["high"]["0.weight"])  # it saw each context's data
+    monkeypatch.setattr(tickets, "input_norms", lambda *args, **kwargs: pytest.fail("no forward pass was needed"))
+    masks = AdaptiveTickets(pretrained(), recipe(score=weights_only)).extract(two_feature_contexts())[0.5]
     assert all(torch.equal(masks["low"][n], masks["high"][n]) for n in masks.tensor_names)
 
 

@@ -64,6 +64,19 @@ def magnitude(weights: Mapping[str, torch.Tensor], activations: Mapping[str, tor
     return {name: w.detach().abs().float() for name, w in weights.items()}
 
 
+magnitude.needs_activations = False  # type: ignore[attr-defined]
+
+
+def needs_activations(score: str | ScoreFn) -> bool:
+    """Whether ``score`` reads calibration activations, so that its caller must run the model over data first.
+
+    A score says it does not by the attribute ``needs_activations = False`` (``magnitude`` does); any
+    other score, a user's included, is given them: a forward pass too many costs time, one too few a
+    wrong mask.
+    """
+    return bool(getattr(resolve_score(score), "needs_activations", True))
+
+
 @SCORES.register("wanda")
 def wanda(weights: Mapping[str, torch.Tensor], activations: Mapping[str, torch.Tensor] | None
           ) -> dict[str, torch.Tensor]:

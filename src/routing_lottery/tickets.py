@@ -56,7 +56,7 @@ from .pruning import (
     weight_norm_directions,
 )
 from .recipe import PruningConfig, RTLConfig
-from .scores import compute_scores, input_norms, one_shot_mask, resolve_score
+from .scores import compute_scores, input_norms, needs_activations, one_shot_mask, resolve_score
 from .settings import build
 from .store import IDENTITY_VERSION, CheckpointDirectory
 from .routed import RoutedModel, as_tuple
@@ -396,7 +396,7 @@ class AdaptiveTickets:
         for k, stream in enumerate(streams):
             batches = stream.epoch(generator(self.config.seed, "calibration", k))
             activations = None
-            if pruning.score != "magnitude":  # a score of the weights alone needs no forward pass
+            if needs_activations(score):  # a score of the weights alone needs no forward pass
                 activations = input_norms(self.model, self.prunable, (x for x, _ in batches),
                                           forward=lambda model, x: model(*as_tuple(x)))
             scored = compute_scores(score, weights, activations)

@@ -49,7 +49,7 @@ from ..lm.retraining import finetune_shared, retrain_domains, save_domain_set
 from ..lm.serving import MaskedCausalLM
 from ..masks import MaskSet, jaccard
 from ..plotting import save_png
-from ..scores import compute_scores, input_norms, one_shot_mask, resolve_score
+from ..scores import compute_scores, input_norms, needs_activations, one_shot_mask, resolve_score
 from ..settings import _deep_merge, build, plain_data
 from ..statistics import mean_interval
 from ..store import IDENTITY_VERSION, CheckpointDirectory
@@ -340,7 +340,7 @@ def _mask_from(config: LMExperimentConfig, setup: _Setup, sequences: torch.Tenso
     level, n_m = parse_pattern(pattern)
     score = resolve_score(config.pruning.score)
     activations = None
-    if config.pruning.score != "magnitude":
+    if needs_activations(score):
         activations = input_norms(setup.model, setup.names, sequences.split(config.batch_size),
                                   forward=lambda model, x: model(input_ids=x))
     return one_shot_mask(compute_scores(score, setup.weights, activations), level, n_m=n_m)
