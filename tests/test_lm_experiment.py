@@ -169,3 +169,13 @@ def test_a_model_directory_loads_with_its_tokenizer_and_is_refused_without_one(t
         assert torch.equal(a, b), name
     with pytest.raises(DataError, match="neither smollm2, tiny-random"):
         load_causal_lm(str(tmp_path / "absent"))
+
+
+def test_an_lm_config_s_scales_are_checked_as_every_config_s(tmp_path):
+    path = tmp_path / "lm.yaml"
+    path.write_text("task: lm\nscales: {smoke: 3}\n")
+    with pytest.raises(ConfigError, match="scale 'smoke' must be a mapping of settings"):
+        load_lm_config(path, "smoke")
+    path.write_text("task: lm\nscales: [smoke]\n")
+    with pytest.raises(ConfigError, match="scales must be a mapping"):
+        load_lm_config(path)

@@ -24,7 +24,7 @@ from .recipe import RTLConfig
 from .router import ROUTERS, STRATEGIES
 from .settings import (
     _INT_BOUND, MAX_CONFIG_BYTES, MAX_DEPTH, MAX_INT_DIGITS, MAX_TEXT, MAX_VALUES, _deep_merge, _long_integer,
-    build, plain_data,
+    apply_scale, build, plain_data,
 )
 
 # Bounds on what a config may hold, checked before anything is built from it. A config is a page of
@@ -375,16 +375,7 @@ def _config_from_dict(raw: Mapping[str, Any], scale: str | None, overrides: Mapp
             overrides = plain_data(overrides, "", depth=1)
         except ConfigError as err:
             raise ConfigError(f"{overrides_from}: {err}") from None
-    scales = raw.pop("scales", {}) or {}
-    if not isinstance(scales, Mapping):
-        raise ConfigError(f"{source}: scales must be a mapping of name -> settings")
-    if scale is not None:
-        if scale not in scales:
-            defined = brief(sorted(scales), 300) if scales else "none"
-            raise ConfigError(f"{source}: no scale {brief(scale)}; it defines {defined}")
-        if not isinstance(scales[scale], Mapping):
-            raise ConfigError(f"{source}: scale {brief(scale)} must be a mapping of settings")
-        raw = _deep_merge(raw, scales[scale])
+    raw = apply_scale(raw, scale, source)
     if not overrides:
         try:
             return build(ExperimentConfig, raw)

@@ -160,4 +160,23 @@ def _deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str,
     return out
 
 
-__all__ = ["MAX_CONFIG_BYTES", "MAX_DEPTH", "MAX_INT_DIGITS", "MAX_TEXT", "MAX_VALUES", "build", "plain_data"]
+__all__ = ["MAX_CONFIG_BYTES", "MAX_DEPTH", "MAX_INT_DIGITS", "MAX_TEXT", "MAX_VALUES", "apply_scale", "build",
+           "plain_data"]
+
+
+def apply_scale(raw: Mapping[str, Any], scale: str | None, source: str) -> dict[str, Any]:
+    """``raw`` without its ``scales:`` section, with scale ``scale`` (if any) deep-merged over it; a
+    ``ConfigError`` naming ``source`` when the scale is not defined or is not a mapping of settings."""
+    raw = dict(raw)
+    scales = raw.pop("scales", {}) or {}
+    if not isinstance(scales, Mapping):
+        raise ConfigError(f"{source}: scales must be a mapping of name -> settings")
+    if scale is None:
+        return raw
+    if scale not in scales:
+        defined = brief(sorted(scales), 300) if scales else "none"
+        raise ConfigError(f"{source}: no scale {brief(scale)}; it defines {defined}")
+    if not isinstance(scales[scale], Mapping):
+        raise ConfigError(f"{source}: scale {brief(scale)} must be a mapping of settings")
+    return _deep_merge(raw, scales[scale])
+

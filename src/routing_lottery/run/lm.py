@@ -50,7 +50,7 @@ from ..lm.serving import MaskedCausalLM
 from ..masks import MaskSet, jaccard
 from ..plotting import save_png
 from ..scores import compute_scores, input_norms, needs_activations, one_shot_mask, resolve_score
-from ..settings import _deep_merge, build, plain_data
+from ..settings import _deep_merge, apply_scale, build, plain_data
 from ..statistics import mean_interval
 from ..store import IDENTITY_VERSION, CheckpointDirectory
 from ..tickets import model_identity
@@ -191,12 +191,7 @@ def load_lm_config(path: str | Path, scale: str | None = None,
     raw = load_yaml(Path(path).read_text(encoding="utf-8"), str(path))
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{path}: expected a mapping of settings, got {brief(raw)}")
-    raw = dict(plain_data(raw, "", depth=1))
-    scales = raw.pop("scales", {}) or {}
-    if scale is not None:
-        if scale not in scales:
-            raise ConfigError(f"{path}: no scale {brief(scale)}; it defines {sorted(scales) or 'none'}")
-        raw = _deep_merge(raw, scales[scale])
+    raw = apply_scale(plain_data(raw, "", depth=1), scale, str(path))
     if overrides:
         raw = _deep_merge(raw, plain_data(overrides, "", depth=1))
     try:
