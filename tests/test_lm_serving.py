@@ -11,6 +11,7 @@ import json
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 transformers = pytest.importorskip("transformers")
 
@@ -96,6 +97,71 @@ def test_a_mixed_batch_with_gradients_gives_the_same_logits_and_masked_gradients
         grad = dict(model.named_parameters())[name].grad
         assert grad is not None and grad.abs().sum() > 0
         assert torch.equal(grad[~union], torch.zeros_like(grad[~union]))
+
+
+def test_a_shuffled_batch_returns_the_heads_own_logits_without_a_reordered_copy() -> None:
+    """Rows run sorted by domain and go back to the caller's order at the head's input, so the logits
+    (the largest tensor of the call) are the head's output itself, never copied to reorder them."""
+    model = tiny_llama()
+    masks = domain_masks(model)
+    reference = copy.deepcopy(model)
+    ids, attention = padded_batch()
+    routed = MaskedCausalLM(model, masks)
+    produced = []
+    model.get_output_embeddings().register_forward_hook(lambda m, a, out: produced.append(out))
+    vocab_sized = []
+
+    class LogOps(TorchDispatchMode):  # every op that makes a tensor of the logits' size
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            if isinstance(result, torch.Tensor) and result.shape[-1:] == (model.config.vocab_size,):
+                vocab_sized.append(func.__name__)
+            return result
+
+    with torch.no_grad(), LogOps():
+        out = routed(ids, [DOMAINS[d] for d in ROWS], attention_mask=attention, output_hidden_states=True)
+    assert out.logits.data_ptr() == produced[0].data_ptr()
+    assert not [name for name in vocab_sized if "index" in name], vocab_sized  # no reordered copy, even for a moment
+    assert torch.equal(out.logits, per_domain_logits(reference, masks, ids, attention))
+    # the rest of the output is in the caller's order too: the last hidden state gives the logits
+    assert torch.equal(model.get_output_embeddings()(out.hidden_states[-1]), out.logits)
+
+
+def test_a_loss_inside_the_model_pairs_each_rows_labels_with_its_logits() -> None:
+    model = tiny_llama()
+    masks = domain_masks(model)
+    ids, attention = padded_batch()
+    routed = MaskedCausalLM(model, masks)
+    labels = ids.masked_fill(attention == 0, -100)
+    with torch.no_grad():
+        out = routed(ids, [DOMAINS[d] for d in ROWS], attention_mask=attention, labels=labels)
+    shifted = out.logits[:, :-1].reshape(-1, out.logits.shape[-1])
+    want = torch.nn.functional.cross_entropy(shifted, labels[:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(out.loss, want, rtol=1e-6, atol=1e-6)
+
+
+def test_tuple_outputs_come_back_in_the_callers_order() -> None:
+    model = tiny_llama()
+    masks = domain_masks(model)
+    reference = copy.deepcopy(model)
+    ids, attention = padded_batch()
+    routed = MaskedCausalLM(model, masks)
+    with torch.no_grad():
+        logits = routed(ids, [DOMAINS[d] for d in ROWS], attention_mask=attention, return_dict=False)[0]
+    assert torch.equal(logits, per_domain_logits(reference, masks, ids, attention))
+
+
+def test_masked_weights_reuse_one_scratch_buffer_the_size_of_the_largest_weight() -> None:
+    model = tiny_llama()
+    masks = domain_masks(model)
+    routed = MaskedCausalLM(model, masks)
+    ids, attention = padded_batch()
+    with torch.no_grad():
+        routed(ids, [DOMAINS[d] for d in ROWS], attention_mask=attention)
+    buffers = routed._route.scratch._buffers
+    largest = max(m.weight.numel() for m in routed.routed_linears().values())
+    assert {b.dtype for b in buffers.values()} == {torch.float32, torch.int32}
+    assert buffers[(torch.float32, torch.device("cpu"))].numel() == -(-largest // 8) * 8
 
 
 @pytest.mark.parametrize("design", DESIGNS)

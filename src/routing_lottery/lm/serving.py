@@ -24,7 +24,8 @@ Two designs compute ``x @ (W ⊙ m_k)^T`` for the rows of domain k:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from functools import partial
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,13 +67,48 @@ def _pack(mask: torch.Tensor) -> torch.Tensor:
     return packed if mask.dim() > 1 else packed[0]
 
 
+def _table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    key = (dtype, device)
+    if key not in _TABLES:
+        _TABLES[key] = _BITS.to(device=device, dtype=dtype)
+    return _TABLES[key]
+
+
 def _unpack(packed: torch.Tensor, shape: torch.Size, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
     """0/1 tensor of ``shape`` and ``dtype`` from one packed row: ``W * _unpack(..., W.dtype)`` is ``W ⊙ m``."""
-    key = (dtype, packed.device)
-    if key not in _TABLES:
-        _TABLES[key] = _BITS.to(device=packed.device, dtype=dtype)
-    bits = _TABLES[key].index_select(0, packed.int())
+    bits = _table(dtype, packed.device).index_select(0, packed.int())
     return bits.reshape(-1)[: shape.numel()].reshape(shape)
+
+
+def _masked_into(weight: torch.Tensor, packed: torch.Tensor, scratch: _Scratch) -> torch.Tensor:
+    """``weight ⊙ m`` written into the wrapper's scratch buffers: no allocation per call.
+
+    A fresh tensor the size of a weight for every layer and domain costs the allocator's page faults
+    (on CPU, more than unpacking and multiplying, measured in ``bench_lm_serving.py``); the result
+    is a view of the scratch, valid until the next layer asks for one. Not for autograd: the product
+    saved for backward would be overwritten.
+    """
+    index = scratch.get(packed.numel(), torch.int32, packed.device)
+    index.copy_(packed)
+    bits = scratch.get(packed.numel() * 8, weight.dtype, weight.device)
+    torch.index_select(_table(weight.dtype, weight.device), 0, index, out=bits.view(-1, 8))
+    return bits[: weight.numel()].view(weight.shape).mul_(weight)
+
+
+class _Scratch:
+    """Flat buffers reused by every routed layer of one wrapper, one per (dtype, device), grown as needed.
+
+    Layers run one after another, so one buffer the size of the largest masked weight serves them
+    all: a few megabytes, against the hundreds a per-layer copy would hold."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+    def get(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        buffer = self._buffers.get((dtype, device))
+        if buffer is None or buffer.numel() < numel:
+            buffer = self._buffers[(dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
+        return buffer[:numel]
 
 
 # -- the routing plan: which rows belong to which domain ------------------------------------------
@@ -119,6 +155,7 @@ class _Route:
 
     def __init__(self) -> None:
         self.plan: RoutingPlan | None = None
+        self.scratch = _Scratch()
 
     def current(self) -> RoutingPlan:
         if self.plan is None:
@@ -179,8 +216,13 @@ class RoutedLinear(nn.Module):
     def _remainder_positions(self, k: int) -> torch.Tensor:
         return self.remainder_flat[self.remainder_offsets[k] : self.remainder_offsets[k + 1]]
 
-    def masked_weight(self, k: int) -> torch.Tensor:
-        """``W ⊙ m_k``, built per call and freed after: never kept, so K copies never exist."""
+    def masked_weight(self, k: int, reuse: bool = False) -> torch.Tensor:
+        """``W ⊙ m_k``, built per call and never kept, so K copies never exist.
+
+        ``reuse``: written into the wrapper's scratch buffer (a view valid until the next routed
+        layer runs); only where no gradient is recorded."""
+        if reuse:
+            return _masked_into(self.weight, self.packed[k], self._route.scratch)
         return self.weight * _unpack(self.packed[k], self.weight.shape, self.weight.dtype)
 
     def _remainder(self, k: int) -> torch.Tensor | None:
@@ -201,24 +243,29 @@ class RoutedLinear(nn.Module):
         return self._split(x, plan)
 
     def _grouped(self, x: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
-        if len(plan.groups) == 1:  # one domain in the batch: no gather or scatter
-            return F.linear(x, self.masked_weight(plan.groups[0][0]), self.bias)
-        out = x.new_empty((*x.shape[:-1], self.out_features))
-        # matmul(out=...) cannot record a gradient: outside no_grad (a loss to train or probe), write by copy
+        # Recorded for backward (a loss to train or probe), the masked weight must be a tensor of its
+        # own and matmul(out=...) cannot be used; otherwise both reuse memory.
         tracked = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        reuse = not tracked
+        if len(plan.groups) == 1:  # one domain in the batch: no gather or scatter
+            return F.linear(x, self.masked_weight(plan.groups[0][0], reuse), self.bias)
+        out = x.new_empty((*x.shape[:-1], self.out_features))
         if plan.spans is not None:  # rows sorted by domain: slices are views, no gather
             for k, start, stop in plan.spans:
                 if self.bias is None and not tracked:  # written in place: no copy of the group's output
-                    torch.matmul(x[start:stop], self.masked_weight(k).t(), out=out[start:stop])
+                    torch.matmul(x[start:stop], self.masked_weight(k, reuse).t(), out=out[start:stop])
                 else:
-                    out[start:stop] = F.linear(x[start:stop], self.masked_weight(k), self.bias)
+                    out[start:stop] = F.linear(x[start:stop], self.masked_weight(k, reuse), self.bias)
             return out
         for k, rows in plan.groups:
-            out.index_copy_(0, rows, F.linear(x.index_select(0, rows), self.masked_weight(k), self.bias))
+            out.index_copy_(0, rows, F.linear(x.index_select(0, rows), self.masked_weight(k, reuse), self.bias))
         return out
 
     def _split(self, x: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
-        shared = self.weight * _unpack(self.shared_packed, self.weight.shape, self.weight.dtype)
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            shared = self.weight * _unpack(self.shared_packed, self.weight.shape, self.weight.dtype)
+        else:
+            shared = _masked_into(self.weight, self.shared_packed, self._route.scratch)
         out = F.linear(x, shared, self.bias)
         del shared
         for k, rows in plan.groups:
@@ -380,7 +427,9 @@ class MaskedCausalLM(nn.Module):
 
         A scoring call (no ``past_key_values`` given, ``use_cache`` not ``True``) runs its rows
         sorted by domain, so every routed layer slices its input instead of gathering rows (measured
-        in ``bench_lm_serving.py``), and returns no cache; the outputs come back in the caller's order.
+        in ``bench_lm_serving.py``), and returns no cache; the outputs come back in the caller's order
+        (for a model returning a dict, the rows go back at the output head's input, so the logits are
+        never copied to reorder them, and ``labels`` meet the logits in the caller's order).
         """
         input_ids = _check_ids(input_ids)
         rows = input_ids.shape[0]
@@ -388,10 +437,50 @@ class MaskedCausalLM(nn.Module):
         if order is None:
             with self.routing(domains, rows):
                 return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        back = torch.argsort(order)
+        head = self._head_to_reorder(kwargs.get("return_dict"))
+        # With the head reordering its input, the logits come out in the caller's order, so labels
+        # (for a loss computed inside the model) stay in the caller's order too.
+        kept = {"labels": kwargs.pop("labels")} if head is not None and "labels" in kwargs else {}
         inputs = _take_rows(dict(kwargs, input_ids=input_ids, attention_mask=attention_mask, use_cache=False), order, rows)
         with self.routing(self.domain_ids(domains, rows)[order], rows):
-            out = self.model(**inputs)
-        return _take_rows(out, torch.argsort(order), rows)
+            if head is None:
+                return _take_rows(self.model(**inputs, **kept), back, rows)
+            callers_plan = RoutingPlan.of(self.domain_ids(domains, rows))
+            handle = head.register_forward_pre_hook(partial(self._in_callers_order, back=back, plan=callers_plan))
+            try:
+                out = self.model(**inputs, **kept)
+            finally:
+                handle.remove()
+        if not isinstance(out, Mapping) or "logits" not in out:
+            raise RuntimeError(f"{type(self.model).__name__} returned no 'logits' entry although it returns a dict: "
+                               "its outputs cannot be put back in the caller's order")
+        return _take_rows(out, back, rows, keep=("logits",))
+
+    def _head_to_reorder(self, return_dict: bool | None) -> nn.Module | None:
+        """The output head, when the rows can go back to the caller's order at its input.
+
+        The head's output (the logits, batch x tokens x vocabulary) is by far the largest tensor of
+        a scoring call: reordering it afterwards holds two copies at once (measured on SmolLM2-135M:
+        403 MB more at the peak for 8 x 256 tokens); its input is a few MB. Only for a model that
+        returns a dict (a ``transformers`` model), where the logits can be told from the rest.
+        """
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        returns_dict = return_dict if return_dict is not None else getattr(getattr(self.model, "config", None), "return_dict", False)
+        return head if isinstance(head, nn.Module) and returns_dict is True else None
+
+    def _in_callers_order(self, module: nn.Module, args: tuple[Any, ...], back: torch.Tensor,
+                          plan: RoutingPlan) -> tuple[Any, ...]:
+        """Forward pre-hook of the head: its input's rows (or blocks of rows) back in the caller's order."""
+        hidden = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        rows = back.numel()
+        if hidden is None or hidden.dim() == 0 or hidden.shape[0] % rows:
+            raise RuntimeError(f"the output head of {type(self.model).__name__} got an input without the batch's "
+                               f"{rows} rows leading; cannot put them back in the caller's order")
+        repeat = hidden.shape[0] // rows  # a model that flattens (batch, time) keeps each row's tokens together
+        index = back if repeat == 1 else (back.unsqueeze(1) * repeat + torch.arange(repeat)).flatten()
+        self._route.plan = plan  # a routed (untied, masked) head sees the caller's rows
+        return (hidden.index_select(0, index), *args[1:])
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, domains: Domains, attention_mask: torch.Tensor | None = None,
@@ -437,16 +526,18 @@ class MaskedCausalLM(nn.Module):
         return sum(seen.values())
 
 
-def _take_rows(values: Any, order: torch.Tensor, rows: int) -> Any:
+def _take_rows(values: Any, order: torch.Tensor, rows: int, keep: tuple[str, ...] = ()) -> Any:
     """Every tensor with ``rows`` leading rows in ``values`` (a dict, a model output, tuples of
-    tensors) reordered by ``order``; anything else (a scalar loss, ``None``) as it is."""
+    tensors) reordered by ``order``; anything else (a scalar loss, ``None``) and a dict's ``keep``
+    entries as they are."""
     if isinstance(values, torch.Tensor):
         return values.index_select(0, order) if values.dim() and values.shape[0] == rows else values
     if isinstance(values, tuple):
         return type(values)(_take_rows(v, order, rows) for v in values)
     if isinstance(values, dict):  # transformers' ModelOutput is an OrderedDict
         for key in list(values):
-            values[key] = _take_rows(values[key], order, rows)
+            if key not in keep:
+                values[key] = _take_rows(values[key], order, rows)
         return values
     return values
 
