@@ -45,6 +45,15 @@ def padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
     return ids, attention
 
 
+def routed_setup(design: str = "grouped"):
+    """A tiny Llama wrapped with three domains' masks, an untouched copy for reference, and a padded batch."""
+    model = tiny_llama()
+    masks = domain_masks(model)
+    reference = copy.deepcopy(model)
+    ids, attention = padded_batch()
+    return model, masks, reference, ids, attention, MaskedCausalLM(model, masks, design=design)
+
+
 ROWS = [0, 1, 2, 2, 1, 0]
 
 
@@ -102,11 +111,7 @@ def test_a_mixed_batch_with_gradients_gives_the_same_logits_and_masked_gradients
 def test_a_shuffled_batch_returns_the_heads_own_logits_without_a_reordered_copy() -> None:
     """Rows run sorted by domain and go back to the caller's order at the head's input, so the logits
     (the largest tensor of the call) are the head's output itself, never copied to reorder them."""
-    model = tiny_llama()
-    masks = domain_masks(model)
-    reference = copy.deepcopy(model)
-    ids, attention = padded_batch()
-    routed = MaskedCausalLM(model, masks)
+    model, masks, reference, ids, attention, routed = routed_setup()
     produced = []
     model.get_output_embeddings().register_forward_hook(lambda m, a, out: produced.append(out))
     vocab_sized = []
@@ -141,11 +146,7 @@ def test_a_loss_inside_the_model_pairs_each_rows_labels_with_its_logits() -> Non
 
 
 def test_tuple_outputs_come_back_in_the_callers_order() -> None:
-    model = tiny_llama()
-    masks = domain_masks(model)
-    reference = copy.deepcopy(model)
-    ids, attention = padded_batch()
-    routed = MaskedCausalLM(model, masks)
+    model, masks, reference, ids, attention, routed = routed_setup()
     with torch.no_grad():
         logits = routed(ids, [DOMAINS[d] for d in ROWS], attention_mask=attention, return_dict=False)[0]
     assert torch.equal(logits, per_domain_logits(reference, masks, ids, attention))
@@ -177,11 +178,7 @@ def test_linears_with_bias_route_exactly(design: str) -> None:
 
 
 def test_one_domain_for_all_rows_and_ids_or_names_agree() -> None:
-    model = tiny_llama()
-    masks = domain_masks(model)
-    reference = copy.deepcopy(model)
-    ids, attention = padded_batch()
-    routed = MaskedCausalLM(model, masks)
+    model, masks, reference, ids, attention, routed = routed_setup()
     with torch.no_grad():
         by_name = routed(ids, "mail", attention_mask=attention).logits
         by_id = routed(ids, torch.tensor([1] * 6), attention_mask=attention).logits
