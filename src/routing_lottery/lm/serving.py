@@ -84,8 +84,8 @@ def _masked_into(weight: torch.Tensor, packed: torch.Tensor, scratch: _Scratch) 
     """``weight ⊙ m`` written into the wrapper's scratch buffers: no allocation per call.
 
     A fresh tensor the size of a weight for every layer and domain costs the allocator's page faults
-    (on CPU, more than unpacking and multiplying, measured in ``bench_lm_serving.py``); the result
-    is a view of the scratch, valid until the next layer asks for one. Not for autograd: the product
+    (on CPU, more than unpacking and multiplying; the end-to-end effect is in ``bench_lm_serving.py``);
+    the result is a view of the scratch, valid until the next layer asks for one. Not for autograd: the product
     saved for backward would be overwritten.
     """
     index = scratch.get(packed.numel(), torch.int32, packed.device)
@@ -242,10 +242,13 @@ class RoutedLinear(nn.Module):
             return self._grouped(x, plan)
         return self._split(x, plan)
 
+    def _records_grad(self, x: torch.Tensor) -> bool:
+        """Whether this call records a graph (a loss to train or probe with): then the masked weight
+        must be a tensor of its own (not the scratch) and ``matmul(out=...)`` cannot be used."""
+        return torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+
     def _grouped(self, x: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
-        # Recorded for backward (a loss to train or probe), the masked weight must be a tensor of its
-        # own and matmul(out=...) cannot be used; otherwise both reuse memory.
-        tracked = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        tracked = self._records_grad(x)
         reuse = not tracked
         if len(plan.groups) == 1:  # one domain in the batch: no gather or scatter
             return F.linear(x, self.masked_weight(plan.groups[0][0], reuse), self.bias)
@@ -262,7 +265,7 @@ class RoutedLinear(nn.Module):
         return out
 
     def _split(self, x: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+        if self._records_grad(x):
             shared = self.weight * _unpack(self.shared_packed, self.weight.shape, self.weight.dtype)
         else:
             shared = _masked_into(self.weight, self.shared_packed, self._route.scratch)
@@ -412,9 +415,13 @@ class MaskedCausalLM(nn.Module):
     @contextlib.contextmanager
     def routing(self, domains: Domains, rows: int) -> Iterator[RoutingPlan]:
         """Within the block, every routed layer sends row i through the mask of ``domains[i]``."""
+        with self._planned(RoutingPlan.of(self.domain_ids(domains, rows))) as plan:
+            yield plan
+
+    @contextlib.contextmanager
+    def _planned(self, plan: RoutingPlan) -> Iterator[RoutingPlan]:
         if self._route.plan is not None:
             raise RuntimeError("MaskedCausalLM calls do not nest: a routing plan is already active")
-        plan = RoutingPlan.of(self.domain_ids(domains, rows))
         self._route.plan = plan
         try:
             yield plan
@@ -433,9 +440,10 @@ class MaskedCausalLM(nn.Module):
         """
         input_ids = _check_ids(input_ids)
         rows = input_ids.shape[0]
-        order = self._sorting(domains, rows, "past_key_values" not in kwargs and kwargs.get("use_cache") is not True)
+        ids = self.domain_ids(domains, rows)
+        order = self._sorting(ids, "past_key_values" not in kwargs and kwargs.get("use_cache") is not True)
         if order is None:
-            with self.routing(domains, rows):
+            with self._planned(RoutingPlan.of(ids)):
                 return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         back = torch.argsort(order)
         head = self._head_to_reorder(kwargs.get("return_dict"))
@@ -443,18 +451,17 @@ class MaskedCausalLM(nn.Module):
         # (for a loss computed inside the model) stay in the caller's order too.
         kept = {"labels": kwargs.pop("labels")} if head is not None and "labels" in kwargs else {}
         inputs = _take_rows(dict(kwargs, input_ids=input_ids, attention_mask=attention_mask, use_cache=False), order, rows)
-        with self.routing(self.domain_ids(domains, rows)[order], rows):
+        with self._planned(RoutingPlan.of(ids[order])):
             if head is None:
                 return _take_rows(self.model(**inputs, **kept), back, rows)
-            callers_plan = RoutingPlan.of(self.domain_ids(domains, rows))
-            handle = head.register_forward_pre_hook(partial(self._in_callers_order, back=back, plan=callers_plan))
+            handle = head.register_forward_pre_hook(partial(self._in_callers_order, back=back, plan=RoutingPlan.of(ids)))
             try:
                 out = self.model(**inputs, **kept)
             finally:
                 handle.remove()
         if not isinstance(out, Mapping) or "logits" not in out:
-            raise RuntimeError(f"{type(self.model).__name__} returned no 'logits' entry although it returns a dict: "
-                               "its outputs cannot be put back in the caller's order")
+            raise RuntimeError(f"{type(self.model).__name__} returned no dict with a 'logits' entry although its "
+                               "return_dict is set: its outputs cannot be put back in the caller's order")
         return _take_rows(out, back, rows, keep=("logits",))
 
     def _head_to_reorder(self, return_dict: bool | None) -> nn.Module | None:
@@ -478,7 +485,7 @@ class MaskedCausalLM(nn.Module):
             raise RuntimeError(f"the output head of {type(self.model).__name__} got an input without the batch's "
                                f"{rows} rows leading; cannot put them back in the caller's order")
         repeat = hidden.shape[0] // rows  # a model that flattens (batch, time) keeps each row's tokens together
-        index = back if repeat == 1 else (back.unsqueeze(1) * repeat + torch.arange(repeat)).flatten()
+        index = _repeat_rows(back, repeat)
         self._route.plan = plan  # a routed (untied, masked) head sees the caller's rows
         return (hidden.index_select(0, index), *args[1:])
 
@@ -493,20 +500,19 @@ class MaskedCausalLM(nn.Module):
         """
         input_ids = _check_ids(input_ids)
         rows = input_ids.shape[0]
-        order = self._sorting(domains, rows, not kwargs.get("return_dict_in_generate"))
+        ids = self.domain_ids(domains, rows)
+        order = self._sorting(ids, not kwargs.get("return_dict_in_generate"))
         if order is None:
-            with self.routing(domains, rows):
+            with self._planned(RoutingPlan.of(ids)):
                 return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         inputs = _take_rows(dict(kwargs, input_ids=input_ids, attention_mask=attention_mask), order, rows)
-        with self.routing(self.domain_ids(domains, rows)[order], rows):
+        with self._planned(RoutingPlan.of(ids[order])):
             tokens = self.model.generate(**inputs)
         repeat = tokens.shape[0] // rows  # num_return_sequences / beams repeat each row in place
-        back = (torch.argsort(order).unsqueeze(1) * repeat + torch.arange(repeat)).flatten()
-        return tokens[back]
+        return tokens[_repeat_rows(torch.argsort(order), repeat)]
 
-    def _sorting(self, domains: Domains, rows: int, allowed: bool) -> torch.Tensor | None:
-        """A stable order of the rows by domain, or ``None`` when they already are (or must not move)."""
-        ids = self.domain_ids(domains, rows)
+    def _sorting(self, ids: torch.Tensor, allowed: bool) -> torch.Tensor | None:
+        """A stable order of the rows by their domain ids, or ``None`` when they already are (or must not move)."""
         if not allowed or bool((ids[1:] >= ids[:-1]).all()):
             return None
         return torch.argsort(ids, stable=True)
@@ -524,6 +530,12 @@ class MaskedCausalLM(nn.Module):
         for t in [*self.parameters(), *self.buffers()]:
             seen[id(t)] = t.numel() * t.element_size()
         return sum(seen.values())
+
+
+def _repeat_rows(index: torch.Tensor, repeat: int) -> torch.Tensor:
+    """``index`` over rows, for a tensor where each row is repeated ``repeat`` times in place (beams,
+    ``num_return_sequences``, or a model that flattens each row's tokens together)."""
+    return index if repeat == 1 else (index.unsqueeze(1) * repeat + torch.arange(repeat)).flatten()
 
 
 def _take_rows(values: Any, order: torch.Tensor, rows: int, keep: tuple[str, ...] = ()) -> Any:
