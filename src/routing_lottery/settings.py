@@ -160,10 +160,6 @@ def _deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str,
     return out
 
 
-__all__ = ["MAX_CONFIG_BYTES", "MAX_DEPTH", "MAX_INT_DIGITS", "MAX_TEXT", "MAX_VALUES", "apply_scale", "build",
-           "plain_data"]
-
-
 def apply_scale(raw: Mapping[str, Any], scale: str | None, source: str) -> dict[str, Any]:
     """``raw`` without its ``scales:`` section, with scale ``scale`` (if any) deep-merged over it; a
     ``ConfigError`` naming ``source`` when the scale is not defined or is not a mapping of settings."""
@@ -180,3 +176,6 @@ def apply_scale(raw: Mapping[str, Any], scale: str | None, source: str) -> dict[
         raise ConfigError(f"{source}: scale {brief(scale)} must be a mapping of settings")
     return _deep_merge(raw, scales[scale])
 
+
+__all__ = ["MAX_CONFIG_BYTES", "MAX_DEPTH", "MAX_INT_DIGITS", "MAX_TEXT", "MAX_VALUES", "apply_scale", "build",
+           "plain_data"]

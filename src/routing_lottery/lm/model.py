@@ -177,7 +177,7 @@ def load_causal_lm(name: str, cache_dir: str | os.PathLike[str] | None = None, s
     if not (path / "config.json").is_file():
         raise DataError(f"model {name!r} is neither smollm2, tiny-random, nor a directory holding a transformers "
                         f"model (config.json)")
-    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+    if not any((path / file).is_file() for file in TOKENIZER_FILES):
         # Without one, AutoTokenizer may build an empty tokenizer for the model type: every text is then
         # a few unknown tokens, and the run fails later for a reason that hides this one.
         raise DataError(f"model directory {path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "

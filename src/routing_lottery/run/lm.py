@@ -608,13 +608,13 @@ def _perplexity_figure(path: Path, records: Sequence[Mapping[str, Any]], pattern
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(4.5 * len(patterns), 3.6), layout="constrained")
+    palette = colormaps["tab10"]
     axes = fig.subplots(1, len(patterns), squeeze=False)[0]
     by = {(r["pattern"], r["method"], r["domain"]): r for r in records}
     for ax, pattern in zip(axes, patterns):
         methods = ["dense", *sorted({r["method"] for r in records if r["pattern"] == pattern and "+" not in r["method"]},
                                     key=_method_rank)]
         width = 0.8 / len(methods)
-        palette = colormaps["tab10"]
         for i, method in enumerate(methods):
             cells = [by.get(("dense" if method == "dense" else pattern, method, d)) for d in domains]
             x = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(domains))]
